@@ -1,0 +1,298 @@
+"""The decoder: one Transformer for the CM3leon (OPT-style) and Chameleon (LLaMA-style) variants.
+
+Parameter names follow Meta's original Chameleon checkpoint (tok_embeddings, layers.i.attention.wq,
+...), RoPE uses Meta's interleaved-pair convention, so Meta's weights load as they are and the HF
+conversion's q/k permutation is undone on import (checkpoint.py).
+
+Batched decoding works on LEFT-padded batches: `valid` marks real tokens, positions count real
+tokens only, and padded keys are masked, so a row's logits do not depend on its padding or its
+batch neighbours. The KV cache is allocated once per batch; `step` writes one slot per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+# ----------------------------------------------------------------------------- norms
+class Norm(nn.Module):
+    """LayerNorm (CM3leon: no learnable parameters) or RMSNorm (Chameleon: weight only)."""
+
+    def __init__(self, dim: int, kind: str, eps: float, affine: bool):
+        super().__init__()
+        self.kind, self.eps, self.dim = kind, eps, dim
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if (affine and kind == "layernorm") else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+        # RMSNorm in float32 as Chameleon/LLaMA do, then back to the input dtype before the weight.
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return y * self.weight if self.weight is not None else y
+
+
+class HeadNorm(nn.Module):
+    """Chameleon's qk-norm: LayerNorm over head_dim with a separate weight and bias per head."""
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.eps, self.head_dim = eps, head_dim
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, H, D]
+        y = F.layer_norm(x.float(), (self.head_dim,), eps=self.eps)
+        return (y * self.weight.float() + self.bias.float()).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()  # [max_len, head_dim/2]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos/sin: [B, T, D/2]. Rotates the interleaved pairs (x[2i], x[2i+1])."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- KV cache
+@dataclass
+class KVCache:
+    """Preallocated keys/values for every layer; `valid` masks left padding and unfilled slots."""
+
+    k: torch.Tensor  # [L, B, Hkv, S, D]
+    v: torch.Tensor
+    valid: torch.Tensor  # [B, S] bool: slot holds a real token
+    next_pos: torch.Tensor  # [B] position id of the next token of each row
+    length: int = 0  # slots filled so far (same for every row: rows are left-padded)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+# ----------------------------------------------------------------------------- blocks
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d, hd = cfg.d_model, cfg.head_dim
+        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=cfg.bias)
+        self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
+        self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=cfg.bias)
+        self.q_normalization = HeadNorm(cfg.n_heads, hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_normalization = HeadNorm(cfg.n_kv_heads, hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.use_rope = cfg.pos_encoding == "rope"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        slots: slice | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_normalization is not None:
+            q, k = self.q_normalization(q), self.k_normalization(k)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if kv is not None:  # write this chunk into the cache, attend over the whole cache
+            cache_k, cache_v = kv
+            cache_k[:, :, slots] = k
+            cache_v[:, :, slots] = v
+            k, v = cache_k, cache_v
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        act = F.gelu if self.kind == "gelu" else F.relu
+        return self.w2(act(self.w1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swin_norm = cfg.swin_norm
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_affine)
+        self.ffn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_affine)
+
+    def forward(self, x, rope, mask, kv=None, slots=None):
+        if self.swin_norm:  # normalise the sublayer's output (Chameleon-30B's stabiliser)
+            h = x + self.attention_norm(self.attention(x, rope, mask, kv, slots))
+            return h + self.ffn_norm(self.feed_forward(h))
+        h = x + self.attention(self.attention_norm(x), rope, mask, kv, slots)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ----------------------------------------------------------------------------- model
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_affine)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        if cfg.pos_encoding == "rope":
+            cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 style init; only matters for models trained from scratch (the demo).
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # -- shared pieces
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"sequence position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len}")
+        h = self.tok_embeddings(tokens)
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings(positions)
+        return h
+
+    def _rope(self, positions: torch.Tensor):
+        if self.config.pos_encoding != "rope":
+            return None
+        return self.rope_cos[positions], self.rope_sin[positions]
+
+    @staticmethod
+    def _positions(valid: torch.Tensor) -> torch.Tensor:
+        return (valid.long().cumsum(-1) - 1).clamp_min(0)
+
+    @staticmethod
+    def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+        T = valid.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+        mask = causal[None] & valid[:, None, :]
+        # A padding query would attend to nothing (NaN); let it see itself. Its output is never used.
+        mask = mask | torch.eye(T, dtype=torch.bool, device=valid.device)[None]
+        return mask[:, None]  # [B, 1, T, T]
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h))
+
+    # -- full forward (training, scoring)
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if valid is None:
+            valid = torch.ones_like(tokens, dtype=torch.bool)
+        positions = self._positions(valid)
+        h = self._embed(tokens, positions)
+        rope, mask = self._rope(positions), self._prefill_mask(valid)
+        for layer in self.layers:
+            h = layer(h, rope, mask)
+        return self._head(h)
+
+    # -- incremental decoding
+    def new_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> KVCache:
+        cfg = self.config
+        device = device or self.tok_embeddings.weight.device
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        return KVCache(
+            k=torch.zeros(shape, device=device, dtype=dtype),
+            v=torch.zeros(shape, device=device, dtype=dtype),
+            valid=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
+            next_pos=torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+
+    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run a left-padded prompt batch [B, T] into an empty cache; returns logits [B, T, V]."""
+        B, T = tokens.shape
+        if cache.length != 0:
+            raise ValueError("prefill needs an empty cache (allocate one per batch with new_cache)")
+        if T > cache.max_len:
+            raise ValueError(f"prompt of {T} tokens does not fit the cache of {cache.max_len}")
+        positions = self._positions(valid)
+        h = self._embed(tokens, positions)
+        rope = self._rope(positions)
+        cache.valid[:, :T] = valid
+        # queries see the causal prefix of real tokens; slots past T are still invalid
+        mask = self._prefill_mask(valid)
+        mask = torch.cat([mask, mask.new_zeros(B, 1, T, cache.max_len - T)], dim=-1)
+        slots = slice(0, T)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask, (cache.k[i], cache.v[i]), slots)
+        cache.length = T
+        cache.next_pos = valid.long().sum(-1)
+        return self._head(h)
+
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Append one token per row ([B]) and return the next-token logits [B, V]."""
+        if cache.length >= cache.max_len:
+            raise ValueError(f"KV cache is full ({cache.max_len} slots)")
+        slot = cache.length
+        positions = cache.next_pos[:, None]
+        h = self._embed(tokens[:, None], positions)
+        rope = self._rope(positions)
+        cache.valid[:, slot] = True
+        mask = cache.valid[:, None, None, :]  # [B, 1, 1, S]: real tokens so far, this one included
+        slots = slice(slot, slot + 1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask, (cache.k[i], cache.v[i]), slots)
+        cache.length = slot + 1
+        cache.next_pos = cache.next_pos + 1
+        return self._head(h)[:, 0]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def estimate_flops_per_token(cfg: ModelConfig) -> float:
+    """Rough forward FLOPs per token (2 × matmul parameters); used by benchmarks."""
+    d, L = cfg.d_model, cfg.n_layers
+    attn = d * cfg.head_dim * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
+    mlp = d * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
+    return 2.0 * (L * (attn + mlp) + d * cfg.vocab_size)
+
+
+__all__ = ["Transformer", "KVCache", "apply_rope", "rope_tables", "param_bytes", "estimate_flops_per_token"]
