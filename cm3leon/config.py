@@ -26,6 +26,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     norm_affine: bool = True  # CM3leon has no learnable norm parameters
     qk_norm: bool = False
+    qk_norm_eps: float = 1e-5  # Chameleon fixes this at 1e-5 whatever rms_norm_eps is
     swin_norm: bool = False  # Chameleon-30B: normalise the sublayer output instead of its input
     pos_encoding: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10000.0

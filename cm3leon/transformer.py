@@ -95,8 +95,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
         self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
         self.wo = nn.Linear(cfg.n_heads * hd, d, bias=cfg.bias)
-        self.q_normalization = HeadNorm(cfg.n_heads, hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_normalization = HeadNorm(cfg.n_kv_heads, hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_normalization = HeadNorm(cfg.n_heads, hd, cfg.qk_norm_eps) if cfg.qk_norm else None
+        self.k_normalization = HeadNorm(cfg.n_kv_heads, hd, cfg.qk_norm_eps) if cfg.qk_norm else None
         self.use_rope = cfg.pos_encoding == "rope"
 
     def forward(
