@@ -29,9 +29,18 @@ SIZES = {  # name: (hidden, layers, heads, kv heads, intermediate, image codes, 
 }
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # keeps --json output a single line
+
+
 def build_chameleon(folder: Path, size: str) -> None:
     from tokenizers import Tokenizer, models
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    _quiet_transformers()
 
     d, layers, heads, kv, inter, n_codes, res = SIZES[size]
     names = ["<s>", "<pad>", "</s>", "<reserved08706>"] + sorted(chameleon_image_token(c) for c in range(n_codes))
