@@ -1,0 +1,350 @@
+"""Multimodal documents <-> token sequences, and the CM3 infilling transform.
+
+A Document is an ordered list of parts, each a str or an image (a PIL image, or a 1-D
+LongTensor of VQ codes). Layout (docs/INTERFACES.md; CM3leon puts <break> at every part
+boundary):
+
+  [bos] [retrieved doc <break>]... part <break> part ... [eos]
+  image part = <image> tok(c_1) ... tok(c_N) </image>
+
+Prompt builders return the ids up to where generation starts: after `<break> <image>` for an
+image output, after `<break>` for a text output.
+
+Chameleon has no break token of its own (`<racm3:break>` begins an image), so when
+cfg.break_id == cfg.boi_id no separator is written: images are delimited by boi/eoi alone and
+consecutive text parts run together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import ModelConfig
+from .text import TextTokenizer
+from .vq import VQModel, preprocess, to_pil
+
+Part = Union[str, Image.Image, torch.Tensor]
+
+
+def _same_part(a: Part, b: Part) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a.cpu().long(), b.cpu().long()))
+    if isinstance(a, Image.Image) and isinstance(b, Image.Image):
+        return a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes()
+    return False
+
+
+@dataclass(eq=False)
+class Document:
+    parts: list[Part] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.parts = list(self.parts)
+        for i, p in enumerate(self.parts):
+            if not isinstance(p, (str, Image.Image, torch.Tensor)):
+                raise TypeError(f"Document part {i} is a {type(p).__name__}; expected str, PIL image or code tensor")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Document) or len(self.parts) != len(other.parts):
+            return False
+        return all(_same_part(a, b) for a, b in zip(self.parts, other.parts))
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    @property
+    def texts(self) -> list[str]:
+        return [p for p in self.parts if isinstance(p, str)]
+
+    @property
+    def images(self) -> list[Image.Image | torch.Tensor]:
+        return [p for p in self.parts if not isinstance(p, str)]
+
+
+Docs = Iterable[Document]
+
+
+class DocumentCodec:
+    def __init__(self, tokenizer: TextTokenizer, vq: VQModel | None, cfg: ModelConfig,
+                 resolution: int | None = None) -> None:
+        self.tok, self.vq, self.cfg = tokenizer, vq, cfg
+        self.resolution = resolution if resolution is not None else (vq.config.resolution if vq is not None else None)
+        self._check_agreement()
+        self._code_to_token = cfg.image_token_id_tensor()
+        self._token_to_code = cfg.token_to_code_tensor()
+        self._sep = [] if cfg.break_id == cfg.boi_id else [cfg.break_id]
+
+    def _check_agreement(self) -> None:
+        tok, cfg = self.tok, self.cfg
+        problems = []
+        if tok.vocab_size > cfg.vocab_size:
+            problems.append(f"tokenizer has {tok.vocab_size} ids, model vocab_size={cfg.vocab_size}")
+        if tok.image_token_ids() != cfg.image_token_id_tensor().tolist():
+            problems.append("image token ids differ")
+        for role, tid in tok.special_ids.items():
+            if getattr(cfg, f"{role}_id") != tid:
+                problems.append(f"{role}_id: tokenizer {tid}, config {getattr(cfg, f'{role}_id')}")
+        if self.vq is not None:
+            vc = self.vq.config
+            if vc.num_embeddings != cfg.image_codebook_size:
+                problems.append(f"VQ codebook {vc.num_embeddings}, config image_codebook_size={cfg.image_codebook_size}")
+            if self.resolution is not None and (self.resolution // vc.downsample_factor) ** 2 != cfg.image_seq_len:
+                problems.append(f"VQ gives {(self.resolution // vc.downsample_factor) ** 2} codes at "
+                                f"{self.resolution}px, config image_seq_len={cfg.image_seq_len}")
+        if problems:
+            raise ValueError(f"tokenizer {tok.source} and ModelConfig disagree: " + "; ".join(problems))
+
+    # --- images
+    def _image_codes(self, images: Sequence[Image.Image | torch.Tensor]) -> list[torch.Tensor]:
+        """Codes [image_seq_len] per image; PIL images go through the VQ tokenizer in one batch."""
+        n, K = self.cfg.image_seq_len, self.cfg.image_codebook_size
+        out: list[torch.Tensor | None] = [None] * len(images)
+        pil = [i for i, im in enumerate(images) if isinstance(im, Image.Image)]
+        if pil:
+            if self.vq is None or self.resolution is None:
+                raise ValueError("document holds a PIL image but the codec has no VQ tokenizer; pass codes instead")
+            codes = self.vq.encode(preprocess([images[i] for i in pil], self.resolution)).cpu()
+            for i, c in zip(pil, codes):
+                out[i] = c
+        for i, im in enumerate(images):
+            if out[i] is not None:
+                continue
+            if im.is_floating_point() or im.is_complex() or im.dtype == torch.bool:
+                raise ValueError(f"image part {i}: codes must be an integer tensor, got {im.dtype}")
+            c = im.reshape(-1).long().cpu()
+            if c.numel() != n or (im.ndim != 1 and not (im.ndim == 2 and im.shape[0] == 1)):
+                raise ValueError(f"image part {i}: expected {n} codes as a 1-D tensor, got shape {tuple(im.shape)}")
+            if int(c.min()) < 0 or int(c.max()) >= K:
+                raise ValueError(f"image part {i}: codes must lie in [0, {K}), got [{int(c.min())}, {int(c.max())}]")
+            out[i] = c
+        return out  # type: ignore[return-value]
+
+    def codes_to_tokens(self, codes: torch.Tensor | Sequence[int]) -> list[int]:
+        """VQ codes -> image token ids (no boi/eoi)."""
+        codes = torch.as_tensor(codes, dtype=torch.long).reshape(-1).cpu()
+        K = self.cfg.image_codebook_size
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):  # -1 would wrap silently
+            raise ValueError(f"codes must lie in [0, {K}), got [{int(codes.min())}, {int(codes.max())}]")
+        return self._code_to_token[codes].tolist()
+
+    def decode_images(self, codes: Sequence[torch.Tensor | Sequence[int]]) -> list[Image.Image]:
+        """Code sequences (e.g. the sampler's image candidates) -> PIL images."""
+        if self.vq is None:
+            raise ValueError("decode_images needs a VQ tokenizer; the codec was built without one")
+        if not len(codes):
+            return []
+        batch = torch.stack([torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in codes])
+        return to_pil(self.vq.decode(batch))
+
+    # --- sequences
+    def _parts(self, parts: Sequence[Part], *, mask_text: bool = False, mask_images: bool = False) -> list[int]:
+        cfg = self.cfg
+        images = [p for p in parts if not isinstance(p, str)]
+        codes = iter(self._image_codes(images) if images and not mask_images else [])
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            if i:
+                ids += self._sep
+            if isinstance(part, str):
+                ids += [self._mask_id()] if mask_text else self.tok.encode(part)
+            elif mask_images:
+                ids.append(self._mask_id())
+            else:
+                ids += [cfg.boi_id, *self.codes_to_tokens(next(codes)), cfg.eoi_id]
+        return ids
+
+    def _mask_id(self) -> int:
+        if self.cfg.mask_id is None:
+            raise ValueError("the model has no <mask> token (cfg.mask_id is None)")
+        return self.cfg.mask_id
+
+    def encode(self, doc: Document, retrieved: Docs = (), *, bos: bool = True, eos: bool = True) -> list[int]:
+        """A whole document, retrieved documents first; a finished document ends with <eos>."""
+        ids = [self.cfg.bos_id] if bos and self.cfg.bos_id is not None else []
+        for r in retrieved:
+            ids += self._parts(r.parts) + self._sep
+        ids += self._parts(doc.parts)
+        if eos:
+            ids.append(self.cfg.eos_id)
+        return ids
+
+    def prompt(self, doc: Document, output: Literal["text", "image"], retrieved: Docs = (), *,
+               mask_text: bool = False, mask_images: bool = False) -> list[int]:
+        """ids up to where generation of the next part starts (after <break>, plus <image> for images)."""
+        if output not in ("text", "image"):
+            raise ValueError(f"output must be 'text' or 'image', got {output!r}")
+        ids = [self.cfg.bos_id] if self.cfg.bos_id is not None else []
+        for r in retrieved:
+            ids += self._parts(r.parts) + self._sep
+        if doc.parts:
+            ids += self._parts(doc.parts, mask_text=mask_text, mask_images=mask_images) + self._sep
+        if output == "image":
+            ids.append(self.cfg.boi_id)
+        return ids
+
+    def text_to_image_prompt(self, caption: str, retrieved: Docs = ()) -> list[int]:
+        return self.prompt(Document([caption]), "image", retrieved)
+
+    def image_to_text_prompt(self, image: Image.Image | torch.Tensor, retrieved: Docs = ()) -> list[int]:
+        return self.prompt(Document([image]), "text", retrieved)
+
+    def vqa_prompt(self, image: Image.Image | torch.Tensor, question: str, retrieved: Docs = ()) -> list[int]:
+        return self.prompt(Document([image, question]), "text", retrieved)
+
+    def edit_prompt(self, instruction: str, image: Image.Image | torch.Tensor, retrieved: Docs = ()) -> list[int]:
+        return self.prompt(Document([instruction, image]), "image", retrieved)
+
+    # CFG streams: CM3leon's unconditional stream replaces the text with <mask>
+    def uncond_image_prompt(self) -> list[int]:
+        """[bos] <mask> <break> <image>: text-to-image without its caption."""
+        return self.prompt(Document([""]), "image", mask_text=True)
+
+    def edit_image_cond_prompt(self, image: Image.Image | torch.Tensor) -> list[int]:
+        """Editing stream that sees the source image but not the instruction."""
+        return self.prompt(Document(["", image]), "image", mask_text=True)
+
+    def edit_uncond_prompt(self) -> list[int]:
+        """Editing stream that sees neither instruction nor source image (each part becomes one <mask>)."""
+        placeholder = torch.zeros(0, dtype=torch.long)  # never encoded: mask_images replaces it
+        return self.prompt(Document(["", placeholder]), "image", mask_text=True, mask_images=True)
+
+    def parse(self, ids: Sequence[int] | torch.Tensor) -> Document:
+        """Token ids -> Document: text spans decoded, image spans as code tensors.
+
+        Stops at <eos>. An image span runs from <image> over image tokens; a missing </image>
+        (generation cut short) just ends it.
+        """
+        cfg = self.cfg
+        ids = [int(t) for t in (ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids)]
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"parse: token id {bad[0]} is outside the vocabulary of {cfg.vocab_size}")
+        skip = {cfg.bos_id, cfg.pad_id, cfg.eoi_id}
+        boundary = {cfg.break_id, cfg.mask_id, cfg.infill_id} - {None}
+        parts: list[Part] = []
+        text: list[int] = []
+
+        def flush() -> None:
+            if text:
+                s = self.tok.decode(text)
+                if s:
+                    parts.append(s)
+                text.clear()
+
+        i = 0
+        while i < len(ids):
+            t = ids[i]
+            if t == cfg.eos_id:
+                break
+            if t == cfg.boi_id:  # checked before break: Chameleon's boi is also its break
+                flush()
+                j = i + 1
+                while j < len(ids) and self._token_to_code[ids[j]] >= 0:
+                    j += 1
+                parts.append(self._token_to_code[ids[i + 1:j]] if j > i + 1 else torch.zeros(0, dtype=torch.long))
+                i = j + 1 if j < len(ids) and ids[j] == cfg.eoi_id else j
+                continue
+            if t in boundary:
+                flush()
+            elif t not in skip:
+                text.append(t)
+            i += 1
+        flush()
+        return Document(parts)
+
+    def cm3_mask(self, ids: Sequence[int], rng: np.random.Generator | int, n_spans: int | None = None,
+                 **kwargs) -> list[int]:
+        return cm3_mask(ids, rng, n_spans, cfg=self.cfg, **kwargs)
+
+
+# ----------------------------------------------------------------------------- CM3 objective
+
+
+def _barriers(cfg: ModelConfig) -> set[int]:
+    return {t for t in (cfg.bos_id, cfg.eos_id, cfg.pad_id, cfg.boi_id, cfg.eoi_id, cfg.break_id) if t is not None}
+
+
+def cm3_mask(ids: Sequence[int], rng: np.random.Generator | int, n_spans: int | None = None, *,
+             cfg: ModelConfig, rate: float = 1.0, max_spans: int = 16, max_span_len: int | None = None) -> list[int]:
+    """CM3's causally-masked objective: spans move to the end of the document.
+
+    `a b c d e <eos>` with span (b c) becomes `a <mask> d e <infill> <mask> b c <eos>`. The number
+    of spans is n_spans, or Poisson(rate) clamped to [1, max_spans]; each span starts at a uniform
+    maskable position and has a uniform length within its segment. Segments are the runs between
+    bos/eos/pad/<break>/<image>/</image>, so a span never crosses a <break> and never takes an
+    image's delimiters (it may cover codes inside one image). One <mask> token stands for CM3's
+    <mask:k>: spans keep their order, so the k-th <mask> in the body is the k-th span. A sequence
+    with nothing maskable comes back unchanged. Deterministic given rng (a numpy Generator or seed).
+    """
+    if cfg.mask_id is None or cfg.infill_id is None:
+        raise ValueError("the CM3 objective needs <mask> and <infill> tokens (cfg.mask_id / cfg.infill_id)")
+    ids = [int(t) for t in ids]
+    if cfg.mask_id in ids or cfg.infill_id in ids:
+        raise ValueError("cm3_mask: the sequence already holds <mask> or <infill> tokens")
+    rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
+    barriers = _barriers(cfg)
+    seg_end = [0] * len(ids)  # exclusive end of the segment holding each maskable position
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] not in barriers:
+            seg_end[i] = seg_end[i + 1] if i + 1 < len(ids) and ids[i + 1] not in barriers else i + 1
+    positions = [i for i, t in enumerate(ids) if t not in barriers]
+    if not positions:
+        return ids
+    n = n_spans if n_spans is not None else int(np.clip(rng.poisson(rate), 1, max_spans))
+    taken = np.zeros(len(ids), dtype=bool)
+    spans: list[tuple[int, int]] = []
+    for _ in range(20 * n):  # rejection sampling of non-overlapping spans
+        if len(spans) == n:
+            break
+        start = positions[int(rng.integers(len(positions)))]
+        longest = seg_end[start] - start
+        if max_span_len is not None:
+            longest = min(longest, max_span_len)
+        end = start + int(rng.integers(1, longest + 1))
+        if taken[start:end].any():
+            continue
+        taken[start:end] = True
+        spans.append((start, end))
+    spans.sort()
+    tail_eos = bool(ids) and ids[-1] == cfg.eos_id
+    body_ids = ids[:-1] if tail_eos else ids
+    body, infill, prev = [], [cfg.infill_id], 0
+    for s, e in spans:
+        body += body_ids[prev:s] + [cfg.mask_id]
+        infill += [cfg.mask_id] + body_ids[s:e]
+        prev = e
+    body += body_ids[prev:]
+    return body + infill + ([cfg.eos_id] if tail_eos else [])
+
+
+def cm3_unmask(ids: Sequence[int], cfg: ModelConfig) -> list[int]:
+    """Inverse of cm3_mask: put each infilled span back in place of its <mask>."""
+    ids = [int(t) for t in ids]
+    if cfg.infill_id is None or cfg.infill_id not in ids:
+        return ids
+    k = ids.index(cfg.infill_id)
+    body, tail = ids[:k], ids[k + 1:]
+    tail_eos = bool(tail) and tail[-1] == cfg.eos_id
+    if tail_eos:
+        tail = tail[:-1]
+    if not tail or tail[0] != cfg.mask_id:
+        raise ValueError("cm3_unmask: <infill> must be followed by <mask> span ...")
+    spans: list[list[int]] = []
+    for t in tail:
+        if t == cfg.mask_id:
+            spans.append([])
+        else:
+            spans[-1].append(t)
+    if body.count(cfg.mask_id) != len(spans):
+        raise ValueError(f"cm3_unmask: {body.count(cfg.mask_id)} <mask> in the body but {len(spans)} infilled spans")
+    out, it = [], iter(spans)
+    for t in body:
+        out += next(it) if t == cfg.mask_id else [t]
+    return out + ([cfg.eos_id] if tail_eos else [])
