@@ -1,0 +1,177 @@
+"""compare: paired-bootstrap verdicts, fallbacks, tolerances, and the CI exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from evals.metrics.result import mean_result
+from reports import cli as reports_cli
+from reports.compare import compare_runs, parse_tolerances, to_markdown, tolerance_for
+from reports.leaderboard import ReportError
+
+N = 200
+
+
+def make_run(root: Path, name: str, vqa: np.ndarray, *, fid: tuple[float, list | None] = (10.0, [9.5, 10.5]),
+             clip: np.ndarray | None = None) -> Path:
+    """A run with VQA accuracy (per-sample 0..1, value x100), FID (no per-sample) and
+    optionally a continuous per-sample score; samples split over two rank files in a
+    shuffled order so matching must go by id."""
+    run = root / name
+    tasks: dict = {}
+    per_task = {"vqav2": {"accuracy": (vqa, 100.0)}}
+    if clip is not None:
+        per_task["t2i"] = {"CLIPScore": (clip, 1.0)}
+    for task, metrics in per_task.items():
+        samples = [{"id": f"{task}-{i}", "index": i, "kind": "vqa", "failure": None,
+                    "per_sample": {m: float(x[i]) for m, (x, _) in metrics.items()}} for i in range(N)]
+        order = np.random.default_rng(len(name)).permutation(N)
+        (run / task / "samples").mkdir(parents=True)
+        for r in range(2):
+            lines = [json.dumps(samples[j]) + "\n" for j in order[r::2]]
+            (run / task / "samples" / f"rank-{r:05d}.jsonl").write_text("".join(lines))
+        res = {m: mean_result(m, x, scale=s) for m, (x, s) in metrics.items()}
+        tasks[task] = {"metrics": {m: r.to_json() for m, r in res.items()}, "failures": [], "n_samples": N}
+    tasks["coco-fid"] = {"metrics": {"FID": {"value": fid[0], "ci": fid[1], "n": 1000},
+                                     "KID": {"value": 0.01, "ci": None, "n": 1000}}, "failures": []}
+    (run / "metrics.json").write_text(json.dumps({"run": {"model": "demo"}, "tasks": tasks}))
+    return run
+
+
+@pytest.fixture
+def base_scores() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.choice([0.0, 1 / 3, 2 / 3, 1.0], size=N, p=[0.3, 0.1, 0.1, 0.5])
+
+
+def _by(verdicts, task, metric):
+    (v,) = [v for v in verdicts if v.task == task and v.metric == metric]
+    return v
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("compare")(reports_cli.compare)
+    app.command("report")(reports_cli.report)
+    return app
+
+
+def test_identical_runs_are_the_same(tmp_path, base_scores):
+    a = make_run(tmp_path, "a", base_scores)
+    b = make_run(tmp_path, "b", base_scores.copy())
+    vs = compare_runs(a, b)
+    assert {v.verdict for v in vs} == {"same"}
+    v = _by(vs, "vqav2", "accuracy")
+    assert v.delta == 0 and (v.ci_low, v.ci_high) == (0, 0) and v.ci_method == "paired bootstrap" and v.n_paired == N
+    r = CliRunner().invoke(_app(), ["compare", str(a), str(b)])
+    assert r.exit_code == 0, r.output
+    assert "no regression" in r.output
+
+
+def test_planted_regression_fails(tmp_path, base_scores):
+    new = base_scores.copy()
+    correct = np.flatnonzero(new == 1.0)[:40]
+    new[correct] = 0.0  # 40 of 200 answers now wrong: -20 points
+    a, b = make_run(tmp_path, "a", base_scores), make_run(tmp_path, "b", new)
+    v = _by(compare_runs(a, b), "vqav2", "accuracy")
+    assert v.verdict == "regression" and v.higher_is_better
+    assert v.delta == pytest.approx(-20.0)
+    assert v.ci_high < 0 and v.ci_low < v.delta < v.ci_high  # CI in the metric's units (x100)
+    md_file = tmp_path / "out" / "cmp.md"
+    r = CliRunner().invoke(_app(), ["compare", str(a), str(b), "--markdown", str(md_file)])
+    assert r.exit_code == 1, r.output
+    assert "**REGRESSION**" in md_file.read_text() and "❌ regression" in r.output
+    # The same drop inside a generous tolerance passes; the reverse direction is an improvement.
+    r = CliRunner().invoke(_app(), ["compare", str(a), str(b), "--tolerance", "vqav2/accuracy=25", "--json"])
+    assert r.exit_code == 0, r.output
+    assert {x["verdict"] for x in json.loads(r.output)} == {"same"}
+    assert _by(compare_runs(b, a), "vqav2", "accuracy").verdict == "improvement"
+
+
+def test_tiny_noise_is_not_a_regression(tmp_path, base_scores):
+    new = base_scores.copy()
+    ones, zeros = np.flatnonzero(new == 1.0), np.flatnonzero(new == 0.0)
+    new[ones[:3]] = 0.0
+    new[zeros[:1]] = 1.0  # net -2 answers of 200: -1 point, well inside the noise
+    a, b = make_run(tmp_path, "a", base_scores), make_run(tmp_path, "b", new)
+    v = _by(compare_runs(a, b), "vqav2", "accuracy")
+    assert v.delta == pytest.approx(-1.0) and v.verdict == "same" and v.ci_low < 0 < v.ci_high
+    assert CliRunner().invoke(_app(), ["compare", str(a), str(b)]).exit_code == 0
+
+
+def test_paired_bootstrap_sees_a_consistent_shift(tmp_path, base_scores):
+    # Per-sample scores vary a lot between samples, so the two runs' own CIs overlap, but
+    # every sample lost 0.02: paired, that is far outside the noise.
+    clip = np.random.default_rng(1).uniform(0.1, 0.9, size=N)
+    a = make_run(tmp_path, "a", base_scores, clip=clip)
+    b = make_run(tmp_path, "b", base_scores, clip=clip - 0.02)
+    meta = json.loads((b / "metrics.json").read_text())["tasks"]["t2i"]["metrics"]["CLIPScore"]
+    base_meta = json.loads((a / "metrics.json").read_text())["tasks"]["t2i"]["metrics"]["CLIPScore"]
+    assert meta["ci"][1] > base_meta["ci"][0]  # the independent CIs overlap
+    v = _by(compare_runs(a, b), "t2i", "CLIPScore")
+    assert v.verdict == "regression" and v.ci_high < 0 and v.delta == pytest.approx(-0.02)
+    assert _by(compare_runs(a, b, {"CLIPScore": 0.05}), "t2i", "CLIPScore").verdict == "same"
+
+
+def test_fallbacks_without_per_sample_scores(tmp_path, base_scores):
+    a = make_run(tmp_path, "a", base_scores)
+    worse = make_run(tmp_path, "worse", base_scores, fid=(12.0, [11.5, 12.5]))
+    noisy = make_run(tmp_path, "noisy", base_scores, fid=(10.3, [9.8, 10.8]))
+    v = _by(compare_runs(a, worse), "coco-fid", "FID")
+    assert not v.higher_is_better and v.verdict == "regression" and v.ci_method == "run CIs"
+    assert "no per-sample scores" in v.note and v.ci_low > 0
+    v = _by(compare_runs(a, noisy), "coco-fid", "FID")
+    assert v.verdict == "same" and v.ci_low < 0 < v.ci_high
+    # No CI at all (KID here): the tolerance alone decides, and the note says so.
+    no_ci = make_run(tmp_path, "noci", base_scores, fid=(9.0, None))
+    v = _by(compare_runs(no_ci, a), "coco-fid", "FID")
+    assert v.verdict == "regression" and v.ci_method == "none" and "tolerance alone" in v.note
+    assert _by(compare_runs(no_ci, a, {"FID": 1.5}), "coco-fid", "FID").verdict == "same"
+    assert _by(compare_runs(a, no_ci), "coco-fid", "FID").verdict == "improvement"
+
+
+def test_missing_metric_and_markdown(tmp_path, base_scores):
+    a = make_run(tmp_path, "a", base_scores, clip=np.full(N, 0.5))
+    b = make_run(tmp_path, "b", base_scores)
+    vs = compare_runs(a, b)
+    assert _by(vs, "t2i", "CLIPScore").verdict == "missing"
+    md = to_markdown(vs, "base|<b>", b)
+    assert "base\\|&lt;b&gt;" in md and "<b>" not in md
+    assert md.count("\n| ") == 1 + len(vs)  # header + one row per verdict
+    assert CliRunner().invoke(_app(), ["compare", str(a), str(b)]).exit_code == 0
+
+
+def test_tolerance_parsing_and_bad_input(tmp_path, base_scores):
+    tol = parse_tolerances(["FID=0.5", "vqav2/accuracy=1", "*=0.1"])
+    assert tolerance_for(tol, "vqav2", "accuracy") == 1 and tolerance_for(tol, "coco-fid", "fid") == 0.5
+    assert tolerance_for(tol, "x", "CIDEr") == 0.1 and tolerance_for({}, "x", "y") == 0
+    for bad in ("FID", "FID=abc", "=1", "FID=-1"):
+        with pytest.raises(ReportError, match="--tolerance"):
+            parse_tolerances([bad])
+    a = make_run(tmp_path, "a", base_scores)
+    r = CliRunner().invoke(_app(), ["compare", str(a), str(a), "--tolerance", "FID"])
+    assert r.exit_code == 2 and "error: --tolerance" in r.output
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text('{"tasks": ')
+    r = CliRunner().invoke(_app(), ["compare", str(a), str(tmp_path / "broken")])
+    assert r.exit_code == 2 and "broken/metrics.json: malformed JSON" in r.output
+    with open(a / "vqav2" / "samples" / "rank-00000.jsonl", "a") as f:
+        f.write("{bad}\n")
+    with pytest.raises(ReportError, match=r"rank-00000\.jsonl:\d+: malformed JSON line"):
+        compare_runs(a, a)
+
+
+def test_mounted_in_the_cm3eval_app(tmp_path, base_scores):
+    from evals.cli import app  # the real entry point, as `cm3eval compare` runs it
+
+    new = base_scores.copy()
+    new[np.flatnonzero(new == 1.0)[:40]] = 0.0
+    a, b = make_run(tmp_path, "a", base_scores), make_run(tmp_path, "b", new)
+    assert CliRunner().invoke(app, ["compare", str(a), str(a)]).exit_code == 0
+    assert CliRunner().invoke(app, ["compare", str(a), str(b)]).exit_code == 1
