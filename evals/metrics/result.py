@@ -18,8 +18,11 @@ class MetricResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"value": float(self.value), "n": int(self.n)}
-        out["ci"] = [float(self.ci[0]), float(self.ci[1])] if self.ci is not None else None
+        """JSON-safe: NaN (a metric that could not be computed, e.g. SPICE without its models) becomes null."""
+        value = float(self.value)
+        out: dict[str, Any] = {"value": value if np.isfinite(value) else None, "n": int(self.n)}
+        ci_ok = self.ci is not None and all(np.isfinite(c) for c in self.ci)
+        out["ci"] = [float(self.ci[0]), float(self.ci[1])] if ci_ok else None
         if self.extra:
             out["extra"] = self.extra
         return out
@@ -40,11 +43,15 @@ def bootstrap_ci(
     if not np.all(np.isfinite(x)):
         raise ValueError("bootstrap_ci: per-sample scores contain NaN or inf")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(n_resamples, x.size))
-    if statistic is np.mean:
-        stats = x[idx].mean(axis=1)  # vectorised fast path
-    else:
-        stats = np.array([statistic(x[row]) for row in idx])
+    # resample in chunks so memory stays ~40 MB even for 200k-question VQA sets
+    chunk = max(1, min(n_resamples, 5_000_000 // x.size))
+    stats = np.empty(n_resamples)
+    for start in range(0, n_resamples, chunk):
+        idx = rng.integers(0, x.size, size=(min(chunk, n_resamples - start), x.size))
+        if statistic is np.mean:
+            stats[start:start + len(idx)] = x[idx].mean(axis=1)  # vectorised fast path
+        else:
+            stats[start:start + len(idx)] = [statistic(x[row]) for row in idx]
     alpha = (1.0 - confidence) / 2.0
     lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
     return float(lo), float(hi)

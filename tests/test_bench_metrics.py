@@ -1,0 +1,63 @@
+"""`cm3eval bench metrics`: JSON shape, identical numbers, the optional FID part. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import typer
+from typer.testing import CliRunner
+
+from evals import bench_metrics
+
+
+def _app():
+    app = typer.Typer()
+    app.command()(bench_metrics.command)
+    return app
+
+
+def test_json_output_small_n():
+    out = CliRunner().invoke(_app(), ["--json", "--n-questions", "2000", "--no-fid"])
+    assert out.exit_code == 0, out.output
+    got = json.loads(out.stdout)
+    assert {"vqa_speedup", "vqa_identical", "vqa", "fid"} <= set(got)
+    assert got["vqa_identical"] is True and got["vqa"]["mismatches"] == []
+    assert got["vqa"]["n_questions"] == 2000 and got["vqa_speedup"] > 0
+    assert 0 < got["vqa"]["accuracy"] < 100
+    assert got["fid"] == {"skipped": "--no-fid"}
+
+
+def test_fid_part_is_included_when_the_module_exists(monkeypatch):
+    fake = types.ModuleType("evals.bench_fid")
+    fake.run_fid_bench = lambda: {"fd_speedup": 3.0, "dim": 2048}
+    monkeypatch.setitem(sys.modules, "evals.bench_fid", fake)
+    out = CliRunner().invoke(_app(), ["--json", "--n-questions", "300"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["fid"] == {"fd_speedup": 3.0, "dim": 2048}
+
+
+def test_fid_part_skipped_with_a_note_when_absent(monkeypatch):
+    monkeypatch.setitem(sys.modules, "evals.bench_fid", None)  # import raises ModuleNotFoundError
+    assert "skipped" in bench_metrics._fid_bench()
+
+
+def test_mismatch_fails_the_command(monkeypatch):
+    real = bench_metrics.vqa_accuracy
+
+    def off_by_one(preds, anns):
+        r = real(preds, anns)
+        r.per_sample = r.per_sample.copy()
+        r.per_sample[0] += 1e-9
+        return r
+
+    monkeypatch.setattr(bench_metrics, "vqa_accuracy", off_by_one)
+    out = CliRunner().invoke(_app(), ["--json", "--n-questions", "200", "--no-fid"])
+    assert out.exit_code == 1 and "differs from the reference" in out.output
+
+
+def test_table_output():
+    out = CliRunner().invoke(_app(), ["--n-questions", "300", "--no-fid"])
+    assert out.exit_code == 0, out.output
+    assert "vectorised" in out.stdout and "identical numbers: yes" in out.stdout
