@@ -1,0 +1,99 @@
+"""The task registry: every `tasks/specs/*.yaml` is a task; `tasks/specs/suites.yaml` names suites.
+
+Specs are discovered and validated lazily (lm-evaluation-harness style): `list()` parses every
+file, so one broken spec is reported by name instead of being skipped silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import lru_cache
+from pathlib import Path
+
+from .spec import SpecError, TaskSpec, load_spec, load_yaml
+
+SPEC_DIR = Path(__file__).parent / "specs"
+SUITES_FILE = SPEC_DIR / "suites.yaml"
+
+
+def _spec_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SPEC_DIR.glob("*.yaml")) if p != SUITES_FILE}
+
+
+def check(spec: TaskSpec, src: str) -> TaskSpec:
+    """Checks that need the loaders and the metric table (file roles, metric names and options)."""
+    from evals.scoring import check_metrics  # deferred: evals imports tasks at module level
+    from .loaders import check_spec
+
+    check_spec(spec, src)
+    check_metrics(spec, src)
+    return spec
+
+
+def display_path(path: Path) -> str:
+    """tasks/specs/NAME.yaml: how errors name a registry file."""
+    try:
+        return str(path.resolve().relative_to(SPEC_DIR.resolve().parents[1]))
+    except ValueError:
+        return str(path)
+
+
+@lru_cache(maxsize=None)
+def _load(path: str) -> TaskSpec:
+    src = display_path(Path(path))
+    spec = load_spec(path, src)
+    if spec.name != Path(path).stem:
+        raise SpecError(f"{src}: name: must match the file name ({Path(path).stem!r}), got {spec.name!r}")
+    return check(spec, src)
+
+
+def list_tasks() -> list[str]:
+    return sorted(_spec_files())
+
+
+def suites() -> dict[str, list[str]]:
+    if not SUITES_FILE.is_file():
+        return {}
+    src = display_path(SUITES_FILE)
+    data = load_yaml(SUITES_FILE, src)
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise SpecError(f"{src}: expected a mapping of suite name -> list of task names")
+    known = set(list_tasks())
+    for name, members in data.items():
+        for m in members:
+            if m not in known:
+                raise SpecError(f"{src}: {name}: unknown task {m!r}")
+        if name in known:
+            raise SpecError(f"{src}: {name}: a suite cannot share its name with a task")
+    return {str(k): [str(m) for m in v] for k, v in data.items()}
+
+
+def get(name: str) -> TaskSpec:
+    """A task by registry name, or a spec file given by path (`my-task.yaml`)."""
+    files = _spec_files()
+    if name in files:
+        return _load(str(files[name]))
+    if name.endswith((".yaml", ".yml")):
+        return check(load_spec(name), name)  # a user's own spec: no name/file-name rule
+    raise SpecError(_unknown(name))
+
+
+def _unknown(name: str) -> str:
+    choices = list_tasks() + sorted(suites())
+    close = difflib.get_close_matches(name, choices, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(choices)}"
+    return f"unknown task or suite {name!r}{hint}"
+
+
+def expand(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Task and suite names -> task names (suites expanded, order kept, duplicates dropped)."""
+    all_suites = suites()
+    out: list[str] = []
+    for name in names:
+        members = all_suites.get(name, [name])
+        for m in members:
+            if m not in all_suites and m not in _spec_files() and not m.endswith((".yaml", ".yml")):
+                raise SpecError(_unknown(m))
+            if m not in out:
+                out.append(m)
+    return out
