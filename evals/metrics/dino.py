@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
+from evals.metrics.local_weights import WeightsFile, WeightsNotFound, load_state_dict_file
+
 WEIGHTS_FILENAME = "dino_deitsmall16_pretrain.pth"
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/" + WEIGHTS_FILENAME
 WEIGHTS_ENV = "CM3EVAL_DINO_WEIGHTS"
@@ -36,7 +38,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DinoWeightsNotFound(FileNotFoundError):
+class DinoWeightsNotFound(WeightsNotFound):
     pass
 
 
@@ -124,48 +126,24 @@ def dino_transform() -> transforms.Compose:
     ])
 
 
+_WEIGHTS = WeightsFile("DINO ViT-S/16 weights", WEIGHTS_FILENAME, WEIGHTS_URL, WEIGHTS_ENV, "--dino-weights", DinoWeightsNotFound)
+
+
 def weights_search_paths(explicit: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
     """Where the weights are looked for, in order, as (how it was named, path)."""
-    if explicit is not None:
-        # An explicit path that does not exist is a typo, not a cue to silently use another file.
-        return [("argument", Path(explicit).expanduser())]
-    places: list[tuple[str, Path]] = []
-    if os.environ.get(WEIGHTS_ENV):
-        places.append((f"${WEIGHTS_ENV}", Path(os.environ[WEIGHTS_ENV]).expanduser()))
-    torch_home = Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser()
-    places.append(("torch hub cache", torch_home / "hub" / "checkpoints" / WEIGHTS_FILENAME))
-    return places
+    return _WEIGHTS.search_paths(explicit)
 
 
 def find_weights(explicit: str | os.PathLike | None = None) -> Path:
-    places = weights_search_paths(explicit)
-    for _, path in places:
-        if path.is_file():
-            return path
-    looked = "; ".join(f"{how}: {path}" for how, path in places)
-    raise DinoWeightsNotFound(
-        f"DINO ViT-S/16 weights {WEIGHTS_FILENAME} not found (looked in {looked}). "
-        f"Download {WEIGHTS_URL} on a connected machine and pass it with --dino-weights, "
-        f"set ${WEIGHTS_ENV}, or put it in $TORCH_HOME/hub/checkpoints/."
-    )
+    return _WEIGHTS.find(explicit)
 
 
 def load_dino(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> DinoViT:
     """DINO ViT-S/16 with weights from a local file (see `find_weights`), in eval mode."""
     path = find_weights(weights)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise ValueError(f"cannot load DINO weights {path}: {e}") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"DINO weights {path}: expected a state_dict, got {type(state).__name__}")
-    model = DinoViT()
-    try:
-        model.load_state_dict(state, strict=True)  # another layout must fail, not leave layers random
-    except RuntimeError as e:
-        raise ValueError(f"DINO weights {path} do not match the dino_vits16 layout: {e}") from e
+    model = load_state_dict_file(DinoViT(), path, "DINO ViT-S/16 weights", "dino_vits16")
     model.weights_path = path
-    return model.to(device).eval().requires_grad_(False)
+    return model.to(device)
 
 
 class DinoEncoder:

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evals.metrics.local_weights import WeightsFile, WeightsNotFound, load_state_dict_file
+
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
 WEIGHTS_ENV = "CM3EVAL_INCEPTION_WEIGHTS"
@@ -28,7 +30,7 @@ NUM_CLASSES = 1008
 INPUT_SIZE = 299
 
 
-class InceptionWeightsNotFound(FileNotFoundError):
+class InceptionWeightsNotFound(WeightsNotFound):
     pass
 
 
@@ -203,48 +205,20 @@ class FIDInceptionV3(nn.Module):
         return self.fc(features)
 
 
+_WEIGHTS = WeightsFile("FID Inception weights", WEIGHTS_FILENAME, WEIGHTS_URL, WEIGHTS_ENV, "--weights", InceptionWeightsNotFound)
+
+
 def weights_search_paths(explicit: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
     """Where the weights are looked for, in order, as (how it was named, path)."""
-    places: list[tuple[str, Path]] = []
-    if explicit is not None:
-        places.append(("argument", Path(explicit).expanduser()))
-    if os.environ.get(WEIGHTS_ENV):
-        places.append((f"${WEIGHTS_ENV}", Path(os.environ[WEIGHTS_ENV]).expanduser()))
-    torch_home = Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser()
-    places.append(("torch hub cache", torch_home / "hub" / "checkpoints" / WEIGHTS_FILENAME))
-    return places
+    return _WEIGHTS.search_paths(explicit)
 
 
 def find_weights(explicit: str | os.PathLike | None = None) -> Path:
-    places = weights_search_paths(explicit)
-    if explicit is not None:
-        # An explicit path that does not exist is a typo, not a cue to silently use another file.
-        places = places[:1]
-    for _, path in places:
-        if path.is_file():
-            return path
-    looked = "; ".join(f"{how}: {path}" for how, path in places)
-    raise InceptionWeightsNotFound(
-        f"FID Inception weights {WEIGHTS_FILENAME} not found (looked in {looked}). "
-        f"Download {WEIGHTS_URL} on a connected machine and pass it with --weights, "
-        f"set ${WEIGHTS_ENV}, or put it in $TORCH_HOME/hub/checkpoints/."
-    )
+    return _WEIGHTS.find(explicit)
 
 
 def load_fid_inception(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:
     """The FID network with weights from a local file (see `find_weights`), in eval mode."""
     path = find_weights(weights)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise ValueError(f"cannot load Inception weights {path}: {e}") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"Inception weights {path}: expected a state_dict, got {type(state).__name__}")
-    model = FIDInceptionV3()
-    try:
-        # Strict: a file in another layout must fail loudly rather than leave layers random.
-        # BatchNorm fills in a missing `num_batches_tracked` itself (older files lack it).
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"Inception weights {path} do not match the FID Inception layout: {e}") from e
-    return model.to(device).eval().requires_grad_(False)
+    model = load_state_dict_file(FIDInceptionV3(), path, "Inception weights", "FID Inception")
+    return model.to(device)
