@@ -367,7 +367,7 @@ def _shapes_root() -> Path:
     from tasks import shapes_world  # the demo world generator (built on first use, then cached)
 
     root = cache_dir() / "shapes"
-    shapes_world.ensure_world(root)
+    shapes_world.ensure_world(root, shapes_world.EVAL_WORLD)
     return root
 
 
