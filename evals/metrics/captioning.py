@@ -44,6 +44,7 @@ from typing import Literal
 import numpy as np
 
 from evals.metrics.result import MetricResult, mean_result
+from evals.metrics.results_files import read_json, read_results
 
 # Tokens that pycocoevalcap's PTBTokenizer drops after tokenizing (a fact about the toolkit).
 PTB_PUNCTUATIONS = frozenset(
@@ -391,17 +392,8 @@ def load_coco_caption_files(results_path: str | Path, annotations_path: str | Pa
 
     Only the images present in the results are scored (CIDEr's idf then covers those images only).
     """
-    results = _read_json(results_path)
-    if not isinstance(results, list) or not results:
-        raise ValueError(f"{results_path}: expected a non-empty JSON list of {{'image_id', 'caption'}} objects")
-    predictions: dict = {}
-    for n, item in enumerate(results):
-        if not isinstance(item, dict) or "image_id" not in item or not isinstance(item.get("caption"), str):
-            raise ValueError(f"{results_path}: entry {n} lacks an 'image_id' or a string 'caption'")
-        if item["image_id"] in predictions:
-            raise ValueError(f"{results_path}: image_id {item['image_id']} has more than one caption")
-        predictions[item["image_id"]] = item["caption"]
-    ann = _read_json(annotations_path)
+    predictions = read_results(results_path, "image_id", "caption", duplicate="has more than one caption")
+    ann = read_json(annotations_path)
     if not isinstance(ann, dict) or not isinstance(ann.get("annotations"), list):
         raise ValueError(f"{annotations_path}: expected a COCO captions file with an 'annotations' list")
     all_refs: dict = defaultdict(list)
@@ -413,13 +405,3 @@ def load_coco_caption_files(results_path: str | Path, annotations_path: str | Pa
     if unknown:
         raise ValueError(f"{results_path}: {len(unknown)} image ids are not in {annotations_path}, e.g. {unknown[:5]}")
     return predictions, {i: all_refs[i] for i in predictions}, len(all_refs)
-
-
-def _read_json(path: str | Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None

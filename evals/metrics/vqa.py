@@ -30,7 +30,6 @@ benchmark.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from evals.metrics.result import MetricResult
+from evals.metrics.results_files import read_json, read_results
 
 # ---- The official normalisation tables (facts of vqaEval.py, reproduced verbatim, quirks included:
 # the capitalised keys can never match because processDigitArticle lower-cases first).
@@ -343,20 +343,11 @@ def load_vqa_files(results_path: str | Path, questions_path: str | Path,
     annotations: {"annotations": [{"question_id", "answers", "question_type", "answer_type", ...}]}.
     As the official loader, the questions and annotations must cover the same question ids.
     """
-    results = _read_json(results_path)
-    if not isinstance(results, list) or not results:
-        raise ValueError(f"{results_path}: expected a non-empty JSON list of {{'question_id', 'answer'}} objects")
-    predictions: dict = {}
-    for n, r in enumerate(results):
-        if not isinstance(r, dict) or "question_id" not in r or not isinstance(r.get("answer"), str):
-            raise ValueError(f"{results_path}: entry {n} lacks a 'question_id' or a string 'answer'")
-        if r["question_id"] in predictions:
-            raise ValueError(f"{results_path}: question_id {r['question_id']} is answered more than once")
-        predictions[r["question_id"]] = r["answer"]
-    questions = _read_json(questions_path)
+    predictions = read_results(results_path, "question_id", "answer", duplicate="is answered more than once")
+    questions = read_json(questions_path)
     if not isinstance(questions, dict) or not isinstance(questions.get("questions"), list):
         raise ValueError(f"{questions_path}: expected an official questions file with a 'questions' list")
-    ann = _read_json(annotations_path)
+    ann = read_json(annotations_path)
     if not isinstance(ann, dict) or not isinstance(ann.get("annotations"), list):
         raise ValueError(f"{annotations_path}: expected an official annotations file with an 'annotations' list")
     q_ids = {q.get("question_id") for q in questions["questions"]}
@@ -365,13 +356,3 @@ def load_vqa_files(results_path: str | Path, questions_path: str | Path,
         diff = sorted(q_ids ^ a_ids, key=str)[:5]
         raise ValueError(f"{questions_path} and {annotations_path} cover different question ids, e.g. {diff}")
     return predictions, ann["annotations"]
-
-
-def _read_json(path: str | Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
