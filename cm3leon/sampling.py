@@ -242,7 +242,7 @@ class Sampler:
             valid[i, T - len(p):] = True
         tokens, valid = tokens.to(dev), valid.to(dev)
         cache = model.new_cache(len(rows), T + budget, device=dev)
-        logits = model.prefill(tokens, valid, cache)[:, -1]
+        logits = model.prefill(tokens, valid, cache, last_only=True)[:, -1]
 
         cdk_rows = torch.tensor([s.cdk for s in batch], device=dev)
         limits = torch.tensor([budget if modality == "image" else requests[s.request].max_new_tokens for s in batch],

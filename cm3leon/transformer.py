@@ -241,8 +241,11 @@ class Transformer(nn.Module):
             next_pos=torch.zeros(batch_size, dtype=torch.long, device=device),
         )
 
-    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run a left-padded prompt batch [B, T] into an empty cache; returns logits [B, T, V]."""
+    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor, cache: KVCache, *,
+                last_only: bool = False) -> torch.Tensor:
+        """Run a left-padded prompt batch [B, T] into an empty cache; returns logits [B, T, V]
+        (or [B, 1, V] with `last_only`: decoding needs just the last position, and the vocabulary
+        projection of every prompt position would cost as much as many decode steps)."""
         B, T = tokens.shape
         if cache.length != 0:
             raise ValueError("prefill needs an empty cache (allocate one per batch with new_cache)")
@@ -260,7 +263,7 @@ class Transformer(nn.Module):
             h = layer(h, rope, mask, (cache.k[i], cache.v[i]), slots)
         cache.length = T
         cache.next_pos = valid.long().sum(-1)
-        return self._head(h)
+        return self._head(h[:, -1:] if last_only else h)
 
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Append one token per row ([B]) and return the next-token logits [B, V]."""
