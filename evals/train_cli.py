@@ -1,0 +1,107 @@
+"""`cm3eval train demo`: rebuild the shipped demo model from scratch with the package's recipe.
+
+The shapes world (tasks.shapes_world, default WorldConfig) is generated in memory; its train split
+is turned into cm3leon.train.DemoData and handed to cm3leon.train.train_demo, which resumes from
+OUT/work/ when a previous run was interrupted (--fresh starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import typer
+
+from cm3leon.checkpoint import ALIASES
+from cm3leon.train import DemoData, DemoEdit, DemoImage, DemoRecipe
+
+train_app = typer.Typer(help="The training recipe (demo scale).", no_args_is_help=True)
+
+
+@train_app.callback()
+def _group() -> None:
+    """Train models with the package's own recipe."""
+
+
+def majority_answer(answers: list[str], canonical: str) -> str:
+    """The most frequent of the ten annotator answers (ties go to the canonical answer)."""
+    counts = Counter(answers)
+    best = max(counts.values())
+    return canonical if counts.get(canonical) == best else max(counts, key=lambda a: (counts[a], -answers.index(a)))
+
+
+def demo_data(world, split: str = "train") -> DemoData:
+    """A shapes-world split as in-memory training data (images rendered, answers by majority)."""
+    from tasks.shapes_world import render
+
+    ws, size = world.splits[split], world.config.image_size
+    questions: dict[int, list[tuple[str, str]]] = {}
+    for q in ws.questions:
+        questions.setdefault(q.image_id, []).append((q.question, majority_answer(q.answers, q.answer)))
+    images = [DemoImage(str(im.image_id), render(im.scene, size), list(im.captions), questions.get(im.image_id, []))
+              for im in ws.images]
+    cache = {}
+
+    def rendered(scene):
+        if scene not in cache:
+            cache[scene] = render(scene, size)
+        return cache[scene]
+
+    edits = [DemoEdit(t.instruction, rendered(t.source), rendered(t.target)) for es in ws.edits for t in es.turns]
+    return DemoData(images, edits)
+
+
+@train_app.command("demo")
+def demo(
+    out: Path = typer.Option(ALIASES["demo"], help="checkpoint folder to write (resumes from OUT/work/)"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    steps_scale: float = typer.Option(1.0, help="multiply every stage's step count"),
+    seed: int = typer.Option(0, help="training seed (the world is always the default one)"),
+    fresh: bool = typer.Option(False, "--fresh", help="discard OUT/work/ and train every stage again"),
+    threads: int = typer.Option(0, help="CPU threads for torch; 0: 2, or 1 when other processes keep the CPU "
+                                        "busy (with busy cores, a second OpenMP thread costs more than it gives)"),
+    eval_n: int = typer.Option(50, help="quick sanity evaluation on this many val images after training (0: none)"),
+    keep_work: bool = typer.Option(False, help="keep OUT/work/ (stage checkpoints, ~60 MB) after a finished build; "
+                                   "an interrupted build always keeps it and resumes from it"),
+) -> None:
+    """Rebuild the demo model (VQ, tokenizer, encoder, bank, CM3 pretraining, SFT) in one command."""
+    import shutil
+
+    import torch
+
+    from cm3leon import checkpoint
+    from cm3leon.train import quick_eval, train_demo
+    from tasks.shapes_world import WorldConfig, generate_world
+
+    if threads <= 0:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = 1 if busy > 0.5 or (os.cpu_count() or 1) < 2 else 2
+    torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        typer.echo("error: --device cuda but torch sees no CUDA device", err=True)
+        raise typer.Exit(2)
+    t0 = time.perf_counter()
+    world = generate_world(WorldConfig())
+    data = demo_data(world, "train")
+    typer.echo(f"torch threads: {threads}; device: {device}")
+    typer.echo(f"world: {len(data.images)} train images, {sum(len(i.qa) for i in data.images)} questions, "
+               f"{len(data.edits)} edit turns ({time.perf_counter() - t0:.1f} s)")
+    recipe = DemoRecipe(seed=seed, steps_scale=steps_scale)
+    summary = train_demo(data, recipe, out, device=device, fresh=fresh)
+    total = time.perf_counter() - t0
+    typer.echo(f"stages run: {', '.join(summary['stages_run']) or 'none (all done already)'}; "
+               f"seconds per stage: {json.dumps(summary['seconds'])}")
+    if not keep_work:
+        shutil.rmtree(out / "work", ignore_errors=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "work" not in f.relative_to(out).parts)
+    typer.echo(f"wrote {out}: {size / 1e6:.1f} MB (without work/); total time {total / 60:.1f} min")
+    if eval_n > 0:
+        bundle = checkpoint.load(out)
+        val = demo_data(world, "val").images
+        res = quick_eval(bundle, val, recipe, n=eval_n)
+        res.pop("t2i_images", None)
+        typer.echo("quick val sanity check (not the harness metrics): " + json.dumps(res, indent=1))
+        typer.echo(f"evaluation {time.perf_counter() - t0 - total:.0f} s")
