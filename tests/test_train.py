@@ -1,0 +1,141 @@
+"""The demo recipe end to end at toy scale: every stage runs, the folder loads and generates, a rerun resumes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from cm3leon import checkpoint
+from cm3leon.document import Document, DocumentCodec
+from cm3leon.sampling import GenerationRequest, Sampler, SamplingConfig
+from cm3leon.train import (DemoRecipe, Example, collate, fill_rows, model_config, pack, train_demo,
+                           train_text_tokenizer, tree_forward)
+from cm3leon.transformer import Transformer
+from evals.train_cli import demo_data, majority_answer
+from tasks.shapes_world import WorldConfig, generate_world
+
+TINY = DemoRecipe(
+    vq_steps=6, vq_batch=4, vq_restart_every=2, vq_codebook=64,
+    n_text=300, enc_steps=4, enc_batch=16, enc_text_dim=32, enc_text_layers=1, enc_dim=32,
+    d_model=64, n_layers=2, n_heads=2, rows=2, max_seq_len=512, warmup=2,
+    pt_steps=30, pt_lr=3e-3, sft_steps=6, sft_lr=1e-3, ckpt_every=4, log_every=5,
+)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_world(WorldConfig(n_train=40, n_val=4, n_test=4))
+
+
+def _tokenizer_and_cfg(world):
+    data = demo_data(world)
+    tok = train_text_tokenizer([c for im in data.images for c in im.captions], 300, 64)
+    return data, tok, model_config(tok, dataclasses.replace(TINY, d_model=32, n_heads=2))
+
+
+def test_majority_answer():
+    assert majority_answer(["red"] * 7 + ["orange"] * 3, "red") == "red"
+    assert majority_answer(["two"] * 6 + ["2"] * 4, "2") == "two"
+
+
+def test_tree_packing_matches_separate_sequences(world):
+    """A branch sees exactly what the plain sequence prefix + branch would: same logits."""
+    torch.manual_seed(0)
+    _, tok, cfg = _tokenizer_and_cfg(world)
+    model = Transformer(cfg).eval()
+    prefix = [cfg.bos_id] + tok.encode("a red circle") + [cfg.break_id]
+    b1, b2 = tok.encode("on a white background") + [cfg.eos_id], tok.encode("two shapes") + [cfg.eos_id]
+    other = [cfg.bos_id] + tok.encode("a blue square")
+    ex = Example(prefix, [(b1, [True] * len(b1)), (b2, [False, True] + [False] * (len(b2) - 2))])
+    rows = pack([ex, Example(other, prefix_loss=True)], max_len=64)
+    assert len(rows) == 1
+    batch = collate(rows, cfg.pad_id)
+    with torch.no_grad():
+        got = tree_forward(model, batch)
+        full1 = model(torch.tensor([prefix + b1]))[0]
+        full2 = model(torch.tensor([prefix + b2]))[0]
+        full3 = model(torch.tensor([other]))[0]
+    P = len(prefix)
+    want = torch.cat([full1[P - 1:P - 1 + len(b1)], full2[P:P + 1], full3[:-1]])
+    want_targets = b1 + [b2[1]] + other[1:]
+    assert batch.targets.tolist() == want_targets
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_demo_build_end_to_end(world, tmp_path, capsys):
+    data = demo_data(world)
+    assert data.edits and all(len(im.qa) == 5 for im in data.images)
+    out = tmp_path / "demo"
+    summary = train_demo(data, TINY, out)
+    assert summary["stages_run"] == ["vq", "tokenizer", "encoder", "index", "pretrain", "sft"]
+    losses = [loss for _, loss in summary["losses"]["pretrain"]]
+    assert losses[-1] < losses[0] - 0.5, losses
+
+    bundle = checkpoint.load(out)
+    assert bundle.encoder is not None and bundle.bank_dir is not None and bundle.vq is not None
+    cfg = bundle.config
+    assert cfg.image_seq_len == 64 and cfg.image_codebook_size == 64
+    codec = DocumentCodec(bundle.tokenizer, bundle.vq, cfg, bundle.image_resolution)
+    sampler = Sampler(bundle.model, cfg)
+    im = data.images[0]
+    img, = sampler.generate([GenerationRequest(codec.text_to_image_prompt(im.captions[0]), "image", 1,
+                                               uncond_prompt=codec.uncond_image_prompt())],
+                            SamplingConfig(top_p=0.9, cfg_scale=3.0))
+    cap, = sampler.generate([GenerationRequest(codec.image_to_text_prompt(im.image), "text", 2, max_new_tokens=8)],
+                            SamplingConfig(greedy=True))
+    assert len(img.output) == 64 and all(0 <= c < 64 for c in img.output)
+    assert codec.decode_images([img.output])[0].size == (64, 64)
+    assert 1 <= len(cap.output) <= 8
+    assert isinstance(bundle.tokenizer.decode(cap.output), str)
+
+    # the bank ships with the model and retrieval works against it with the shipped encoder
+    from cm3leon.retrieval import MemoryBank, RetrievalDoc, Retriever
+
+    bank = MemoryBank.load(bundle.bank_dir)
+    assert len(bank) == len(data.images)
+    docs = Retriever(bank, bundle.encoder).augment(RetrievalDoc(id="q", text=im.captions[1]), k=2)
+    # a 40-image bank can hold fewer than k documents that pass the diversity rule
+    assert 1 <= len(docs) <= 2 and all(d.image is not None for d in docs)
+    codec.text_to_image_prompt(im.captions[1], [Document([d.text, d.image]) for d in docs])
+
+    # rerun: every stage is done, nothing trains again, same weights
+    again = train_demo(data, TINY, out)
+    assert again["stages_run"] == []
+    assert "skipped" in capsys.readouterr().out
+    w0 = bundle.model.state_dict()["output.weight"]
+    assert torch.equal(checkpoint.load(out).model.state_dict()["output.weight"], w0)
+
+    # a different recipe is refused instead of mixing two builds
+    with pytest.raises(ValueError, match="--fresh"):
+        train_demo(data, dataclasses.replace(TINY, pt_lr=1e-4), out)
+
+
+def test_lm_stage_resumes_mid_stage(world, tmp_path, monkeypatch):
+    """Killed after a step checkpoint, the LM stage continues from it and ends where an uninterrupted run ends."""
+    import cm3leon.train as tr
+
+    data = demo_data(world)
+    recipe = dataclasses.replace(TINY, pt_steps=8, sft_steps=2)
+    a = train_demo(data, recipe, tmp_path / "a")
+    calls = {"n": 0}
+    real = tr.fill_rows
+
+    def dying(*args, **kwargs):  # the 6th batch of pretraining: after the step-4 checkpoint
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "fill_rows", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_demo(data, recipe, tmp_path / "b")
+    monkeypatch.undo()
+    assert (tmp_path / "b" / "work" / "pretrain.ckpt.pt").is_file()
+    resumed = train_demo(data, recipe, tmp_path / "b")
+    assert resumed["stages_run"] == ["pretrain", "sft"]
+    ref, got = checkpoint.load(tmp_path / "a").model.state_dict(), checkpoint.load(tmp_path / "b").model.state_dict()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
+    assert resumed["losses"]["pretrain"][-1][1] == pytest.approx(a["losses"]["pretrain"][-1][1], rel=1e-4)
