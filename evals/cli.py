@@ -36,13 +36,7 @@ _COMMANDS = [
 
 def _mount() -> None:
     for module_name, attr, parent, name in _COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:  # a real missing dependency inside the module: surface it
-                raise
-            continue  # TODO(integration): every module exists once all parts have landed
-        obj = getattr(module, attr)
+        obj = getattr(importlib.import_module(module_name), attr)
         if isinstance(obj, typer.Typer):
             parent.add_typer(obj, name=name)
         else:
