@@ -91,6 +91,29 @@ class Generation:
         return self.candidates[self.best]
 
 
+# ----------------------------------------------------------------------------- batch size
+CPU_KV_BUDGET = 1 << 30  # bytes; beyond ~1 GiB of cache a CPU batch stops getting cheaper per sample
+CUDA_KV_SHARE = 0.4  # of the free GPU memory; the rest holds activations, logits and the allocator's slack
+MAX_AUTO_BATCH = 64
+
+
+def auto_batch_size(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    streams: int = 2, cap: int = MAX_AUTO_BATCH) -> int:
+    """Samples per batch when the user gives none: as many as fit a KV-cache budget.
+
+    A sample's cache holds `streams` rows (cond + uncond for guidance) of max_seq_len positions,
+    so a 7B Chameleon (2 GiB per bf16 row) gets a handful on an 80 GB GPU and the 4M-parameter
+    demo model the cap on a laptop, where small batches would be all Python overhead."""
+    per_row = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cfg.max_seq_len * torch.empty((), dtype=dtype).element_size()
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = CUDA_KV_SHARE * free
+    else:
+        budget = CPU_KV_BUDGET
+    return max(1, min(cap, int(budget // (per_row * streams))))
+
+
 # ----------------------------------------------------------------------------- randomness
 _MASK64 = (1 << 64) - 1
 

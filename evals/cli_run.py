@@ -102,11 +102,12 @@ def sweep_dir(out: Path, point: dict[str, str]) -> Path:
 
 
 # ----------------------------------------------------------------------------- predictor
-def make_predictor(model: str, device: str, dtype: str, batch_size: int):
+def make_predictor(model: str, device: str, dtype: str, batch_size: int | None):
+    """batch_size None: the predictor picks one (a cm3leon model: cm3leon.sampling.auto_batch_size)."""
     hook = os.environ.get(TEST_PREDICTOR_ENV)
     if hook:
         module, _, attr = hook.partition(":")
-        return getattr(importlib.import_module(module), attr)(model=model, device=device, batch_size=batch_size)
+        return getattr(importlib.import_module(module), attr)(model=model, device=device, batch_size=batch_size or 8)
     import torch
 
     from cm3leon import checkpoint
@@ -177,7 +178,9 @@ def run(
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="= --set generation.cfg_scale=X"),
     cdk_alpha: Optional[float] = typer.Option(None, "--cdk-alpha", help="= --set generation.cdk_alpha=X"),
     candidates: Optional[int] = typer.Option(None, "--candidates", min=1, help="= --set generation.n_candidates=N"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Samples per forward (does not change results)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="Samples per forward (does not change results); default: as many "
+                                                  "as a KV-cache budget allows (at most 64)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run of a different config."),
@@ -210,12 +213,13 @@ def run(
     except (FileNotFoundError, ValueError) as e:
         _die(f"--model {model}: {e}", 1)
         return
+    run_batch = batch_size or getattr(predictor, "batch_size", None) or 8  # the engine's chunk = one predict() call
     all_results: dict[str, dict[str, engine.TaskResult]] = {}
     run_dirs = []
     for point, specs, ov in plans:
         run_out = sweep_dir(out, point)
         run_dirs.append(run_out)
-        opts = engine.RunOptions(out=run_out, data_root=data_root, batch_size=batch_size, overwrite=overwrite,
+        opts = engine.RunOptions(out=run_out, data_root=data_root, batch_size=run_batch, overwrite=overwrite,
                                  device=device, dtype=dtype, model_name=model,
                                  overrides={k: _typed(specs, k) for k in ov}, argv=list(sys.argv))
         try:

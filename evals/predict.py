@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cm3leon.document import Document, DocumentCodec
-from cm3leon.sampling import GenerationRequest, Sampler, SamplingConfig, rerank
+from cm3leon.sampling import GenerationRequest, Sampler, SamplingConfig, auto_batch_size, rerank
 from evals.engine import Batch, Item
 from tasks.spec import TaskSpec
 
@@ -57,12 +57,13 @@ def _vqa_answer(sample) -> str:
 class ModelPredictor:
     """Predictor over a cm3leon ModelBundle (cm3leon.checkpoint.load)."""
 
-    def __init__(self, bundle: Any, *, batch_size: int = 8, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(self, bundle: Any, *, batch_size: int | None = None, device: str = "cpu", dtype: str = "float32") -> None:
         self.bundle = bundle
         self.cfg = bundle.config
         self.codec = DocumentCodec(bundle.tokenizer, bundle.vq, bundle.config, bundle.image_resolution)
         self.sampler = Sampler(bundle.model, bundle.config)
-        self.batch_size = batch_size
+        # None: fill a KV-cache budget (a tiny model on a CPU would otherwise spend its time in Python)
+        self.batch_size = batch_size or auto_batch_size(bundle.config, device, bundle.model.tok_embeddings.weight.dtype)
         self.device = device
         self.encoder = bundle.encoder
         self.fingerprint = bundle.fingerprint or self._weights_hash()

@@ -7,7 +7,7 @@ import torch
 
 from cm3leon import checkpoint
 from cm3leon.config import ModelConfig
-from cm3leon.sampling import (GenerationRequest, NonFiniteLogitsError, Sampler, SamplingConfig, apply_guidance,
+from cm3leon.sampling import (CPU_KV_BUDGET, GenerationRequest, NonFiniteLogitsError, Sampler, SamplingConfig, apply_guidance, auto_batch_size,
                               cdk_candidate_mask, cdk_scores, generate, rerank, sample_uniform)
 from cm3leon.transformer import Transformer
 
@@ -156,3 +156,16 @@ def test_rerank_keeps_all_candidates_and_marks_the_best():
     rerank(gens, lambda i, cands: [sum(c) for c in cands])
     g = gens[0]
     assert len(g.candidates) == 4 and g.scores[g.best] == max(g.scores)
+
+
+# ----------------------------------------------------------------------------- auto batch size
+def test_auto_batch_size_fills_the_kv_budget():
+    # a 7B-Chameleon-shaped config: one bf16 row of 4096 positions holds 2 GiB of cache
+    big = ModelConfig(vocab_size=65536, d_model=4096, n_layers=32, n_heads=32, max_seq_len=4096)
+    assert auto_batch_size(big, "cpu", torch.bfloat16) == 1  # more than the CPU budget: still one
+    small = ModelConfig(vocab_size=1000, d_model=64, n_layers=2, n_heads=2, max_seq_len=256)
+    per_row = 2 * 2 * 64 * 256 * 4
+    assert auto_batch_size(small, "cpu", cap=10**9) == CPU_KV_BUDGET // (per_row * 2)
+    assert auto_batch_size(small, "cpu") == 64  # capped
+    assert auto_batch_size(small, "cpu", streams=3, cap=10**9) < auto_batch_size(small, "cpu", cap=10**9)
+    assert auto_batch_size(small, "cpu", torch.bfloat16, cap=10**9) == 2 * auto_batch_size(small, "cpu", cap=10**9)
