@@ -112,6 +112,7 @@ class DemoRecipe:
     vq_restart_every: int = 20  # codes unused since the last restart are re-seeded from batch latents ...
     vq_restart_until: float = 0.5  # ... during this first share of the quantized steps
     vq_bg_keep: float = 1.0  # share of pure-background latents among the code seeds (1.0: all of them)
+    vq_kmeans_images: int = 256  # images whose latents seed the codebook (k-means)
     # text
     n_text: int = 512
     vqa_template: str = "Question: {question} Answer:"  # the shapes-vqa task's prompt.template
@@ -140,13 +141,15 @@ class DemoRecipe:
     row_len: int = 320  # ... of this many tokens (attention over a packed row costs row_len^2: keep it short)
     warmup: int = 30
     weight_decay: float = 0.1
-    pt_steps: int = 300
-    pt_lr: float = 2e-3
+    pt_steps: int = 450
+    pt_lr: float = 2.5e-3
     cm3_rate: float = 0.15  # share of pretraining documents CM3-masked
+    pt_t2i_share: float = 0.65  # of the other documents, caption->image (the rest image->caption)
     cfg_dropout: float = 0.1  # caption -> <mask>: the unconditional stream of text->image CFG
-    sft_steps: int = 400
-    sft_lr: float = 1.5e-3
-    sft_mix: tuple[float, float, float, float] = (0.4, 0.33, 0.12, 0.15)  # image->text (caption+VQA), t2i, edit, pretrain
+    sft_steps: int = 600
+    sft_lr: float = 2e-3
+    # example shares: image->text (caption + all VQA questions of the image), t2i, edit, pretraining
+    sft_mix: tuple[float, float, float, float] = (0.35, 0.45, 0.07, 0.13)
     sft_t2i_retrieval_prob: float = 0.2
     edit_cfg_dropout: float = 0.05  # each of the two editing guidance streams
     # bookkeeping (not part of the recipe's identity)
@@ -256,7 +259,7 @@ def _kmeans_init(vq: VQModel, cands: torch.Tensor, gen: torch.Generator, iters: 
 def train_vq(images: Sequence[Image.Image], cfg: VQConfig, steps: int, batch: int, lr: float, seed: int,
              device: str | torch.device = "cpu", restart_every: int = 20, crop: int = 0, full_frac: float = 0.2,
              ae_frac: float = 0.3, fg_weight: float = 10.0, restart_until: float = 0.3, bg_keep: float = 0.01,
-             log_every: int = 100) -> VQModel:
+             kmeans_images: int = 256, log_every: int = 100) -> VQModel:
     """Train a VQ-GAN (no adversarial term: the demo images are flat shapes) on 64 px images.
 
     - The first ae_frac of the steps train a plain autoencoder (no quantizer), then the codebook
@@ -298,7 +301,7 @@ def train_vq(images: Sequence[Image.Image], cfg: VQConfig, steps: int, batch: in
         else:
             if step == ae_steps:
                 with torch.no_grad():
-                    more = pixels[torch.randint(len(pixels), (256,), generator=gen)].to(device)
+                    more = pixels[torch.randint(len(pixels), (kmeans_images,), generator=gen)].to(device)
                     cands = _code_candidates(vq.quant_conv(vq.encoder(more)), _foreground(more), gen, bg_keep)
                     _kmeans_init(vq, cands, gen)
                 usage.zero_()
@@ -565,7 +568,7 @@ class ExampleMaker:
             doc = Document([codes, caption] if image_first else [caption, codes])
             ids = self.codec.encode(doc, self.retrieved(i, rng, image_first, k))
             return Example(cm3_mask(ids, rng, cfg=cfg), prefix_loss=True)
-        if rng.random() < 0.5:  # caption -> image, the caption dropped for CFG's unconditional stream
+        if rng.random() < self.r.pt_t2i_share:  # caption -> image; the caption dropped for CFG's uncond stream
             if rng.random() < self.r.cfg_dropout:
                 prompt = self.codec.uncond_image_prompt()
             else:
@@ -758,7 +761,7 @@ def train_demo(data: DemoData, recipe: DemoRecipe, out_dir: str | Path, *, devic
         vq = train_vq([im.image for im in data.images], recipe.vq_config(), recipe.steps(recipe.vq_steps),
                       recipe.vq_batch, recipe.vq_lr, recipe.seed, device, recipe.vq_restart_every,
                       recipe.vq_crop, recipe.vq_full_frac, recipe.vq_ae_frac, recipe.vq_fg_weight,
-                      recipe.vq_restart_until, recipe.vq_bg_keep)
+                      recipe.vq_restart_until, recipe.vq_bg_keep, recipe.vq_kmeans_images)
         save_vq(vq.cpu(), work / "vq.safetensors")
         state.finish("vq", time.perf_counter() - t)
     vq = load_vq(work / "vq.safetensors").eval()

@@ -17,7 +17,7 @@ from evals.train_cli import demo_data, majority_answer
 from tasks.shapes_world import WorldConfig, generate_world
 
 TINY = DemoRecipe(
-    vq_steps=6, vq_batch=4, vq_restart_every=2, vq_codebook=64,
+    vq_steps=6, vq_batch=4, vq_restart_every=2, vq_codebook=64, vq_kmeans_images=8,
     n_text=300, enc_steps=4, enc_batch=16, enc_text_dim=32, enc_text_layers=1, enc_dim=32,
     d_model=64, n_layers=2, n_heads=2, rows=2, max_seq_len=512, warmup=2,
     pt_steps=30, pt_lr=3e-3, sft_steps=6, sft_lr=1e-3, ckpt_every=4, log_every=5,
