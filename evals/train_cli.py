@@ -105,3 +105,35 @@ def demo(
         res.pop("t2i_images", None)
         typer.echo("quick val sanity check (not the harness metrics): " + json.dumps(res, indent=1))
         typer.echo(f"evaluation {time.perf_counter() - t0 - total:.0f} s")
+
+
+@train_app.command("untrained")
+def untrained(
+    out: Path = typer.Option(..., help="checkpoint folder to write"),
+    source: str = typer.Option("demo", "--from", help="checkpoint folder (or 'demo') whose parts are kept"),
+    seed: int = typer.Option(0, help="seed of the fresh decoder initialisation"),
+) -> None:
+    """A baseline: SOURCE with its decoder re-initialised as training starts it (same VQ, tokenizer,
+    encoder and bank), so metrics can say how far training moved them (e.g. FD vs an untrained model)."""
+    import shutil
+
+    import torch
+
+    from cm3leon import checkpoint
+    from cm3leon.transformer import Transformer
+
+    try:
+        bundle = checkpoint.load(source)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: --from {source}: {e}", err=True)
+        raise typer.Exit(1)
+    if out.exists() and any(out.iterdir()):
+        typer.echo(f"error: {out} exists and is not empty", err=True)
+        raise typer.Exit(1)
+    torch.manual_seed(seed)  # train_demo seeds the same way before building its decoder
+    bundle.model = Transformer(bundle.config).eval()
+    checkpoint.save(bundle, out)
+    src_dir = checkpoint.resolve(source)
+    if (src_dir / "bank").is_dir():
+        shutil.copytree(src_dir / "bank", out / "bank")
+    typer.echo(f"wrote {out}: {source} with an untrained decoder (seed {seed})")

@@ -139,3 +139,27 @@ def test_lm_stage_resumes_mid_stage(world, tmp_path, monkeypatch):
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
     assert resumed["losses"]["pretrain"][-1][1] == pytest.approx(a["losses"]["pretrain"][-1][1], rel=1e-4)
+
+
+def test_untrained_baseline_keeps_every_part_but_the_decoder(tmp_path):
+    from typer.testing import CliRunner
+
+    from cm3leon import checkpoint
+    from evals.cli import app
+
+    out = tmp_path / "untrained"
+    res = CliRunner().invoke(app, ["train", "untrained", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    src, new = checkpoint.load("demo"), checkpoint.load(out)
+    assert new.config == src.config
+    demo_dir = checkpoint.ALIASES["demo"]
+    assert (out / "tokenizer.json").read_bytes() == (demo_dir / "tokenizer.json").read_bytes()
+    for a, b in ((src.vq, new.vq), (src.encoder, new.encoder)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    sa, sb = src.model.state_dict(), new.model.state_dict()
+    assert sa.keys() == sb.keys() and not torch.equal(sa["tok_embeddings.weight"], sb["tok_embeddings.weight"])
+    assert sorted(p.name for p in (out / "bank").iterdir()) == sorted(
+        p.name for p in (checkpoint.ALIASES["demo"] / "bank").iterdir())
+    again = CliRunner().invoke(app, ["train", "untrained", "--out", str(out)])
+    assert again.exit_code == 1 and "not empty" in again.output
