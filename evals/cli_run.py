@@ -59,6 +59,9 @@ def collect_overrides(set_: list[str], shorthands: dict[str, Any]) -> dict[str, 
     for opt, key in SHORTHANDS.items():
         if shorthands.get(opt) is not None:
             overrides[key] = str(shorthands[opt])
+    if shorthands.get("retrieval_k") is not None and "retrieval.enabled" not in overrides:
+        # --retrieval-k 2 on a task whose spec has retrieval off would otherwise change nothing, silently
+        overrides["retrieval.enabled"] = str(shorthands["retrieval_k"] > 0).lower()
     return overrides
 
 
@@ -174,7 +177,7 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<model>)."),
     set_: list[str] = typer.Option([], "--set", help="Override a spec field: key.path=value (repeatable)."),
     sweep: list[str] = typer.Option([], "--sweep", help="key.path=v1,v2,…: one run folder per value under --out."),
-    retrieval_k: Optional[int] = typer.Option(None, "--retrieval-k", min=0, help="= --set retrieval.k=N"),
+    retrieval_k: Optional[int] = typer.Option(None, "--retrieval-k", min=0, help="= --set retrieval.k=N (and retrieval.enabled=N>0)"),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="= --set generation.cfg_scale=X"),
     cdk_alpha: Optional[float] = typer.Option(None, "--cdk-alpha", help="= --set generation.cdk_alpha=X"),
     candidates: Optional[int] = typer.Option(None, "--candidates", min=1, help="= --set generation.n_candidates=N"),

@@ -170,7 +170,18 @@ def test_cli_list_and_show():
     shown = yaml.safe_load(res.stdout)
     assert shown["generation"]["top_p"] == 0.5 and shown["generation"]["cfg_scale"] == 2.0
     assert shown["retrieval"]["k"] == 1 and shown["generation"]["n_candidates"] == 4
+    assert shown["retrieval"]["enabled"] is True  # --retrieval-k N>0 switches retrieval on
     assert shown["generation"]["cdk_alpha"] == 0.1 and shown["limit"] == 100
+
+
+def test_cli_retrieval_k_switches_retrieval():
+    runner = CliRunner()
+    shown = lambda *a: yaml.safe_load(runner.invoke(app, ["show", "shapes-fid", *a]).stdout)["retrieval"]  # noqa: E731
+    assert shown()["enabled"] is False  # the demo spec runs without retrieval
+    assert shown("--retrieval-k", "2") == {**shown(), "enabled": True, "k": 2}
+    assert shown("--retrieval-k", "0")["enabled"] is False
+    # an explicit --set wins over the shorthand's implied switch
+    assert shown("--retrieval-k", "2", "--set", "retrieval.enabled=false")["enabled"] is False
 
 
 def test_cli_show_errors_are_one_line():
