@@ -126,6 +126,12 @@ class DocumentCodec:
             out[i] = c
         return out  # type: ignore[return-value]
 
+    def image_codes(self, images: Sequence[Image.Image | torch.Tensor]) -> list[torch.Tensor]:
+        """Codes [image_seq_len] per image (PIL images through the VQ in one batch; codes checked).
+        Callers that see the same image many times (VQA: several questions per image) encode once
+        with this and put the codes in their Documents."""
+        return self._image_codes(images)
+
     def codes_to_tokens(self, codes: torch.Tensor | Sequence[int]) -> list[int]:
         """VQ codes -> image token ids (no boi/eoi)."""
         codes = torch.as_tensor(codes, dtype=torch.long).reshape(-1).cpu()

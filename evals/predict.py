@@ -15,10 +15,12 @@ so outputs do not depend on batch size or sharding (the sampler draws counter-ba
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from cm3leon.document import Document, DocumentCodec
 from cm3leon.sampling import GenerationRequest, Sampler, SamplingConfig, auto_batch_size, rerank
@@ -72,6 +74,7 @@ class ModelPredictor:
         is_demo = bundle.path is not None and Path(bundle.path).resolve() == Path(ALIASES["demo"]).resolve()
         self.demo_encoder = bundle.encoder if is_demo else None
         self._retrievers: dict[tuple, Any] = {}
+        self._codes: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # image content -> VQ codes (LRU)
         self._scorers: dict[str, Any] = {}
 
     def _weights_hash(self) -> str:
@@ -167,6 +170,36 @@ class ModelPredictor:
             out.append((built, records))
         return out
 
+    # --- images -> VQ codes, once per distinct image
+    CODE_CACHE_SIZE = 4096
+
+    @staticmethod
+    def _image_key(im: Image.Image) -> bytes:
+        return hashlib.sha1(im.tobytes()).digest() + repr((im.mode, im.size)).encode()
+
+    def _encode_all(self, images: list[Image.Image]) -> None:
+        """VQ-encode, in one batch, the images not in the cache (VQA asks several questions per image)."""
+        todo: dict[bytes, Image.Image] = {}
+        for im in images:
+            k = self._image_key(im)
+            if k in self._codes:
+                self._codes.move_to_end(k)
+            else:
+                todo.setdefault(k, im)
+        if todo:
+            for k, c in zip(todo, self.codec.image_codes(list(todo.values()))):
+                self._codes[k] = c
+        while len(self._codes) > max(self.CODE_CACHE_SIZE, len(images)):
+            self._codes.popitem(last=False)
+
+    def _with_codes(self, doc: Document) -> Document:
+        """The document with its PIL images replaced by their cached codes."""
+        if not any(isinstance(p, Image.Image) for p in doc.parts):
+            return doc
+        ims = [p for p in doc.parts if isinstance(p, Image.Image)]
+        self._encode_all(ims)
+        return Document([self._codes[self._image_key(p)] if isinstance(p, Image.Image) else p for p in doc.parts])
+
     def _shots(self, spec: TaskSpec, item: Item) -> list[Document]:
         p = spec.prompt
         out = []
@@ -187,7 +220,11 @@ class ModelPredictor:
                  retrieved: tuple[list[Document], list[dict[str, Any]]]) -> tuple[GenerationRequest, str, list]:
         s, codec, p = item.sample, self.codec, spec.prompt
         docs, rec = retrieved
-        context = docs + self._shots(spec, item)
+        context = [self._with_codes(d) for d in docs + self._shots(spec, item)]
+        image = item.images.get("image")
+        if isinstance(image, Image.Image):
+            self._encode_all([image])
+            image = self._codes[self._image_key(image)]
         uncond = image_cond = None
         if spec.kind == "t2i":
             text = p.template.format(caption=s.text)
@@ -197,19 +234,19 @@ class ModelPredictor:
             modality = "image"
         elif spec.kind == "caption":
             text = p.template
-            prompt = codec.prompt(Document([item.images["image"]] + ([text] if text else [])), "text", context)
+            prompt = codec.prompt(Document([image] + ([text] if text else [])), "text", context)
             modality = "text"
         elif spec.kind == "vqa":
             text = p.template.format(question=s.text)
-            prompt = codec.prompt(Document([item.images["image"], text]), "text", context)
+            prompt = codec.prompt(Document([image, text]), "text", context)
             modality = "text"
         else:  # edit
             text = p.template.format(instruction=s.text)
-            prompt = codec.prompt(Document([text, item.images["image"]]), "image", context)
+            prompt = codec.prompt(Document([text, image]), "image", context)
             if _needs_uncond(sampling):
                 uncond = codec.edit_uncond_prompt()
             if sampling.image_cfg_scale is not None:
-                image_cond = codec.edit_image_cond_prompt(item.images["image"])
+                image_cond = codec.edit_image_cond_prompt(image)
             modality = "image"
         budget = self.cfg.image_seq_len if modality == "image" else spec.generation.max_new_tokens
         longest = max(len(x) for x in (prompt, uncond or [], image_cond or []))
@@ -227,6 +264,10 @@ class ModelPredictor:
         spec = batch.task
         sampling = sampling_config(spec)
         retrieved = self._retrieved_batch(spec, batch.items)
+        # every image of the batch through the VQ in one call (cached: VQA repeats images)
+        self._encode_all([im for it in batch.items for k, im in it.images.items()
+                          if (k == "image" or k.startswith("shot:")) and isinstance(im, Image.Image)]
+                         + [p for docs, _ in retrieved for d in docs for p in d.parts if isinstance(p, Image.Image)])
         built = [self._request(spec, it, sampling, r) for it, r in zip(batch.items, retrieved)]
         requests = [b[0] for b in built]
         gens = self.sampler.generate(requests, sampling, batch_size=self.batch_size)

@@ -471,3 +471,35 @@ def test_real_predictor_with_retrieval_and_shots(tmp_path, shapes_root, tiny_mod
             assert len(r["shots"]) == 1
     cfg = json.loads((out / "shapes-fid" / "config.json").read_text())
     assert cfg["hashed"]["predictor"]["bank"]  # the bank's identity is part of the config hash
+
+
+def test_predictor_encodes_each_image_once_and_prompts_match_the_codec(shapes_root, tiny_model, monkeypatch):
+    """VQA asks several questions per image: the predictor VQ-encodes each distinct image once (one
+    batched call), and the prompt it builds from cached codes equals the codec's prompt from pixels."""
+    from PIL import Image
+
+    from cm3leon import checkpoint
+    from cm3leon.document import Document
+    from evals.engine import Batch, Item
+    from evals.predict import ModelPredictor, sampling_config
+    import tasks
+    from tasks.loaders import load_dataset
+
+    spec = tasks.get("shapes-vqa")
+    samples = load_dataset(spec, shapes_root).samples[:6]
+    for i, s in enumerate(samples):
+        s.seed = i
+    images = {s.image: Image.open(shapes_root / s.image).convert("RGB") for s in samples}
+    assert len(images) < len(samples)  # the fixture repeats images across questions
+    pred = ModelPredictor(checkpoint.load(tiny_model), batch_size=8)
+    calls = []
+    real = pred.codec.image_codes
+    monkeypatch.setattr(pred.codec, "image_codes", lambda ims: calls.append(len(ims)) or real(ims))
+    items = [Item(sample=s, images={"image": images[s.image].copy()}) for s in samples]
+    outs = pred.predict(Batch(task=spec, items=items, data_root=shapes_root))
+    assert len(outs) == len(samples) and calls == [len(images)]
+    pred.predict(Batch(task=spec, items=items[:2], data_root=shapes_root))
+    assert calls == [len(images)]  # the second batch hits the cache
+    req, _, _ = pred._request(spec, items[0], sampling_config(spec), ([], []))
+    text = spec.prompt.template.format(question=samples[0].text)
+    assert req.prompt == pred.codec.prompt(Document([images[samples[0].image], text]), "text")
