@@ -141,12 +141,12 @@ class DemoRecipe:
     row_len: int = 320  # ... of this many tokens (attention over a packed row costs row_len^2: keep it short)
     warmup: int = 30
     weight_decay: float = 0.1
-    pt_steps: int = 450
+    pt_steps: int = 900
     pt_lr: float = 2.5e-3
     cm3_rate: float = 0.15  # share of pretraining documents CM3-masked
     pt_t2i_share: float = 0.65  # of the other documents, caption->image (the rest image->caption)
     cfg_dropout: float = 0.1  # caption -> <mask>: the unconditional stream of text->image CFG
-    sft_steps: int = 600
+    sft_steps: int = 900
     sft_lr: float = 2e-3
     # example shares: image->text (caption + all VQA questions of the image), t2i, edit, pretraining
     sft_mix: tuple[float, float, float, float] = (0.35, 0.45, 0.07, 0.13)
