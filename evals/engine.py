@@ -777,6 +777,10 @@ def run(specs: list[TaskSpec], predictor: Predictor, options: RunOptions, dist: 
     run_meta = {"created": _now(), "versions": versions(), "git_hash": git_hash(), "model": options.model_name,
                 "model_fingerprint": str(getattr(predictor, "fingerprint", "")), "argv": options.argv,
                 "world_size": dist.world, "device": options.device, "dtype": options.dtype}
+    if dist.rank == 0:
+        from evals import scoring
+
+        scoring.prepare(specs)
     for spec in specs:
         t0 = time.time()
         result = engine.run_task(spec)

@@ -142,6 +142,35 @@ def test_scores_identical_to_pycocoevalcap(coco, upstream):
     assert ours["CIDEr"].value == pytest.approx(0.6277218728360188, abs=1e-12)
 
 
+def test_meteor_pipelined_stats_equal_one_call_each(coco):
+    """stats_many writes every SCORE line from a thread while reading answers: same answers, same order,
+    and no deadlock when the answers overflow a pipe buffer (~80 kB here)."""
+    preds, refs, _, _ = coco
+    flat = lambda t: " ".join(t.split())  # noqa: E731  (raw COCO captions hold newlines; the tokenizer drops them)
+    pairs = [(flat(preds[i]), [flat(r) for r in refs[i]]) for i in preds] * 8
+    with captioning.MeteorJar() as jar:
+        one_by_one = [jar.stats(h, r) for h, r in pairs[:126]]
+        many = jar.stats_many(pairs)
+    assert sum(len(a) + 1 for a in many) > 65536
+    assert many[:126] == one_by_one and many[126:252] == one_by_one and many[-126:] == one_by_one
+
+
+def test_prestarted_meteor_is_taken_once_and_killed_at_exit_when_unused():
+    captioning.prestart_meteor()
+    jar = captioning._take_meteor()
+    assert jar.proc.poll() is None and captioning._prestarted is None
+    with jar:
+        assert jar.stats("a red circle", ["a red circle on a white background"])
+    assert jar.proc.poll() is not None
+    other = captioning._take_meteor()  # nothing prestarted: a fresh jar
+    assert other is not jar
+    other.close()
+    captioning.prestart_meteor()
+    unused = captioning._prestarted
+    captioning._discard_prestarted()
+    assert unused.proc.poll() is not None and captioning._prestarted is None
+
+
 def test_result_shape_and_cis(coco):
     _, _, ours, leaked = coco
     assert not leaked, f"java processes left running: {leaked}"

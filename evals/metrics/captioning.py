@@ -31,11 +31,13 @@ METEOR, ...), in the iteration order of `predictions`.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import re
 import subprocess
 import tempfile
+import threading
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -175,10 +177,40 @@ class MeteorJar:
             raise RuntimeError(f"METEOR jar stopped answering: {self._stderr.read().decode(errors='replace').strip()[-500:]}")
         return answers
 
-    def stats(self, hypothesis: str, references: Sequence[str]) -> str:
+    @staticmethod
+    def _score_line(hypothesis: str, references: Sequence[str]) -> str:
         # pycocoevalcap's sanitising of the hypothesis (references are passed as they are).
         hypothesis = hypothesis.replace("|||", "").replace("  ", " ")
-        return self._ask(" ||| ".join(("SCORE", " ||| ".join(references), hypothesis)), 1)[0]
+        return " ||| ".join(("SCORE", " ||| ".join(references), hypothesis))
+
+    def stats(self, hypothesis: str, references: Sequence[str]) -> str:
+        return self._ask(self._score_line(hypothesis, references), 1)[0]
+
+    def stats_many(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+        """`stats` for many (hypothesis, references) pairs, pipelined: a thread writes every SCORE
+        line while this one reads the answers, so the jar never waits on a round trip (and neither
+        side can block on a full pipe). Same lines, same order, same answers as one call each."""
+        lines = [self._score_line(h, refs) for h, refs in pairs]
+        if any("\n" in line for line in lines):  # would desynchronise the line protocol
+            raise ValueError("METEOR input may not contain newlines")
+        failed: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                for line in lines:
+                    self.proc.stdin.write((line + "\n").encode())
+                self.proc.stdin.flush()
+            except OSError as e:  # the jar died; the reader below reports it
+                failed.append(e)
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        answers = [self.proc.stdout.readline().decode().strip() for _ in lines]
+        writer.join()
+        if failed or any(a == "" for a in answers):
+            self._stderr.seek(0)
+            raise RuntimeError(f"METEOR jar stopped answering: {self._stderr.read().decode(errors='replace').strip()[-500:]}")
+        return answers
 
     def evaluate(self, stats: Sequence[str]) -> tuple[float, list[float]]:
         """Segment scores and the aggregate score for these statistics lines (pycocoevalcap's compute_score)."""
@@ -266,9 +298,40 @@ def _bleu(gts: dict, res: dict, ids: list, seed: int) -> dict[str, MetricResult]
     return out
 
 
+_prestarted: MeteorJar | None = None
+
+
+def prestart_meteor() -> None:
+    """Start the METEOR jar now, so its ~10 s of loading paraphrase tables overlaps the model's
+    generation; the next METEOR computation takes it instead of starting its own."""
+    global _prestarted
+    if _prestarted is None or _prestarted.proc.poll() is not None:
+        _prestarted = MeteorJar()
+        atexit.register(_discard_prestarted)
+
+
+def _discard_prestarted() -> None:
+    """At exit: an unused prestarted jar is killed (closing would wait for it to finish loading)."""
+    global _prestarted
+    jar, _prestarted = _prestarted, None
+    if jar is not None:
+        if jar.proc.poll() is None:
+            jar.proc.kill()
+            jar.proc.wait()
+        jar.close()
+
+
+def _take_meteor() -> MeteorJar:
+    global _prestarted
+    jar, _prestarted = _prestarted, None
+    if jar is not None and jar.proc.poll() is None:
+        return jar
+    return MeteorJar()
+
+
 def _meteor(gts: dict, res: dict, ids: list, seed: int) -> MetricResult:
-    with MeteorJar() as jar:
-        stats = [jar.stats(res[i][0], gts[i]) for i in ids]
+    with _take_meteor() as jar:
+        stats = jar.stats_many([(res[i][0], gts[i]) for i in ids])
         score, per_image = jar.evaluate(stats)
         vectors = np.array([[float(v) for v in s.split()] for s in stats], dtype=np.float64)
         extra = {"corpus_level": True, "per_sample": "segment METEOR"}
