@@ -146,7 +146,7 @@ class DemoRecipe:
     cm3_rate: float = 0.15  # share of pretraining documents CM3-masked
     pt_t2i_share: float = 0.65  # of the other documents, caption->image (the rest image->caption)
     cfg_dropout: float = 0.1  # caption -> <mask>: the unconditional stream of text->image CFG
-    sft_steps: int = 900
+    sft_steps: int = 1500
     sft_lr: float = 2e-3
     # example shares: image->text (caption + all VQA questions of the image), t2i, edit, pretraining
     sft_mix: tuple[float, float, float, float] = (0.35, 0.45, 0.07, 0.13)
