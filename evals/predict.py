@@ -177,28 +177,27 @@ class ModelPredictor:
     def _image_key(im: Image.Image) -> bytes:
         return hashlib.sha1(im.tobytes()).digest() + repr((im.mode, im.size)).encode()
 
-    def _encode_all(self, images: list[Image.Image]) -> None:
-        """VQ-encode, in one batch, the images not in the cache (VQA asks several questions per image)."""
-        todo: dict[bytes, Image.Image] = {}
-        for im in images:
-            k = self._image_key(im)
-            if k in self._codes:
-                self._codes.move_to_end(k)
-            else:
-                todo.setdefault(k, im)
-        if todo:
-            for k, c in zip(todo, self.codec.image_codes(list(todo.values()))):
-                self._codes[k] = c
-        while len(self._codes) > max(self.CODE_CACHE_SIZE, len(images)):
+    def _codes_for(self, images: list[Image.Image]) -> list[torch.Tensor]:
+        """VQ codes per image; the ones not cached are encoded together in one batch."""
+        keys = [self._image_key(im) for im in images]
+        todo = {k: im for k, im in zip(keys, images) if k not in self._codes}
+        fresh = dict(zip(todo, self.codec.image_codes(list(todo.values())))) if todo else {}
+        out = [fresh[k] if k in fresh else self._codes[k] for k in keys]
+        for k in keys:
+            if k in fresh:
+                self._codes[k] = fresh[k]
+            self._codes.move_to_end(k)
+        while len(self._codes) > self.CODE_CACHE_SIZE:
             self._codes.popitem(last=False)
+        return out
 
     def _with_codes(self, doc: Document) -> Document:
-        """The document with its PIL images replaced by their cached codes."""
-        if not any(isinstance(p, Image.Image) for p in doc.parts):
-            return doc
+        """The document with its PIL images replaced by their (cached) codes."""
         ims = [p for p in doc.parts if isinstance(p, Image.Image)]
-        self._encode_all(ims)
-        return Document([self._codes[self._image_key(p)] if isinstance(p, Image.Image) else p for p in doc.parts])
+        if not ims:
+            return doc
+        codes = iter(self._codes_for(ims))
+        return Document([next(codes) if isinstance(p, Image.Image) else p for p in doc.parts])
 
     def _shots(self, spec: TaskSpec, item: Item) -> list[Document]:
         p = spec.prompt
@@ -223,8 +222,7 @@ class ModelPredictor:
         context = [self._with_codes(d) for d in docs + self._shots(spec, item)]
         image = item.images.get("image")
         if isinstance(image, Image.Image):
-            self._encode_all([image])
-            image = self._codes[self._image_key(image)]
+            image = self._codes_for([image])[0]
         uncond = image_cond = None
         if spec.kind == "t2i":
             text = p.template.format(caption=s.text)
@@ -265,7 +263,7 @@ class ModelPredictor:
         sampling = sampling_config(spec)
         retrieved = self._retrieved_batch(spec, batch.items)
         # every image of the batch through the VQ in one call (cached: VQA repeats images)
-        self._encode_all([im for it in batch.items for k, im in it.images.items()
+        self._codes_for([im for it in batch.items for k, im in it.images.items()
                           if (k == "image" or k.startswith("shot:")) and isinstance(im, Image.Image)]
                          + [p for docs, _ in retrieved for d in docs for p in d.parts if isinstance(p, Image.Image)])
         built = [self._request(spec, it, sampling, r) for it, r in zip(batch.items, retrieved)]

@@ -295,16 +295,18 @@ def prepare(specs: list[TaskSpec]) -> None:
     """Called when a run starts: slow metric back-ends start loading while the model generates
     (the METEOR jar spends ~10 s on its paraphrase tables before its first answer)."""
     for spec in specs:
-        opts = {**METRICS["captioning"].options, **spec.metrics.get("captioning", {})} \
-            if "captioning" in spec.metrics else None
-        if opts is not None and (not opts["report"] or "METEOR" in opts["report"]):
-            from evals.metrics.captioning import prestart_meteor
+        if "captioning" not in spec.metrics:
+            continue
+        report = {**METRICS["captioning"].options, **spec.metrics["captioning"]}["report"]
+        if report and "METEOR" not in report:
+            continue
+        from evals.metrics.captioning import prestart_meteor
 
-            try:
-                prestart_meteor()
-            except RuntimeError as e:  # no java: scoring reports it where it belongs
-                log.debug("METEOR prestart skipped: %s", e)
-            return
+        try:
+            prestart_meteor()
+        except RuntimeError as e:  # no java: scoring reports it where it belongs
+            log.debug("METEOR prestart skipped: %s", e)
+        return
 
 
 def score_task(spec: TaskSpec, records: list[dict[str, Any]], *, task_dir: Path, data_root: Path,

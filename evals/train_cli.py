@@ -133,7 +133,6 @@ def untrained(
     torch.manual_seed(seed)  # train_demo seeds the same way before building its decoder
     bundle.model = Transformer(bundle.config).eval()
     checkpoint.save(bundle, out)
-    src_dir = checkpoint.resolve(source)
-    if (src_dir / "bank").is_dir():
-        shutil.copytree(src_dir / "bank", out / "bank")
+    if bundle.bank_dir is not None:
+        shutil.copytree(bundle.bank_dir, out / "bank")
     typer.echo(f"wrote {out}: {source} with an untrained decoder (seed {seed})")

@@ -173,9 +173,12 @@ class MeteorJar:
         except BrokenPipeError:
             answers = [""]
         if any(a == "" for a in answers):
-            self._stderr.seek(0)
-            raise RuntimeError(f"METEOR jar stopped answering: {self._stderr.read().decode(errors='replace').strip()[-500:]}")
+            raise self._stopped()
         return answers
+
+    def _stopped(self) -> RuntimeError:
+        self._stderr.seek(0)
+        return RuntimeError(f"METEOR jar stopped answering: {self._stderr.read().decode(errors='replace').strip()[-500:]}")
 
     @staticmethod
     def _score_line(hypothesis: str, references: Sequence[str]) -> str:
@@ -208,8 +211,7 @@ class MeteorJar:
         answers = [self.proc.stdout.readline().decode().strip() for _ in lines]
         writer.join()
         if failed or any(a == "" for a in answers):
-            self._stderr.seek(0)
-            raise RuntimeError(f"METEOR jar stopped answering: {self._stderr.read().decode(errors='replace').strip()[-500:]}")
+            raise self._stopped()
         return answers
 
     def evaluate(self, stats: Sequence[str]) -> tuple[float, list[float]]:
@@ -307,7 +309,6 @@ def prestart_meteor() -> None:
     global _prestarted
     if _prestarted is None or _prestarted.proc.poll() is not None:
         _prestarted = MeteorJar()
-        atexit.register(_discard_prestarted)
 
 
 def _discard_prestarted() -> None:
@@ -319,6 +320,9 @@ def _discard_prestarted() -> None:
             jar.proc.kill()
             jar.proc.wait()
         jar.close()
+
+
+atexit.register(_discard_prestarted)
 
 
 def _take_meteor() -> MeteorJar:
