@@ -327,6 +327,37 @@ def generate(model: Transformer, cfg: ModelConfig | None, requests: Sequence[Gen
     return Sampler(model, cfg).generate(requests, sampling, batch_size=batch_size)
 
 
+@torch.no_grad()
+def continuation_logprobs(model: Transformer, prompts: Sequence[Sequence[int]], continuation: Sequence[int],
+                          *, pad_id: int = 0) -> list[float]:
+    """log p(continuation | prompt) summed over the continuation's tokens, for each prompt.
+
+    The reranker CM3 calls "self-contained": a text->image candidate is scored by how likely the
+    model finds the caption given the candidate (image -> text), with no CLIP. The continuation is
+    the same for every prompt, so the scores compare candidates without a length normaliser.
+    Prompts are left-padded into one batch (the model's `valid` mask keeps padding out).
+    """
+    if not prompts:
+        return []
+    if not continuation:
+        raise ValueError("continuation_logprobs needs at least one continuation token")
+    device = model.tok_embeddings.weight.device
+    P, C = max(len(p) for p in prompts), len(continuation)
+    tokens = torch.full((len(prompts), P + C), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), P + C, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: the first continuation token needs a position to predict it")
+        tokens[i, P - len(p):P] = torch.as_tensor(list(p), dtype=torch.long)
+        valid[i, P - len(p):] = True
+    tokens[:, P:] = torch.as_tensor(list(continuation), dtype=torch.long)
+    logits = model(tokens.to(device), valid.to(device))[:, P - 1:P + C - 1].float()
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLogitsError("the model produced non-finite logits while scoring a continuation")
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, P:].to(device)[..., None])[..., 0]
+    return logp.sum(dim=1).tolist()
+
+
 def rerank(generations: list[Generation], score_fn: Callable[[int, list[list[int]]], Sequence[float]]) -> list[Generation]:
     """Score every candidate (e.g. CLIPScore of the decoded image vs the prompt) and mark the best.
 

@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from cm3leon.document import Document, DocumentCodec
-from cm3leon.sampling import GenerationRequest, Sampler, SamplingConfig, auto_batch_size, rerank
+from cm3leon.sampling import (GenerationRequest, Sampler, SamplingConfig, auto_batch_size,
+                              continuation_logprobs, rerank)
 from evals.engine import Batch, Item
 from tasks.spec import TaskSpec
 
@@ -91,8 +92,8 @@ class ModelPredictor:
         if r.enabled and r.k > 0:
             out["bank"] = self._bank_fingerprint(r.bank)
             out["retrieval_encoder"] = str(self.bundle.encoder.fingerprint()) if self.bundle.encoder is not None else ""
-        if spec.generation.rerank and spec.generation.n_candidates > 1:
-            out["scorer"] = str(self._scorer(spec.generation.scorer).fingerprint())
+        if spec.generation.rerank and spec.generation.n_candidates > 1 and spec.generation.scorer != "lm":
+            out["scorer"] = str(self._scorer(spec.generation.scorer).fingerprint())  # "lm" is the model itself
         return out
 
     def _bank_dir(self, bank: str) -> Path:
@@ -256,6 +257,28 @@ class ModelPredictor:
                                 uncond_prompt=uncond, image_cond_prompt=image_cond)
         return req, text, rec
 
+    def _rerank_score_fn(self, spec: TaskSpec, texts: list[str], images: list[list[Image.Image]]):
+        """score_fn(request index, candidate codes) -> one score per candidate, higher is better."""
+        if spec.generation.scorer == "lm":
+            if spec.kind != "t2i":
+                raise ValueError(f"generation.scorer=lm scores log p(caption | image) and needs a t2i task, "
+                                 f"not {spec.kind}")
+
+            def lm_score(i: int, codes: list[list[int]]) -> list[float]:
+                prompts = [self.codec.image_to_text_prompt(torch.as_tensor(c, dtype=torch.long)) for c in codes]
+                caption = self.bundle.tokenizer.encode(texts[i]) + [self.cfg.eos_id]
+                return continuation_logprobs(self.bundle.model, prompts, caption, pad_id=self.cfg.pad_id)
+
+            return lm_score
+        scorer = self._scorer(spec.generation.scorer)
+
+        def clip_score(i: int, _codes) -> list[float]:
+            t = scorer.encode_text([texts[i]]).float()
+            v = scorer.encode_image(images[i]).float()
+            return (v @ t[0]).tolist()
+
+        return clip_score
+
     # --- the predictor protocol
     @torch.no_grad()
     def predict(self, batch: Batch) -> list[dict[str, Any]]:
@@ -279,15 +302,7 @@ class ModelPredictor:
         images = [self.codec.decode_images(g.candidates) for g in gens]
         g = spec.generation
         if g.rerank and g.n_candidates > 1:
-            scorer = self._scorer(g.scorer)
-            texts = [b[1] for b in built]
-
-            def score_fn(i: int, _codes) -> list[float]:
-                t = scorer.encode_text([texts[i]]).float()
-                v = scorer.encode_image(images[i]).float()
-                return (v @ t[0]).tolist()
-
-            gens = rerank(gens, score_fn)
+            gens = rerank(gens, self._rerank_score_fn(spec, [b[1] for b in built], images))
         for (req, text, rec), gen, imgs in zip(built, gens, images):
             out = {"prompt": text, "images": {"output": imgs[gen.best]}, "retrieved": rec, "best": gen.best}
             if len(imgs) > 1:

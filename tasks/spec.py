@@ -34,8 +34,9 @@ TEMPLATE_FIELDS = {
     "edit": {"instruction"},
 }
 
-# CLIP-style reranker: "model" (the checkpoint's own dual encoder) or a cm3leon.encoder.load_encoder
-# spec: "open_clip:ARCH:PATH", "hf-clip:DIR", "native:PATH".
+# Reranker: "lm" (the decoder itself: log p(caption | candidate image), CM3's self-contained
+# reranking), or a CLIP-style one: "model" (the checkpoint's own dual encoder), "demo", or a
+# cm3leon.encoder.load_encoder spec: "open_clip:ARCH:PATH", "hf-clip:DIR", "native:PATH".
 SCORER_PREFIXES = ("open_clip:", "hf-clip:", "native:")
 
 
@@ -157,8 +158,8 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "generation.cdk_k": (lambda v: v >= 1, "an integer >= 1"),
     "generation.mix_cdk_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "generation.n_candidates": (lambda v: v >= 1, "an integer >= 1"),
-    "generation.scorer": (lambda v: v in ("model", "demo") or v.startswith(SCORER_PREFIXES),
-                          "model, demo, open_clip:ARCH:PATH, hf-clip:DIR or native:PATH"),
+    "generation.scorer": (lambda v: v in ("lm", "model", "demo") or v.startswith(SCORER_PREFIXES),
+                          "lm, model, demo, open_clip:ARCH:PATH, hf-clip:DIR or native:PATH"),
     "retrieval.k": (lambda v: v >= 0, "an integer >= 0"),
     "retrieval.max_similarity": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "dataset.builtin": (lambda v: v in ("shapes",), "null or 'shapes'"),

@@ -445,6 +445,37 @@ def test_real_predictor_end_to_end_on_a_tiny_model(tmp_path, shapes_root, tiny_m
     assert again[str(tmp_path / "b1")]["shapes-vqa"]["metrics"] == res["shapes-vqa"]["metrics"]
 
 
+def test_lm_scorer_reranks_by_caption_likelihood(tmp_path, shapes_root, tiny_model, monkeypatch):
+    """scorer=lm: each candidate's score is log p(caption + eos | candidate image) under the decoder
+    itself (the math is tested in test_sampling; here: what reaches it and what comes back)."""
+    import evals.predict as predict
+    from cm3leon import checkpoint
+
+    real, calls = predict.continuation_logprobs, []
+
+    def spy(model, prompts, continuation, **kw):
+        calls.append((prompts, continuation))
+        return real(model, prompts, continuation, **kw)
+
+    monkeypatch.setattr(predict, "continuation_logprobs", spy)
+    out = tmp_path / "run"
+    _real_run(["shapes-fid", "--model", str(tiny_model), "--data-root", str(shapes_root), "--limit", "3",
+               "--out", str(out), "--set", "metrics.fid.feature_space=model",
+               "--set", "metrics.rank_accuracy.encoder=model", "--candidates", "3",
+               "--set", "generation.rerank=true", "--set", "generation.scorer=lm"], monkeypatch)
+    b = checkpoint.load(tiny_model)
+    rows = lines(out / "shapes-fid")
+    assert len(rows) == 3 and len(calls) == 3
+    by_caption = {tuple(cont): prompts for prompts, cont in calls}
+    for r in rows:
+        cont = tuple(b.tokenizer.encode(r["prompt"]) + [b.config.eos_id])
+        prompts = by_caption[cont]  # the caption itself, after each candidate image
+        assert len(prompts) == 3 and all(p[-1] == b.config.break_id and b.config.boi_id in p for p in prompts)
+        assert len(set(map(tuple, prompts))) > 1  # three different candidates were scored
+        assert all(x <= 0 for x in r["scores"])  # log-probabilities
+        assert r["best"] == max(range(3), key=lambda j: (r["scores"][j], -j))
+
+
 def test_real_predictor_with_retrieval_and_shots(tmp_path, shapes_root, tiny_model, monkeypatch):
     from cm3leon import checkpoint
     from cm3leon.retrieval import MemoryBank, RetrievalDoc

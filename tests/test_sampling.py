@@ -8,7 +8,8 @@ import torch
 from cm3leon import checkpoint
 from cm3leon.config import ModelConfig
 from cm3leon.sampling import (CPU_KV_BUDGET, GenerationRequest, NonFiniteLogitsError, Sampler, SamplingConfig, apply_guidance, auto_batch_size,
-                              cdk_candidate_mask, cdk_scores, generate, rerank, sample_uniform)
+                              cdk_candidate_mask, cdk_scores, continuation_logprobs, generate, rerank,
+                              sample_uniform)
 from cm3leon.transformer import Transformer
 
 from chameleon_fixture import hf_folder, hf_model  # noqa: F401
@@ -169,3 +170,19 @@ def test_auto_batch_size_fills_the_kv_budget():
     assert auto_batch_size(small, "cpu") == 64  # capped
     assert auto_batch_size(small, "cpu", streams=3, cap=10**9) < auto_batch_size(small, "cpu", cap=10**9)
     assert auto_batch_size(small, "cpu", torch.bfloat16, cap=10**9) == 2 * auto_batch_size(small, "cpu", cap=10**9)
+
+
+def test_continuation_logprobs_equal_a_token_by_token_sum_and_ignore_left_padding():
+    model = tiny_model()
+    ps, cont = prompts(5, seed=3), [5, 17, 2, 73]
+    got = continuation_logprobs(model, ps, cont, pad_id=74)
+    for p, g in zip(ps, got):  # reference: each prompt alone, unpadded, one log-softmax per step
+        ids = torch.tensor([p + cont])
+        logp = torch.log_softmax(model(ids)[0].float(), -1)
+        want = sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(cont))
+        assert g == pytest.approx(want, abs=1e-4)
+    assert len(set(round(x, 4) for x in got)) > 1  # different prompts, different scores
+    with pytest.raises(ValueError, match="empty"):
+        continuation_logprobs(model, [[]], cont)
+    with pytest.raises(ValueError, match="continuation"):
+        continuation_logprobs(model, ps, [])

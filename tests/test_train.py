@@ -64,6 +64,33 @@ def test_tree_packing_matches_separate_sequences(world):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_compiled_training_forward_matches_eager(world):
+    """train_lm's compile_forward path: torch.compile of the layers + head gives the eager logits
+    (and gradients) on a packed tree batch, so it changes speed only."""
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler (g++)")
+    from cm3leon.train import _layers_and_head
+
+    torch.manual_seed(0)
+    _, tok, cfg = _tokenizer_and_cfg(world)
+    model = Transformer(cfg)
+    prefix = [cfg.bos_id] + tok.encode("a red circle") + [cfg.break_id]
+    branch = tok.encode("on a white background") + [cfg.eos_id]
+    batch = collate(pack([Example(prefix, [(branch, [True] * len(branch))]),
+                          Example([cfg.bos_id] + tok.encode("a blue square"), prefix_loss=True)], 64), cfg.pad_id)
+    eager = tree_forward(model, batch)
+    eager.square().mean().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = tree_forward(model, batch, torch.compile(_layers_and_head, dynamic=True))
+    got.square().mean().backward()
+    torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4)
+    for g, w in zip((p.grad for p in model.parameters()), want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3)
+
+
 def test_demo_build_end_to_end(world, tmp_path, capsys):
     data = demo_data(world)
     assert data.edits and all(len(im.qa) == 5 for im in data.images)
