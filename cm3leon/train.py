@@ -52,7 +52,7 @@ from .text import TextTokenizer
 from .transformer import Transformer
 from .vq import VQConfig, VQModel, load_native as load_vq, preprocess, save_native as save_vq
 
-STAGES = ("vq", "tokenizer", "encoder", "index", "pretrain", "sft")
+STAGES = ("vq", "tokenizer", "encoder", "index", "extra", "pretrain", "sft")
 
 
 # ----------------------------------------------------------------------------- data
@@ -75,11 +75,15 @@ class DemoEdit:
 class DemoData:
     images: list[DemoImage]
     edits: list[DemoEdit] = field(default_factory=list)
+    # More scenes (captions + image), used only as SFT text->image examples: no bank entry, no
+    # neighbours, no questions. Text->image needs many more distinct scenes than the other tasks:
+    # on 4,000 images alone a long SFT memorises them (train loss 0.33) instead of composing.
+    t2i_extra: list[DemoImage] = field(default_factory=list)
 
     def fingerprint(self) -> str:
         """Identity of the texts and image bytes (a resumed run must see the same data)."""
         h = hashlib.sha256()
-        for im in self.images:
+        for im in self.images + self.t2i_extra:
             h.update(json.dumps([im.id, im.captions, im.qa]).encode())
             h.update(hashlib.sha256(im.image.tobytes()).digest())
         for e in self.edits:
@@ -91,7 +95,7 @@ class DemoData:
 # ----------------------------------------------------------------------------- recipe
 @dataclass
 class DemoRecipe:
-    """Every knob of the demo build. Defaults fit ~20-25 minutes on 2 CPU cores."""
+    """Every knob of the demo build. The defaults take about 70 minutes on 2 CPU cores (torch.compile on)."""
 
     seed: int = 0
     steps_scale: float = 1.0  # multiplies every step count (tests shrink it, a GPU run may grow it)
@@ -146,11 +150,12 @@ class DemoRecipe:
     cm3_rate: float = 0.15  # share of pretraining documents CM3-masked
     pt_t2i_share: float = 0.65  # of the other documents, caption->image (the rest image->caption)
     cfg_dropout: float = 0.1  # caption -> <mask>: the unconditional stream of text->image CFG
-    sft_steps: int = 1500
+    sft_steps: int = 3000
     sft_lr: float = 2e-3
     # example shares: image->text (caption + all VQA questions of the image), t2i, edit, pretraining
-    sft_mix: tuple[float, float, float, float] = (0.35, 0.45, 0.07, 0.13)
+    sft_mix: tuple[float, float, float, float] = (0.3, 0.55, 0.07, 0.08)
     sft_t2i_retrieval_prob: float = 0.2
+    t2i_extra_images: int = 16000  # train-split scenes after the bank's ones, as SFT text->image examples
     edit_cfg_dropout: float = 0.05  # each of the two editing guidance streams
     # bookkeeping (not part of the recipe's identity)
     ckpt_every: int = 100
@@ -536,9 +541,12 @@ class ExampleMaker:
     """Builds LM examples in the harness's layouts, from pre-encoded codes (never runs the VQ)."""
 
     def __init__(self, codec: DocumentCodec, data: DemoData, image_codes: torch.Tensor, edit_codes: torch.Tensor,
-                 neighbours: torch.Tensor, recipe: DemoRecipe) -> None:
+                 neighbours: torch.Tensor, recipe: DemoRecipe, extra_codes: torch.Tensor | None = None) -> None:
         self.codec, self.cfg, self.tok, self.data, self.r = codec, codec.cfg, codec.tok, data, recipe
         self.image_codes, self.edit_codes, self.neighbours = image_codes, edit_codes, neighbours
+        self.extra_codes = extra_codes if extra_codes is not None else torch.zeros(0, image_codes.shape[1], dtype=torch.long)
+        if len(self.extra_codes) != len(data.t2i_extra):
+            raise ValueError(f"{len(data.t2i_extra)} extra text->image scenes but {len(self.extra_codes)} code rows")
         self._ids: dict[str, list[int]] = {}
 
     def ids(self, text: str) -> list[int]:
@@ -604,15 +612,18 @@ class ExampleMaker:
         return Example(prompt, branches)
 
     def text_to_image(self, rng: np.random.Generator) -> Example:
-        i = int(rng.integers(len(self.data.images)))
-        im = self.data.images[i]
+        """A scene of the bank (with retrieval now and then) or one of the extra scenes (without)."""
+        n = len(self.data.images)
+        i = int(rng.integers(n + len(self.data.t2i_extra)))
+        im, codes = (self.data.images[i], self.image_codes[i]) if i < n else \
+            (self.data.t2i_extra[i - n], self.extra_codes[i - n])
         if rng.random() < self.r.cfg_dropout:
             prompt = self.codec.uncond_image_prompt()
         else:
             caption = im.captions[rng.integers(len(im.captions))]
-            prompt = self.codec.text_to_image_prompt(caption, self.retrieved(i, rng, False,
-                                                                              self._k(rng, self.r.sft_t2i_retrieval_prob)))
-        out = self.image_tokens(self.image_codes[i])[1:] + [self.cfg.eos_id]
+            docs = self.retrieved(i, rng, False, self._k(rng, self.r.sft_t2i_retrieval_prob)) if i < n else []
+            prompt = self.codec.text_to_image_prompt(caption, docs)
+        out = self.image_tokens(codes)[1:] + [self.cfg.eos_id]
         return Example(prompt, [(out, [True] * len(out))])
 
     def edit(self, rng: np.random.Generator) -> Example:
@@ -819,9 +830,19 @@ def train_demo(data: DemoData, recipe: DemoRecipe, out_dir: str | Path, *, devic
         vq.cpu()
         state.finish("index", time.perf_counter() - t)
     index = load_file(str(work / "index.safetensors"))
+
+    # --- the extra text->image scenes as codes (a stage of its own: the bank's index does not change)
+    t = time.perf_counter()
+    if run("extra"):
+        extra = encode_images(vq, [im.image for im in data.t2i_extra], device) if data.t2i_extra else \
+            torch.zeros(0, index["images"].shape[1], dtype=torch.long)
+        _log(f"extra: {len(data.t2i_extra)} text->image scenes as VQ codes ({time.perf_counter() - t:.0f} s)")
+        save_file({"images": extra.contiguous()}, str(work / "extra.safetensors"))
+        state.finish("extra", time.perf_counter() - t)
+    extra_codes = load_file(str(work / "extra.safetensors"))["images"]
     cfg = model_config(tok, recipe)
     codec = DocumentCodec(tok, None, cfg, recipe.image_resolution)
-    maker = ExampleMaker(codec, data, index["images"], index["edits"], index["neighbours"], recipe)
+    maker = ExampleMaker(codec, data, index["images"], index["edits"], index["neighbours"], recipe, extra_codes)
 
     # --- LM stages
     torch.manual_seed(recipe.seed)

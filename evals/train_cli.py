@@ -55,6 +55,23 @@ def demo_data(world, split: str = "train") -> DemoData:
     return DemoData(images, edits)
 
 
+def t2i_extra_scenes(config, n: int) -> list[DemoImage]:
+    """The n train-split scenes after the world's own (config.n_train of them), captions only.
+
+    A split's i-th scene depends on (seed, split, i) alone, so these extend the same train split
+    and never hold a val/test scene (the world reserves those by scene hash)."""
+    import dataclasses
+
+    from tasks.shapes_world import generate_world, render
+
+    if n <= 0:
+        return []
+    big = generate_world(dataclasses.replace(config, n_train=config.n_train + n, n_val=0, n_test=0,
+                                             questions_per_image=0, edit_fraction=0.0))
+    return [DemoImage(str(im.image_id), render(im.scene, config.image_size), list(im.captions))
+            for im in big.splits["train"].images[config.n_train:]]
+
+
 @train_app.command("demo")
 def demo(
     out: Path = typer.Option(ALIASES["demo"], help="checkpoint folder to write (resumes from OUT/work/)"),
@@ -94,6 +111,8 @@ def demo(
     typer.echo(f"world: {len(data.images)} train images, {sum(len(i.qa) for i in data.images)} questions, "
                f"{len(data.edits)} edit turns ({time.perf_counter() - t0:.1f} s)")
     recipe = DemoRecipe(seed=seed, steps_scale=steps_scale)
+    data.t2i_extra = t2i_extra_scenes(world.config, recipe.t2i_extra_images)
+    typer.echo(f"plus {len(data.t2i_extra)} text->image scenes ({time.perf_counter() - t0:.1f} s)")
     if compile_lm is None:
         compile_lm = shutil.which(os.environ.get("CXX", "g++")) is not None
     typer.echo(f"torch.compile for the LM stages: {'on' if compile_lm else 'off'}")

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 from cm3leon import checkpoint
 from cm3leon.document import Document, DocumentCodec
 from cm3leon.sampling import GenerationRequest, Sampler, SamplingConfig
-from cm3leon.train import (DemoRecipe, Example, collate, fill_rows, model_config, pack, train_demo,
+from cm3leon.train import (DemoRecipe, Example, ExampleMaker, collate, fill_rows, model_config, pack, train_demo,
                            train_text_tokenizer, tree_forward)
 from cm3leon.transformer import Transformer
-from evals.train_cli import demo_data, majority_answer
+from evals.train_cli import demo_data, majority_answer, t2i_extra_scenes
 from tasks.shapes_world import WorldConfig, generate_world
 
 TINY = DemoRecipe(
@@ -91,12 +92,47 @@ def test_compiled_training_forward_matches_eager(world):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3)
 
 
+def test_t2i_extra_scenes_extend_the_train_split_and_feed_only_text_to_image(world):
+    extra = t2i_extra_scenes(world.config, 5)
+    bigger = generate_world(dataclasses.replace(world.config, n_train=45))
+    assert [im.captions for im in extra] == [im.captions for im in bigger.splits["train"].images[40:]]
+    assert [im.captions for im in bigger.splits["train"].images[:40]] == [im.captions for im in world.splits["train"].images]
+    held_out = {im.scene for s in ("val", "test") for im in world.splits[s].images}
+    assert not {im.scene for im in bigger.splits["train"].images[40:]} & held_out
+    assert all(not im.qa for im in extra)
+
+    data, tok, cfg = _tokenizer_and_cfg(world)
+    data.t2i_extra = extra
+    codec = DocumentCodec(tok, None, cfg, 64)
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, cfg.image_codebook_size, (len(data.images), cfg.image_seq_len), generator=g)
+    extra_codes = torch.randint(0, cfg.image_codebook_size, (len(extra), cfg.image_seq_len), generator=g)
+    neighbours = torch.stack([(torch.arange(len(data.images)) + d) % len(data.images) for d in (1, 2, 3)], 1)
+    recipe = dataclasses.replace(TINY, sft_t2i_retrieval_prob=1.0, cfg_dropout=0.0)
+    maker = ExampleMaker(codec, data, codes, codes[:0].reshape(0, 2, cfg.image_seq_len), neighbours, recipe, extra_codes)
+    extra_outs = {tuple(codec.codes_to_tokens(c)) for c in extra_codes}
+    rng, seen_extra, seen_base = np.random.default_rng(0), 0, 0
+    for _ in range(300):
+        ex = maker.text_to_image(rng)
+        out = tuple(ex.branches[0][0][:cfg.image_seq_len])
+        if out in extra_outs:  # an extra scene: its caption alone, never retrieved documents
+            seen_extra += 1
+            assert ex.prefix.count(cfg.boi_id) == 1
+        else:
+            seen_base += 1
+            assert ex.prefix.count(cfg.boi_id) >= 2  # retrieval prob 1: a retrieved image precedes
+    assert seen_extra > 0 and seen_base > 0
+    with pytest.raises(ValueError, match="code rows"):
+        ExampleMaker(codec, data, codes, codes[:0].reshape(0, 2, cfg.image_seq_len), neighbours, recipe)
+
+
 def test_demo_build_end_to_end(world, tmp_path, capsys):
     data = demo_data(world)
     assert data.edits and all(len(im.qa) == 5 for im in data.images)
     out = tmp_path / "demo"
+    data.t2i_extra = t2i_extra_scenes(world.config, 6)
     summary = train_demo(data, TINY, out)
-    assert summary["stages_run"] == ["vq", "tokenizer", "encoder", "index", "pretrain", "sft"]
+    assert summary["stages_run"] == ["vq", "tokenizer", "encoder", "index", "extra", "pretrain", "sft"]
     losses = [loss for _, loss in summary["losses"]["pretrain"]]
     assert losses[-1] < losses[0] - 0.5, losses
 
@@ -161,7 +197,7 @@ def test_lm_stage_resumes_mid_stage(world, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "b" / "work" / "pretrain.ckpt.pt").is_file()
     resumed = train_demo(data, recipe, tmp_path / "b")
-    assert resumed["stages_run"] == ["pretrain", "sft"]
+    assert resumed["stages_run"] == ["pretrain", "sft"]  # vq .. extra were done before the kill
     ref, got = checkpoint.load(tmp_path / "a").model.state_dict(), checkpoint.load(tmp_path / "b").model.state_dict()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
