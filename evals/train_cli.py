@@ -85,7 +85,7 @@ def demo(
     keep_work: bool = typer.Option(False, help="keep OUT/work/ (stage checkpoints, ~60 MB) after a finished build; "
                                    "an interrupted build always keeps it and resumes from it"),
     compile_lm: Optional[bool] = typer.Option(None, "--compile/--no-compile",
-                                           help="torch.compile the LM stages' forward (~1.4x on CPU; needs a C++ "
+                                           help="torch.compile the LM stages' forward (~1.3x on CPU; needs a C++ "
                                                 "compiler); default: on when $CXX or g++ is found"),
 ) -> None:
     """Rebuild the demo model (VQ, tokenizer, encoder, bank, CM3 pretraining, SFT) in one command."""
