@@ -139,7 +139,8 @@ def test_demo_build_end_to_end(world, tmp_path, capsys):
     bundle = checkpoint.load(out)
     assert bundle.encoder is not None and bundle.bank_dir is not None and bundle.vq is not None
     cfg = bundle.config
-    assert cfg.image_seq_len == 64 and cfg.image_codebook_size == 64
+    assert cfg.image_seq_len == 36 and cfg.image_codebook_size == 64  # 48 px VQ input, f=8: 6x6 codes
+    assert bundle.image_resolution == TINY.vq_resolution == 48
     codec = DocumentCodec(bundle.tokenizer, bundle.vq, cfg, bundle.image_resolution)
     sampler = Sampler(bundle.model, cfg)
     im = data.images[0]
@@ -148,8 +149,8 @@ def test_demo_build_end_to_end(world, tmp_path, capsys):
                             SamplingConfig(top_p=0.9, cfg_scale=3.0))
     cap, = sampler.generate([GenerationRequest(codec.image_to_text_prompt(im.image), "text", 2, max_new_tokens=8)],
                             SamplingConfig(greedy=True))
-    assert len(img.output) == 64 and all(0 <= c < 64 for c in img.output)
-    assert codec.decode_images([img.output])[0].size == (64, 64)
+    assert len(img.output) == 36 and all(0 <= c < 64 for c in img.output)
+    assert codec.decode_images([img.output])[0].size == (48, 48)
     assert 1 <= len(cap.output) <= 8
     assert isinstance(bundle.tokenizer.decode(cap.output), str)
 
@@ -226,3 +227,27 @@ def test_untrained_baseline_keeps_every_part_but_the_decoder(tmp_path):
         p.name for p in (checkpoint.ALIASES["demo"] / "bank").iterdir())
     again = CliRunner().invoke(app, ["train", "untrained", "--out", str(out)])
     assert again.exit_code == 1 and "not empty" in again.output
+
+
+def test_default_vq_grid_lines_up_with_the_world_layout():
+    """At the recipe's VQ resolution every shape of the world falls inside its own cell's block of
+    codes (2x2 of the 6x6 grid): a code never mixes two cells, which is what lets 256 codes name
+    shape quarters exactly instead of arbitrary cuts through shapes (see DemoRecipe.vq_resolution)."""
+    from cm3leon.vq import preprocess
+    from tasks.shapes_world import KINDS, SIZES, Shape, ShapeScene, render
+
+    recipe = DemoRecipe()
+    f = 2 ** (len(recipe.vq_channel_multiplier) - 1)
+    grid = recipe.vq_resolution // f
+    assert grid % 3 == 0, f"a {grid}x{grid} code grid cannot split 3x3 cells evenly"
+    per_cell = recipe.vq_resolution // 3
+    for kind in KINDS:
+        for size in SIZES:
+            for row in range(3):
+                for col in range(3):
+                    scene = ShapeScene("black", (Shape(row, col, kind, "yellow", size),))
+                    x = preprocess(render(scene, recipe.image_resolution), recipe.vq_resolution)[0]
+                    ink = ((x + 1).abs().amax(0) > 0.1).nonzero()  # pixels visibly off the black background
+                    assert len(ink) > 0
+                    assert (ink[:, 0] // per_cell == row).all() and (ink[:, 1] // per_cell == col).all(), \
+                        (kind, size, row, col)
