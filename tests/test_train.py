@@ -251,3 +251,20 @@ def test_default_vq_grid_lines_up_with_the_world_layout():
                     assert len(ink) > 0
                     assert (ink[:, 0] // per_cell == row).all() and (ink[:, 1] // per_cell == col).all(), \
                         (kind, size, row, col)
+
+
+def test_shipped_demo_model_is_what_the_default_recipe_builds():
+    """zoo/shapes-demo records the recipe that built it; it must be today's DemoRecipe(), so that
+    `cm3eval train demo` rebuilds the shipped model and not an older one."""
+    import json
+
+    folder = checkpoint.ALIASES["demo"]
+    recipe = DemoRecipe()
+    assert json.loads((folder / "recipe.json").read_text()) == recipe.identity()
+    bundle = checkpoint.load("demo")
+    assert bundle.image_resolution == recipe.vq_resolution
+    assert bundle.vq.config.to_dict() == recipe.vq_config().to_dict()
+    assert bundle.config.image_seq_len == (recipe.vq_resolution // bundle.vq.config.downsample_factor) ** 2 == 36
+    assert (bundle.config.d_model, bundle.config.n_layers) == (recipe.d_model, recipe.n_layers)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 25e6, f"the shipped demo model is {size / 1e6:.1f} MB (limit 25 MB with its bank)"
