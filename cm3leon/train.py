@@ -95,7 +95,7 @@ class DemoData:
 # ----------------------------------------------------------------------------- recipe
 @dataclass
 class DemoRecipe:
-    """Every knob of the demo build. The defaults take about 40 minutes on 2 CPU cores (torch.compile on; measured 39 min)."""
+    """Every knob of the demo build. The defaults take about 40 minutes on 2 CPU cores (torch.compile on)."""
 
     seed: int = 0
     steps_scale: float = 1.0  # multiplies every step count (tests shrink it, a GPU run may grow it)
@@ -731,7 +731,7 @@ def sft(model: Transformer, maker: ExampleMaker, recipe: DemoRecipe, device: tor
 
 # ----------------------------------------------------------------------------- the whole build
 def model_config(tok: TextTokenizer, recipe: DemoRecipe) -> ModelConfig:
-    seq = (recipe.vq_resolution // 2 ** (len(recipe.vq_channel_multiplier) - 1)) ** 2
+    seq = recipe.vq_config().tokens_per_image
     return ModelConfig(**tok.model_config_fields(), d_model=recipe.d_model, n_layers=recipe.n_layers,
                        n_heads=recipe.n_heads, max_seq_len=recipe.max_seq_len, norm="rmsnorm", qk_norm=True,
                        pos_encoding="rope", mlp="swiglu", image_seq_len=seq)

@@ -237,8 +237,7 @@ def test_default_vq_grid_lines_up_with_the_world_layout():
     from tasks.shapes_world import KINDS, SIZES, Shape, ShapeScene, render
 
     recipe = DemoRecipe()
-    f = 2 ** (len(recipe.vq_channel_multiplier) - 1)
-    grid = recipe.vq_resolution // f
+    grid = recipe.vq_config().latent_size
     assert grid % 3 == 0, f"a {grid}x{grid} code grid cannot split 3x3 cells evenly"
     per_cell = recipe.vq_resolution // 3
     for kind in KINDS:
