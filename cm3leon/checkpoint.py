@@ -1,4 +1,5 @@
-"""Checkpoints: the native folder format, and import of Chameleon / Anole checkpoints in the HF layout.
+"""Checkpoints: inspect and load the native folder, Chameleon / Anole in the HF layout, and Meta's
+original Chameleon release; save the native folder.
 
 Native folder:
     config.json          {"format": "cm3eval-native", "model": ModelConfig, "image_resolution": int, ...}
@@ -7,17 +8,21 @@ Native folder:
     tokenizer.json       `tokenizers` BPE with image-code and special tokens (cm3leon.text)
     encoder.safetensors  optional dual encoder for retrieval / CLIP-style scores (cm3leon.encoder)
     bank/                optional retrieval memory bank (cm3leon.retrieval)
+The HF and Meta layouts are described in cm3leon/layouts.py.
 
-HF layout (transformers' ChameleonForConditionalGeneration.save_pretrained, Anole's converted weights):
-    config.json (model_type "chameleon", vocabulary_map, vq_config), model.safetensors or shards with
-    model.safetensors.index.json, tokenizer.json.
+`inspect` reads only small files (config/params JSON, the safetensors index and headers, the
+tokenizer) and says what a checkpoint can do, so a run can be refused before any weight is read.
+`load` checks the config against sane bounds and the weights' own shapes and dtypes first, then
+builds the decoder on the meta device, allocates it once on the target device in the target dtype
+and streams the tensors into it one at a time from memory-mapped files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +30,60 @@ import torch
 
 from . import vq as vq_lib
 from .config import ModelConfig
-from .text import TextTokenizer, chameleon_code
-from .transformer import Transformer
-from .weights import load_strict, read_safetensors, read_sharded_safetensors
+from .errors import Cm3evalError
+from .layouts import (HF_INDEX, HF_WEIGHTS, MetaRelease, WeightPlan, chameleon_image_token_ids,  # noqa: F401
+                      chameleon_state_dict_from_hf, find_meta_release, hf_weight_plan, meta_config, meta_weight_plan,
+                      model_config_from_hf, torch_dtype_name, unpermute_rows)
+from .text import TextTokenizer
+from .transformer import Transformer, rope_tables
+from .weights import (CheckpointError, CheckpointNotFoundError, TensorInfo, check_against, read_header,
+                      stream_into)
 
 NATIVE_FORMAT = "cm3eval-native"
 ZOO = Path(__file__).parent / "zoo"
 ALIASES = {"demo": ZOO / "shapes-demo"}
+_unpermute_rows = unpermute_rows  # the name older callers used
+
+__all__ = ["ModelBundle", "CheckpointInfo", "CheckpointError", "CheckpointNotFoundError", "MissingVQDecoderError",
+           "CheckpointWarning", "inspect", "load", "save", "resolve", "fingerprint_folder", "ALIASES"]
+
+
+class CheckpointWarning(UserWarning):
+    """Something in a checkpoint that is used with a correction (e.g. config.json's bos disagrees with the tokenizer)."""
+
+
+class MissingVQDecoderError(Cm3evalError):
+    """A task needs to decode images and the checkpoint has no VQ decoder."""
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint is and can do, read from small files only."""
+
+    path: Path
+    layout: str  # "native" | "hf" | "meta"
+    family: str  # "cm3leon" (native vocabulary) | "chameleon" (Chameleon / Anole vocabulary)
+    config: ModelConfig
+    image_resolution: int
+    n_params: int
+    dtype: str  # safetensors name of the dtype holding most parameters ("BF16", "F32", ...)
+    files: list[Path]  # decoder weight files
+    largest_file_bytes: int
+    has_vq_encoder: bool
+    has_vq_decoder: bool
+    has_encoder: bool  # a dual encoder in the folder (retrieval / CLIP-style scores); Chameleon has none
+    has_bank: bool  # a retrieval memory bank in the folder
+    vq_source: Path | None = None  # where the VQ weights come from (the folder's own, or --vq)
+    tokenizer_file: Path | None = None
+
+    def require_vq_decoder(self, what: str = "this task decodes images") -> None:
+        """Raise the one-line error a plan shows before loading when images must be decoded."""
+        if not self.has_vq_decoder:
+            why = ("transformers' Chameleon conversion drops it" if self.layout == "hf" else
+                   "no vq.safetensors in the folder" if self.layout == "native" else "tokenizer/vqgan.ckpt is missing")
+            raise MissingVQDecoderError(
+                f"{self.path}: {what} but the checkpoint has no VQ decoder ({why}); "
+                "pass --vq PATH (Meta's tokenizer/vqgan.ckpt, with vqgan.yaml beside it)")
 
 
 @dataclass
@@ -47,10 +99,15 @@ class ModelBundle:
     fingerprint: str = ""
     encoder: Any = None  # cm3leon.encoder.DualEncoder when the checkpoint ships one
     bank_dir: Path | None = None
+    info: CheckpointInfo | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
         return self.model.tok_embeddings.weight.device
+
+    @property
+    def family(self) -> str:
+        return "chameleon" if self.tokenizer.layout == "chameleon" else "cm3leon"
 
 
 # ----------------------------------------------------------------------------- resolving and fingerprints
@@ -58,14 +115,17 @@ def resolve(path_or_alias: str | Path) -> Path:
     if str(path_or_alias) in ALIASES:
         path = ALIASES[str(path_or_alias)]
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"the demo model is not in {path}; rebuild it with `cm3eval train demo` (it ships with the package)")
         return path
     path = Path(path_or_alias).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"model folder not found: {path} (expected config.json, weights and tokenizer.json)")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'}: missing; a model folder needs config.json")
+        raise CheckpointNotFoundError(
+            f"model folder not found: {path} (expected config.json, weights and tokenizer.json, or Meta's release "
+            "with models/ and tokenizer/)")
+    if not (path / "config.json").is_file() and find_meta_release(path) is None:
+        raise CheckpointNotFoundError(f"{path / 'config.json'}: missing; a model folder needs config.json "
+                                      "(or Meta's release layout: models/<size>/params.json)")
     return path
 
 
@@ -87,23 +147,260 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing") from None
+        raise CheckpointNotFoundError(f"{path}: missing") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: expected a JSON object")
     return data
 
 
-def _tokenizer(path: Path) -> TextTokenizer:
-    file = path / "tokenizer.json"
+def _tokenizer(file: Path) -> TextTokenizer:
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: tokenizer missing; a model folder needs its tokenizer.json")
-    return TextTokenizer.from_file(file)
+        raise CheckpointNotFoundError(f"{file}: tokenizer missing; a model folder needs its tokenizer.json")
+    try:
+        return TextTokenizer.from_file(file)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- the plan of one checkpoint
+@dataclass
+class _Plan:
+    """Everything known before reading weights: layout, config, tokenizer, tensors, VQ source."""
+
+    path: Path
+    layout: str
+    config: ModelConfig
+    tokenizer: TextTokenizer
+    tokenizer_file: Path
+    weights: WeightPlan
+    image_resolution: int
+    vq_config: vq_lib.VQConfig | None = None  # for VQ tensors inside the weight files (HF)
+    vq_file: Path | None = None  # native vq.safetensors, or Meta's vqgan.ckpt
+    vq_yaml: Path | None = None
+    has_vq_decoder: bool = False
+
+
+def _reconcile_special_ids(cfg: ModelConfig, tok: TextTokenizer, declared: dict[str, Any], source: str) -> None:
+    """bos/eos/pad are the tokenizer's; a config file that says otherwise is warned about, naming both."""
+    for role in ("bos", "eos", "pad"):
+        vocab_id = tok.special_ids.get(role)
+        if vocab_id is None:
+            continue
+        said = declared.get(role)
+        if said is not None and said != vocab_id:
+            warnings.warn(f"{source}: {role}_token_id={said} disagrees with the tokenizer's "
+                          f"{tok.id_to_token(vocab_id)}={vocab_id}; using {vocab_id}", CheckpointWarning, stacklevel=3)
+        setattr(cfg, f"{role}_id", vocab_id)
+    cfg.validate()
+
+
+def _check_tokenizer(tok: TextTokenizer, cfg: ModelConfig, source: Path) -> None:
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{source}: tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
+    ids = tok.image_token_ids()
+    if ids and ids != cfg.image_token_id_tensor().tolist():
+        raise CheckpointError(f"{source}: the tokenizer's image-code tokens do not match the config's image token ids")
+
+
+def _native_plan(path: Path, meta: dict[str, Any]) -> _Plan:
+    cfg_file = path / "config.json"
+    if "model" not in meta:
+        raise CheckpointError(f"{cfg_file}: missing field 'model'")
+    try:
+        cfg = ModelConfig.from_dict(meta["model"], source=f"{cfg_file}: model")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: model: {e}") from None
+    tok = _tokenizer(path / "tokenizer.json")
+    _check_tokenizer(tok, cfg, path / "tokenizer.json")
+    _reconcile_special_ids(cfg, tok, {r: meta["model"].get(f"{r}_id") for r in ("bos", "eos", "pad")}, str(cfg_file))
+    header = read_header(path / "model.safetensors")
+    found = dict(header.tensors)
+
+    def stream(_cfg: ModelConfig):
+        from .weights import iter_safetensors
+
+        return iter_safetensors(header.path)
+
+    vq_file = path / vq_lib.VQ_FILENAME
+    has_decoder = False
+    if vq_file.is_file():
+        has_decoder = json.loads(read_header(vq_file).metadata.get("has_decoder", "true")) is True
+    plan = WeightPlan([header.path], found, stream, where={k: header.path for k in found})
+    return _Plan(path, "native", cfg, tok, path / "tokenizer.json", plan, int(meta.get("image_resolution", 64)),
+                 vq_file=vq_file if vq_file.is_file() else None, has_vq_decoder=has_decoder)
+
+
+def _hf_plan(path: Path, hf: dict[str, Any]) -> _Plan:
+    source = str(path / "config.json")
+    cfg = model_config_from_hf(hf, source)
+    tok = _tokenizer(path / "tokenizer.json")
+    if tok.image_token_ids() and tok.image_token_ids() != cfg.image_token_ids:
+        raise CheckpointError(f"{path / 'tokenizer.json'}: IMGIMG tokens disagree with config.json's vocabulary_map")
+    _check_tokenizer(tok, cfg, path / "tokenizer.json")
+    _reconcile_special_ids(cfg, tok, {r: hf.get(f"{r}_token_id") for r in ("bos", "eos", "pad")}, source)
+    weights = hf_weight_plan(path)
+    vq_cfg = None
+    if weights.vq_keys:
+        vq_cfg = vq_lib.VQConfig.from_hf_dict(hf.get("vq_config") or {}, source=f"{source}: vq_config")
+    resolution = int((hf.get("vq_config") or {}).get("resolution", 512))
+    return _Plan(path, "hf", cfg, tok, path / "tokenizer.json", weights, resolution, vq_config=vq_cfg,
+                 has_vq_decoder=any(k.startswith("decoder.") for k in weights.vq_keys))
+
+
+def _meta_plan(release: MetaRelease) -> _Plan:
+    tok = _tokenizer(release.text_tokenizer)
+    ckpt, yaml_file = release.vqgan
+    vq_cfg = vq_lib.VQConfig.from_taming_yaml(yaml_file) if yaml_file.is_file() else vq_lib.VQConfig()
+    vocab = tok.vocab()
+    cfg = meta_config(release, vocab, vq_cfg.resolution, vq_cfg.downsample_factor)
+    _check_tokenizer(tok, cfg, release.text_tokenizer)
+    _reconcile_special_ids(cfg, tok, {}, str(release.model_dir / "params.json"))
+    weights = meta_weight_plan(release, lambda: cfg)
+    has_vq = ckpt.is_file() and yaml_file.is_file()
+    return _Plan(release.model_dir, "meta", cfg, tok, release.text_tokenizer, weights, vq_cfg.resolution,
+                 vq_file=ckpt if has_vq else None, vq_yaml=yaml_file if has_vq else None, has_vq_decoder=has_vq)
+
+
+def _plan(path: Path) -> _Plan:
+    if not (path / "config.json").is_file():
+        release = find_meta_release(path)
+        if release is not None:
+            return _meta_plan(release)
+    meta = _read_json(path / "config.json")
+    if meta.get("model_type") == "chameleon":
+        return _hf_plan(path, meta)
+    if meta.get("format") == NATIVE_FORMAT:
+        return _native_plan(path, meta)
+    raise CheckpointError(f"{path / 'config.json'}: unknown checkpoint format (neither 'format': '{NATIVE_FORMAT}' "
+                          "nor an HF config with 'model_type': 'chameleon')")
+
+
+def resolve_vq(vq: str | Path) -> tuple[Path, Path | None]:
+    """`--vq PATH` -> (weights file, taming YAML or None for a native vq.safetensors). PATH is Meta's
+    vqgan.ckpt (vqgan.yaml beside it), a folder holding them, or a native vq.safetensors."""
+    p = Path(vq).expanduser()
+    if p.is_dir():
+        if (p / vq_lib.VQ_FILENAME).is_file():
+            return p / vq_lib.VQ_FILENAME, None
+        p = p / "vqgan.ckpt"
+    if p.suffix == ".safetensors":
+        if not p.is_file():
+            raise CheckpointNotFoundError(f"--vq {p}: file not found")
+        return p, None
+    yaml_file = p.with_suffix(".yaml")
+    for f, what in ((p, "VQ-GAN checkpoint"), (yaml_file, "VQ-GAN config")):
+        if not f.is_file():
+            raise CheckpointNotFoundError(
+                f"--vq: {what} not found: {f} (Meta's Chameleon release ships tokenizer/vqgan.ckpt and "
+                "tokenizer/vqgan.yaml; request access at https://ai.meta.com/resources/models-and-libraries/chameleon-downloads/)")
+    return p, yaml_file
+
+
+def _info(plan: _Plan, vq: str | Path | None) -> CheckpointInfo:
+    has_decoder, vq_source = plan.has_vq_decoder, plan.vq_file
+    has_vq_encoder = bool(plan.weights.vq_keys) or plan.vq_file is not None
+    if vq is not None:
+        vq_source, _ = resolve_vq(vq)
+        has_decoder = has_vq_encoder = True
+        if vq_source.suffix == ".safetensors":
+            has_decoder = json.loads(read_header(vq_source).metadata.get("has_decoder", "true")) is True
+    native = plan.layout == "native"
+    return CheckpointInfo(
+        path=plan.path, layout=plan.layout, family="chameleon" if plan.tokenizer.layout == "chameleon" else "cm3leon",
+        config=plan.config, image_resolution=plan.image_resolution, n_params=plan.weights.n_params,
+        dtype=plan.weights.dtype, files=list(plan.weights.files), largest_file_bytes=plan.weights.largest_file_bytes,
+        has_vq_encoder=has_vq_encoder, has_vq_decoder=has_decoder,
+        has_encoder=native and (plan.path / "encoder.safetensors").is_file(),
+        has_bank=native and (plan.path / "bank" / "bank.json").is_file(),
+        vq_source=vq_source, tokenizer_file=plan.tokenizer_file)
+
+
+def inspect(path_or_alias: str | Path, *, vq: str | Path | None = None) -> CheckpointInfo:
+    """What a checkpoint is and can do, from its small files only (no tensor data is read)."""
+    return _info(_plan(resolve(path_or_alias)), vq)
+
+
+# ----------------------------------------------------------------------------- the decoder, streamed
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the decoder `cfg` describes, computed on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in model.named_parameters()}
+
+
+def build_decoder(cfg: ModelConfig, weights: WeightPlan, source: str, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Transformer:
+    """Check the tensors against the config, allocate the decoder once on `device` in `dtype`, stream."""
+    found = dict(weights.found)
+    if cfg.tie_embeddings:
+        found.pop("output.weight", None)  # the tied copy some writers keep; the embedding fills both
+    check_against(expected_shapes(cfg), found, source, "the decoder described by the config", weights.where)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    if cfg.pos_encoding == "rope":  # non-persistent buffers: computed, not loaded
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        model.rope_cos, model.rope_sin = cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+    skip = {"output.weight"} if cfg.tie_embeddings else set()
+    filled = stream_into(model, weights.stream(cfg), source, rename=lambda k: None if k in skip else k)
+    unfilled = sorted(set(dict(model.named_parameters())) - filled)
+    if unfilled:
+        raise CheckpointError(f"{source}: tensor(s) {', '.join(unfilled[:3])} were never filled")
+    return model.eval()
+
+
+def _load_vq(plan: _Plan, vq: str | Path | None, device: str | torch.device) -> vq_lib.VQModel | None:
+    own: vq_lib.VQModel | None = None
+    if plan.weights.vq_keys:
+        own = vq_lib.load_hf_vq(plan.weights.vq_tensors(), plan.vq_config, str(plan.path))
+    elif plan.vq_file is not None and plan.vq_yaml is None:
+        own = vq_lib.load_native(plan.vq_file, device="cpu")
+    elif plan.vq_file is not None and vq is None:
+        own = vq_lib.load_taming_checkpoint(plan.vq_file, plan.vq_yaml)
+    if vq is None:
+        return own.to(device).eval() if own is not None else None
+    file, yaml_file = resolve_vq(vq)
+    ext = vq_lib.load_native(file, device="cpu") if yaml_file is None else vq_lib.load_taming_checkpoint(file, yaml_file)
+    if own is not None:
+        mine, theirs = own.quantize.embedding.weight, ext.quantize.embedding.weight
+        if mine.shape != theirs.shape or not torch.equal(mine.float(), theirs.float()):
+            raise CheckpointError(f"--vq {file}: its codebook differs from the checkpoint's own VQ tokenizer in "
+                                  f"{plan.path}; these are not the image tokens this model was trained on")
+    return ext.to(device).eval()
+
+
+def load(path_or_alias: str | Path = "demo", *, device: str | torch.device = "cpu",
+         dtype: torch.dtype = torch.float32, with_encoder: bool = True, vq: str | Path | None = None) -> ModelBundle:
+    """Load a native folder, an HF-layout Chameleon/Anole folder or Meta's release (detected).
+    `vq`: Meta's vqgan.ckpt (+ vqgan.yaml) or a vq.safetensors to decode images with."""
+    path = resolve(path_or_alias)
+    plan = _plan(path)
+    info = _info(plan, vq)
+    model = build_decoder(plan.config, plan.weights, str(plan.path), device=device, dtype=dtype)
+    vq_model = _load_vq(plan, vq, device)
+    encoder = None
+    if with_encoder and info.has_encoder:
+        from .encoder import NativeDualEncoder  # optional part of a native bundle
+
+        encoder = NativeDualEncoder.load(path / "encoder.safetensors").to(device).eval()
+    bundle = ModelBundle(plan.config, model, plan.tokenizer, vq_model, plan.image_resolution, path,
+                         encoder=encoder, bank_dir=path / "bank" if info.has_bank else None, info=info)
+    bundle.fingerprint = fingerprint_folder(path)
+    return bundle
+
+
+def load_chameleon_hf(path: str | Path, *, device="cpu", dtype=torch.float32) -> ModelBundle:
+    """An HF-layout Chameleon/Anole folder (kept for callers of the first edition; `load` detects it)."""
+    return load(path, device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- native format
 def save(bundle: ModelBundle, path: str | Path) -> Path:
+    """Write the native folder (the decoder's tensors are gathered on the host once, as safetensors needs)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -115,171 +412,10 @@ def save(bundle: ModelBundle, path: str | Path) -> Path:
     if bundle.config.tie_embeddings:
         state.pop("output.weight")  # safetensors refuses shared storage; re-tied on load
     save_file(state, str(path / "model.safetensors"), metadata={"format": NATIVE_FORMAT})
+    del state
     if bundle.vq is not None:
         vq_lib.save_native(bundle.vq, path / vq_lib.VQ_FILENAME)
     bundle.tokenizer.save(path / "tokenizer.json")
     if bundle.encoder is not None and hasattr(bundle.encoder, "save"):
         bundle.encoder.save(path / "encoder.safetensors")
     return path
-
-
-def load(path_or_alias: str | Path = "demo", *, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32, with_encoder: bool = True) -> ModelBundle:
-    """Load a native folder or an HF-layout Chameleon/Anole folder (detected from config.json)."""
-    path = resolve(path_or_alias)
-    meta = _read_json(path / "config.json")
-    if meta.get("model_type") == "chameleon":
-        bundle = load_chameleon_hf(path, device=device, dtype=dtype)
-    elif meta.get("format") == NATIVE_FORMAT:
-        bundle = _load_native(path, meta, device=device, dtype=dtype, with_encoder=with_encoder)
-    else:
-        raise ValueError(f"{path / 'config.json'}: unknown checkpoint format (neither 'format': '{NATIVE_FORMAT}' "
-                         "nor an HF config with 'model_type': 'chameleon')")
-    bundle.fingerprint = fingerprint_folder(path)
-    return bundle
-
-
-def _load_native(path: Path, meta: dict[str, Any], *, device, dtype, with_encoder: bool) -> ModelBundle:
-    cfg_file = path / "config.json"
-    if "model" not in meta:
-        raise ValueError(f"{cfg_file}: missing field 'model'")
-    try:
-        cfg = ModelConfig.from_dict(meta["model"], source=f"{cfg_file}: model")
-    except TypeError as e:
-        raise ValueError(f"{cfg_file}: model: {e}") from None
-    tokenizer = _tokenizer(path)
-    _check_tokenizer(tokenizer, cfg, path / "tokenizer.json")
-    model = Transformer(cfg)
-    weights_file = path / "model.safetensors"
-    state, _ = read_safetensors(weights_file)
-    if cfg.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    load_strict(model, state, str(weights_file), "the decoder described by config.json")
-    model = model.to(device=device, dtype=dtype).eval()
-    vq_file = path / vq_lib.VQ_FILENAME
-    vq = vq_lib.load_native(vq_file, device=device).eval() if vq_file.is_file() else None
-    encoder = None
-    if with_encoder and (path / "encoder.safetensors").is_file():
-        from .encoder import NativeDualEncoder  # optional part of a bundle
-
-        encoder = NativeDualEncoder.load(path / "encoder.safetensors").to(device).eval()
-    bank_dir = path / "bank" if (path / "bank" / "bank.json").is_file() else None
-    return ModelBundle(cfg, model, tokenizer, vq, int(meta.get("image_resolution", 64)), path,
-                       encoder=encoder, bank_dir=bank_dir)
-
-
-def _check_tokenizer(tok: TextTokenizer, cfg: ModelConfig, source: Path) -> None:
-    if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"{source}: tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
-    ids = tok.image_token_ids()
-    if ids and ids != cfg.image_token_id_tensor().tolist():
-        raise ValueError(f"{source}: the tokenizer's image-code tokens do not match config.json's image token ids")
-
-
-# ----------------------------------------------------------------------------- Chameleon / Anole (HF layout)
-def chameleon_image_token_ids(vocabulary_map: dict[str, int]) -> list[int]:
-    """VQ code -> token id from the `IMGIMG<letters>Z` names (letters A-J are the code's digits)."""
-    pairs = sorted((chameleon_code(name), int(token_id)) for name, token_id in vocabulary_map.items()
-                   if chameleon_code(name) is not None)
-    if [c for c, _ in pairs] != list(range(len(pairs))):
-        raise ValueError("vocabulary_map: IMGIMG names do not cover codes 0..N-1 exactly once")
-    return [t for _, t in pairs]
-
-
-def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    vocab = hf.get("vocabulary_map")
-    if not isinstance(vocab, dict) or not vocab:
-        raise ValueError(f"{source}: missing 'vocabulary_map' (needed for the image-token ids)")
-    image_ids = chameleon_image_token_ids(vocab)
-    d, n_heads = int(hf.get("hidden_size", 4096)), int(hf.get("num_attention_heads", 32))
-    rope = hf.get("rope_parameters") or {}
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    vq_cfg = hf.get("vq_config") or {}
-    resolution = int(vq_cfg.get("resolution", 512))
-    factor = 2 ** (len(vq_cfg.get("channel_multiplier", [1, 1, 2, 2, 4])) - 1)
-
-    def special(name: str, fallback: int | None = None) -> int | None:
-        return int(vocab[name]) if name in vocab else fallback
-
-    pad = hf.get("pad_token_id")
-    boi = special("<racm3:break>")
-    if boi is None or special("<eoss>") is None:
-        raise ValueError(f"{source}: vocabulary_map lacks <racm3:break> / <eoss> (Chameleon's image delimiters)")
-    return ModelConfig(
-        vocab_size=int(hf.get("vocab_size", 65536)), d_model=d, n_layers=int(hf.get("num_hidden_layers", 32)),
-        n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        d_ff=int(hf.get("intermediate_size", 11008)), max_seq_len=int(hf.get("max_position_embeddings", 4096)),
-        norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-5)), qk_norm=True, qk_norm_eps=1e-5,
-        swin_norm=bool(hf.get("swin_norm", False)), pos_encoding="rope", rope_theta=theta, mlp="swiglu",
-        bias=bool(hf.get("attention_bias", False)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        image_codebook_size=len(image_ids), image_seq_len=(resolution // factor) ** 2, image_token_ids=image_ids,
-        bos_id=hf.get("bos_token_id", 1), eos_id=int(hf.get("eos_token_id", 2)),
-        pad_id=int(pad if pad is not None else special("<pad>", 1)),
-        boi_id=boi, eoi_id=special("<eoss>"), break_id=boi, mask_id=special("<reserved08706>"),
-        source="chameleon-hf",
-    )
-
-
-def _unpermute_rows(w: torch.Tensor, n_heads: int, matrix: bool) -> torch.Tensor:
-    """Undo the HF conversion's q/k permutation (rotate-half order -> Meta's interleaved pairs).
-
-    HF stored permute(w) = w.view(n, hd/2, 2, ...).transpose(1, 2); the inverse views the head's
-    rows as (2, hd/2) and swaps them back. `matrix`: a projection weight [n*hd, d]; otherwise a
-    bias [n*hd] or a per-head qk-norm parameter [n, hd].
-    """
-    trailing = tuple(w.shape[1:]) if matrix else ()
-    return w.reshape(n_heads, 2, -1, *trailing).transpose(1, 2).reshape(w.shape)
-
-
-def chameleon_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """transformers' Chameleon decoder keys -> ours (VQ keys are handled by cm3leon.vq)."""
-    top = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-           "lm_head.weight": "output.weight"}
-    sub = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-           "self_attn.o_proj": "attention.wo", "self_attn.q_norm": "attention.q_normalization",
-           "self_attn.k_norm": "attention.k_normalization", "mlp.gate_proj": "feed_forward.w1",
-           "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
-           "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in hf_sd.items():
-        if key.startswith("model.vqmodel.") or key.endswith("rotary_emb.inv_freq"):
-            continue
-        if key in top:
-            out[top[key]] = value
-            continue
-        parts = key.split(".")
-        if len(parts) < 5 or parts[:2] != ["model", "layers"]:
-            out[key] = value  # unknown: kept so strict loading names it
-            continue
-        layer, module, leaf = parts[2], ".".join(parts[3:-1]), parts[-1]
-        if module not in sub:
-            out[key] = value
-            continue
-        matrix = module.endswith("_proj") and leaf == "weight"
-        if module in ("self_attn.q_proj", "self_attn.q_norm"):
-            value = _unpermute_rows(value, cfg.n_heads, matrix)
-        elif module in ("self_attn.k_proj", "self_attn.k_norm"):
-            value = _unpermute_rows(value, cfg.n_kv_heads, matrix)
-        out[f"layers.{layer}.{sub[module]}.{leaf}"] = value
-    if cfg.tie_embeddings and "output.weight" not in out and "tok_embeddings.weight" in out:
-        out["output.weight"] = out["tok_embeddings.weight"]
-    return out
-
-
-def load_chameleon_hf(path: str | Path, *, device="cpu", dtype=torch.float32) -> ModelBundle:
-    path = Path(path)
-    hf = _read_json(path / "config.json")
-    cfg = model_config_from_hf(hf, str(path / "config.json"))
-    tokenizer = _tokenizer(path)
-    if tokenizer.image_token_ids() and tokenizer.image_token_ids() != cfg.image_token_ids:
-        raise ValueError(f"{path / 'tokenizer.json'}: IMGIMG tokens disagree with config.json's vocabulary_map")
-    hf_sd = read_sharded_safetensors(path, "model.safetensors", "model.safetensors.index.json")
-    model = Transformer(cfg)
-    load_strict(model, chameleon_state_dict_from_hf(hf_sd, cfg), str(path), "the Chameleon decoder in config.json")
-    model = model.to(device=device, dtype=dtype).eval()
-    vq = None
-    if any(k.startswith("model.vqmodel.") for k in hf_sd):
-        vq_cfg = vq_lib.VQConfig.from_hf_dict(hf.get("vq_config") or {}, source=f"{path / 'config.json'}: vq_config")
-        vq = vq_lib.load_hf_vq(hf_sd, vq_cfg, str(path)).to(device).eval()
-    resolution = int((hf.get("vq_config") or {}).get("resolution", 512))
-    return ModelBundle(cfg, model, tokenizer, vq, resolution, path)

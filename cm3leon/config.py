@@ -10,6 +10,32 @@ from typing import Any, Literal
 import torch
 
 
+# Sane upper bounds, checked before anything is allocated: a config.json that says
+# vocab_size=1e12 or n_layers=1e6 is a one-line error, not a traceback or 7 GB of RAM.
+# The largest public decoders (Chameleon-34B, LLaMA-405B) sit far inside these.
+SHAPE_BOUNDS: dict[str, int] = {
+    "vocab_size": 1 << 22, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+    "d_ff": 1 << 20, "max_seq_len": 1 << 20, "image_codebook_size": 1 << 20, "image_seq_len": 1 << 16,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bound_problems(cfg: "ModelConfig") -> list[str]:
+    problems = []
+    for name, hi in SHAPE_BOUNDS.items():
+        value = getattr(cfg, name)
+        if not _is_int(value):
+            problems.append(f"{name}={value!r} is not an integer")
+        elif not 1 <= value <= hi:
+            problems.append(f"{name}={value} is outside the sane range 1..{hi}")
+    if not _is_int(cfg.image_token_offset):
+        problems.append(f"image_token_offset={cfg.image_token_offset!r} is not an integer")
+    return problems
+
+
 @dataclass
 class ModelConfig:
     # --- decoder shape
@@ -53,7 +79,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.d_ff is None:
+        if self.d_ff is None and _is_int(self.d_model):  # otherwise validate() names d_model
             if self.mlp == "swiglu":
                 hidden = int(2 * (4 * self.d_model) / 3)
                 self.d_ff = 256 * ((hidden + 255) // 256)
@@ -66,7 +92,9 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def validate(self) -> None:
-        problems = []
+        problems = _bound_problems(self)
+        if problems:  # a shape that cannot be allocated: stop before the arithmetic below uses it
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
         if self.d_model % self.n_heads:
             problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:

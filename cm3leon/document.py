@@ -1,18 +1,20 @@
 """Multimodal documents <-> token sequences, and the CM3 infilling transform.
 
-A Document is an ordered list of parts, each a str or an image (a PIL image, or a 1-D
-LongTensor of VQ codes). Layout (docs/INTERFACES.md; CM3leon puts <break> at every part
-boundary):
+A Document is an ordered list of parts, each a str, a `Text` (text with special tokens named by
+role inside it, e.g. a template's `{eot}`), or an image (a PIL image, or a 1-D LongTensor of VQ
+codes). The native layout (docs/INTERFACES.md; CM3leon puts <break> at every part boundary):
 
   [bos] [retrieved doc <break>]... part <break> part ... [eos]
   image part = <image> tok(c_1) ... tok(c_N) </image>
 
-Prompt builders return the ids up to where generation starts: after `<break> <image>` for an
-image output, after `<break>` for a text output.
+Prompt streams (conditional, unconditional, image-conditioned) for each task kind follow the
+checkpoint's family (cm3leon/families.py): the codec reads the family's layout table, so the
+native CM3leon layout and Chameleon/Anole's (no separator, `<reserved08706>` ends the user turn,
+`<s> <racm3:break>` as the unconditional stream) come from the same code. Prompt builders return
+the ids up to where generation starts.
 
-Chameleon has no break token of its own (`<racm3:break>` begins an image), so when
-cfg.break_id == cfg.boi_id no separator is written: images are delimited by boi/eoi alone and
-consecutive text parts run together.
+Chameleon has no break token of its own (`<racm3:break>` begins an image), so a separator equal
+to boi is never written: images are delimited by boi/eoi alone.
 """
 
 from __future__ import annotations
@@ -24,15 +26,56 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import families
 from .config import ModelConfig
+from .families import FILTER, Family
 from .text import TextTokenizer
 from .vq import VQModel, preprocess, to_pil
 
-Part = Union[str, Image.Image, torch.Tensor]
+
+@dataclass(frozen=True)
+class Special:
+    """A special token named by its role ("eot", "boi", ...); the codec's family gives its id."""
+
+    role: str
+
+    def __post_init__(self) -> None:
+        if self.role not in families.ROLES:
+            raise ValueError(f"unknown special role {self.role!r} (known: {', '.join(families.ROLES)})")
+
+
+@dataclass(frozen=True)
+class Text:
+    """A text part with special tokens inside (a rendered template such as "{question}{eot}").
+
+    Plain strings are encoded as text only (never as control tokens, even if they spell one);
+    only `Special` pieces become special ids, so user text cannot inject a special."""
+
+    pieces: tuple[Union[str, Special], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pieces", tuple(self.pieces))
+        for p in self.pieces:
+            if not isinstance(p, (str, Special)):
+                raise TypeError(f"Text piece is a {type(p).__name__}; expected str or Special")
+
+    def __str__(self) -> str:
+        return "".join(p for p in self.pieces if isinstance(p, str))
+
+    def __bool__(self) -> bool:
+        return any(p for p in self.pieces if not isinstance(p, str) or p)
+
+
+Part = Union[str, Text, Image.Image, torch.Tensor]
+TextPart = Union[str, Text]
+
+
+def _is_text(p: object) -> bool:
+    return isinstance(p, (str, Text))
 
 
 def _same_part(a: Part, b: Part) -> bool:
-    if isinstance(a, str) or isinstance(b, str):
+    if _is_text(a) or _is_text(b):
         return a == b
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and bool(torch.equal(a.cpu().long(), b.cpu().long()))
@@ -48,8 +91,9 @@ class Document:
     def __post_init__(self) -> None:
         self.parts = list(self.parts)
         for i, p in enumerate(self.parts):
-            if not isinstance(p, (str, Image.Image, torch.Tensor)):
-                raise TypeError(f"Document part {i} is a {type(p).__name__}; expected str, PIL image or code tensor")
+            if not isinstance(p, (str, Text, Image.Image, torch.Tensor)):
+                raise TypeError(f"Document part {i} is a {type(p).__name__}; expected str, Text, PIL image or "
+                                "code tensor")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Document) or len(self.parts) != len(other.parts):
@@ -61,11 +105,11 @@ class Document:
 
     @property
     def texts(self) -> list[str]:
-        return [p for p in self.parts if isinstance(p, str)]
+        return [str(p) for p in self.parts if _is_text(p)]
 
     @property
     def images(self) -> list[Image.Image | torch.Tensor]:
-        return [p for p in self.parts if not isinstance(p, str)]
+        return [p for p in self.parts if not _is_text(p)]
 
 
 Docs = Iterable[Document]
@@ -73,13 +117,19 @@ Docs = Iterable[Document]
 
 class DocumentCodec:
     def __init__(self, tokenizer: TextTokenizer, vq: VQModel | None, cfg: ModelConfig,
-                 resolution: int | None = None) -> None:
+                 resolution: int | None = None, family: Family | str | None = None) -> None:
+        """`family`: the checkpoint family whose layouts to write (default: detected from the
+        tokenizer's vocabulary; IMGIMG image tokens mean chameleon)."""
         self.tok, self.vq, self.cfg = tokenizer, vq, cfg
         self.resolution = resolution if resolution is not None else (vq.config.resolution if vq is not None else None)
         self._check_agreement()
+        self.family = families.get(family) if isinstance(family, str) else (family or families.detect(tokenizer))
+        # roles come from the vocabulary's token names; the config's ids are checked against them
+        self.roles = self.family.resolve_roles(tokenizer)
         self._code_to_token = cfg.image_token_id_tensor()
         self._token_to_code = cfg.token_to_code_tensor()
-        self._sep = [] if cfg.break_id == cfg.boi_id else [cfg.break_id]
+        boi = self.roles.get("boi", cfg.boi_id)
+        self._sep = [self.role_id(r) for r in self.family.separator if self.roles.get(r, cfg.break_id) != boi]
 
     def _check_agreement(self) -> None:
         tok, cfg = self.tok, self.cfg
@@ -152,14 +202,14 @@ class DocumentCodec:
     # --- sequences
     def _parts(self, parts: Sequence[Part], *, mask_text: bool = False, mask_images: bool = False) -> list[int]:
         cfg = self.cfg
-        images = [p for p in parts if not isinstance(p, str)]
+        images = [p for p in parts if not _is_text(p)]
         codes = iter(self._image_codes(images) if images and not mask_images else [])
         ids: list[int] = []
         for i, part in enumerate(parts):
             if i:
                 ids += self._sep
-            if isinstance(part, str):
-                ids += [self._mask_id()] if mask_text else self.tok.encode(part)
+            if _is_text(part):
+                ids += [self._mask_id()] if mask_text else self.text_ids(part)
             elif mask_images:
                 ids.append(self._mask_id())
             else:
@@ -171,9 +221,69 @@ class DocumentCodec:
             raise ValueError("the model has no <mask> token (cfg.mask_id is None)")
         return self.cfg.mask_id
 
+    def role_id(self, role: str) -> int:
+        """The id of a special role in this codec's family, from the vocabulary."""
+        if role not in self.roles:
+            have = ", ".join(sorted(self.roles))
+            raise ValueError(f"the {self.family.name} vocabulary has no {role!r} token "
+                             f"({self.family.roles.get(role, 'not a role of this family')}); it has {have}")
+        return self.roles[role]
+
+    def text_ids(self, part: TextPart) -> list[int]:
+        """A text part's ids: str pieces through the BPE, `Special` pieces as their role's id."""
+        if isinstance(part, str):
+            return self.tok.encode(part)
+        ids: list[int] = []
+        for piece in part.pieces:
+            ids += self.tok.encode(piece) if isinstance(piece, str) else [self.role_id(piece.role)]
+        return ids
+
+    # --- the family's prompt streams
+    def stream(self, kind: str, stream: str = "cond", *, text: TextPart = "",
+               image: Image.Image | torch.Tensor | None = None, context: Docs = ()) -> list[int] | None:
+        """One prompt stream of a task kind ("t2i", "edit", "caption", "vqa") in this family's
+        layout: "cond" (the prompt), "uncond" (CFG / CD-K amateur), "image_cond" (editing's
+        image-only stream). None when the family has no such stream for the kind."""
+        layout = self.family.layout(kind, stream)
+        if layout is None:
+            return None
+        if layout == FILTER:  # Meta: the full prompt filtered to bos, boi, eoi and image tokens
+            full = self.stream(kind, "cond", text=text, image=image, context=context)
+            keep = {self.roles.get(r) for r in ("bos", "boi", "eoi")} - {None}
+            image_ids = set(self._code_to_token.tolist())
+            return [t for t in full if t in keep or t in image_ids]
+        ids: list[int] = []
+        for slot in layout:
+            if slot == "bos":
+                ids += [self.roles["bos"]] if "bos" in self.roles else []
+            elif slot == "context":
+                for doc in context:
+                    ids += self._parts(doc.parts) + self._slots(self.family.context_end)
+            elif slot == "text":
+                ids += self.text_ids(text)
+            elif slot == "text?":  # the text and its separator, or nothing for an empty text
+                ids += self.text_ids(text) + self._sep if text else []
+            elif slot == "image":
+                if image is None:
+                    raise ValueError(f"the {kind} {stream} stream needs an image")
+                ids += self._parts([image])
+            else:
+                ids += self._slots((slot,))
+        return ids
+
+    def _slots(self, slots: Sequence[str]) -> list[int]:
+        out: list[int] = []
+        for slot in slots:
+            out += self._sep if slot == "sep" else [self.role_id(slot)]
+        return out
+
+    def text_barred(self) -> list[int]:
+        """Ids text decoding may not emit in this family (pass to Sampler(text_barred=...))."""
+        return self.family.banned_text_ids(self.tok)
+
     def encode(self, doc: Document, retrieved: Docs = (), *, bos: bool = True, eos: bool = True) -> list[int]:
         """A whole document, retrieved documents first; a finished document ends with <eos>."""
-        ids = [self.cfg.bos_id] if bos and self.cfg.bos_id is not None else []
+        ids = [self.roles["bos"]] if bos and "bos" in self.roles else []
         for r in retrieved:
             ids += self._parts(r.parts) + self._sep
         ids += self._parts(doc.parts)
@@ -186,7 +296,7 @@ class DocumentCodec:
         """ids up to where generation of the next part starts (after <break>, plus <image> for images)."""
         if output not in ("text", "image"):
             raise ValueError(f"output must be 'text' or 'image', got {output!r}")
-        ids = [self.cfg.bos_id] if self.cfg.bos_id is not None else []
+        ids = [self.roles["bos"]] if "bos" in self.roles else []
         for r in retrieved:
             ids += self._parts(r.parts) + self._sep
         if doc.parts:
@@ -195,31 +305,31 @@ class DocumentCodec:
             ids.append(self.cfg.boi_id)
         return ids
 
-    def text_to_image_prompt(self, caption: str, retrieved: Docs = ()) -> list[int]:
-        return self.prompt(Document([caption]), "image", retrieved)
+    def text_to_image_prompt(self, caption: TextPart, retrieved: Docs = ()) -> list[int]:
+        return self.stream("t2i", text=caption, context=retrieved)
 
     def image_to_text_prompt(self, image: Image.Image | torch.Tensor, retrieved: Docs = ()) -> list[int]:
-        return self.prompt(Document([image]), "text", retrieved)
+        return self.stream("caption", image=image, context=retrieved)
 
-    def vqa_prompt(self, image: Image.Image | torch.Tensor, question: str, retrieved: Docs = ()) -> list[int]:
-        return self.prompt(Document([image, question]), "text", retrieved)
+    def vqa_prompt(self, image: Image.Image | torch.Tensor, question: TextPart, retrieved: Docs = ()) -> list[int]:
+        return self.stream("vqa", text=question, image=image, context=retrieved)
 
-    def edit_prompt(self, instruction: str, image: Image.Image | torch.Tensor, retrieved: Docs = ()) -> list[int]:
-        return self.prompt(Document([instruction, image]), "image", retrieved)
+    def edit_prompt(self, instruction: TextPart, image: Image.Image | torch.Tensor, retrieved: Docs = ()) -> list[int]:
+        return self.stream("edit", text=instruction, image=image, context=retrieved)
 
-    # CFG streams: CM3leon's unconditional stream replaces the text with <mask>
+    # Guidance streams. CM3leon's unconditional stream replaces the text with <mask>;
+    # Chameleon's is `<s> <racm3:break>` (see cm3leon/families.py).
     def uncond_image_prompt(self) -> list[int]:
-        """[bos] <mask> <break> <image>: text-to-image without its caption."""
-        return self.prompt(Document([""]), "image", mask_text=True)
+        """Text-to-image without its caption (cm3leon: [bos] <mask> <break> <image>)."""
+        return self.stream("t2i", "uncond")
 
     def edit_image_cond_prompt(self, image: Image.Image | torch.Tensor) -> list[int]:
         """Editing stream that sees the source image but not the instruction."""
-        return self.prompt(Document(["", image]), "image", mask_text=True)
+        return self.stream("edit", "image_cond", image=image)
 
     def edit_uncond_prompt(self) -> list[int]:
-        """Editing stream that sees neither instruction nor source image (each part becomes one <mask>)."""
-        placeholder = torch.zeros(0, dtype=torch.long)  # never encoded: mask_images replaces it
-        return self.prompt(Document(["", placeholder]), "image", mask_text=True, mask_images=True)
+        """Editing stream that sees neither instruction nor source image."""
+        return self.stream("edit", "uncond")
 
     def parse(self, ids: Sequence[int] | torch.Tensor) -> Document:
         """Token ids -> Document: text spans decoded, image spans as code tensors.

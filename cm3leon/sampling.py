@@ -9,6 +9,11 @@ allocated once.
 Randomness is counter-based: a sample draws one uniform number per step from
 hash(seed, candidate, step), so its tokens do not depend on batch size, batch neighbours or
 how samples are split across processes.
+
+The loop is prefill -> decode_step x N -> collect. A decode step has static shapes and reads
+nothing back to the host: the uniforms are hashed on the device, non-finite logits are recorded
+there and raised after the batch, and text's stop check reads one flag every `SYNC_EVERY` steps,
+so the host queues steps ahead of a GPU and torch.compile (CUDA graphs) captures the step once.
 """
 
 from __future__ import annotations
@@ -20,11 +25,23 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from .config import ModelConfig
-from .transformer import Transformer
+from .counter_rng import sample_uniform, sample_uniforms, splitmix64_tensor  # noqa: F401  (public API here)
+from .errors import Cm3evalError
+from .processors import (apply_guidance, cdk_candidate_mask, cdk_scores, sample_from_logits,  # noqa: F401
+                         sample_top_p_prefiltered, top_k_filter)
+from .transformer import KVCache, Transformer
 
 
-class NonFiniteLogitsError(RuntimeError):
+class NonFiniteLogitsError(Cm3evalError, RuntimeError):
     """The model produced NaN or +/-inf logits; sampling from them would give garbage silently."""
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -41,25 +58,33 @@ class SamplingConfig:
     n_candidates: int = 1
 
     def validate(self) -> None:
-        problems = []
+        """THE validation of sampling settings (the plan phase calls it before a model loads).
+
+        Raises ValueError whose message starts with the offending field's name."""
+        if not isinstance(self.greedy, bool):
+            raise ValueError(f"greedy: must be true or false, got {self.greedy!r}")
+        if not _is_number(self.temperature):
+            raise ValueError(f"temperature: must be a finite number, got {self.temperature!r}")
         if not self.greedy and not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            problems.append(f"top_k must be >= 1, got {self.top_k}")
-        if self.cdk_alpha is not None and not 0 <= self.cdk_alpha <= 1:
-            problems.append(f"cdk_alpha must be in [0, 1], got {self.cdk_alpha}")
-        if self.cdk_k < 1:
-            problems.append(f"cdk_k must be >= 1, got {self.cdk_k}")
-        if not 0 <= self.mix_cdk_fraction <= 1:
-            problems.append(f"mix_cdk_fraction must be in [0, 1], got {self.mix_cdk_fraction}")
+            raise ValueError(f"temperature: must be > 0 (use greedy=true for argmax), got {self.temperature}")
+        if self.top_k is not None and not (_is_count(self.top_k) and self.top_k >= 1):
+            raise ValueError(f"top_k: must be an integer >= 1 (or unset), got {self.top_k!r}")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p: must be in (0, 1] (or unset), got {self.top_p!r}")
+        if not _is_number(self.cfg_scale):
+            raise ValueError(f"cfg_scale: must be a finite number (1 = no guidance), got {self.cfg_scale!r}")
+        if self.image_cfg_scale is not None and not _is_number(self.image_cfg_scale):
+            raise ValueError(f"image_cfg_scale: must be a finite number (or unset), got {self.image_cfg_scale!r}")
+        if self.cdk_alpha is not None and not (_is_number(self.cdk_alpha) and 0 < self.cdk_alpha <= 1):
+            raise ValueError(f"cdk_alpha: must be in (0, 1] (or unset to turn CD-K off), got {self.cdk_alpha!r}")
+        if not (_is_count(self.cdk_k) and self.cdk_k >= 1):
+            raise ValueError(f"cdk_k: must be an integer >= 1, got {self.cdk_k!r}")
+        if not (_is_number(self.mix_cdk_fraction) and 0 <= self.mix_cdk_fraction <= 1):
+            raise ValueError(f"mix_cdk_fraction: must be in [0, 1], got {self.mix_cdk_fraction!r}")
         if self.mix_cdk_fraction > 0 and self.cdk_alpha is None:
-            problems.append("mix_cdk_fraction needs cdk_alpha")
-        if self.n_candidates < 1:
-            problems.append(f"n_candidates must be >= 1, got {self.n_candidates}")
-        if problems:
-            raise ValueError("invalid sampling settings: " + "; ".join(problems))
+            raise ValueError("mix_cdk_fraction: needs cdk_alpha (the CD-K candidates' plausibility cut)")
+        if not (_is_count(self.n_candidates) and self.n_candidates >= 1):
+            raise ValueError(f"n_candidates: must be an integer >= 1, got {self.n_candidates!r}")
 
     def uses_cdk(self, candidate: int) -> bool:
         if self.cdk_alpha is None:
@@ -98,13 +123,18 @@ MAX_AUTO_BATCH = 64
 
 
 def auto_batch_size(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    streams: int = 2, cap: int = MAX_AUTO_BATCH) -> int:
+                    streams: int = 2, cap: int = MAX_AUTO_BATCH, *, seq_len: int | None = None,
+                    tp: int = 1) -> int:
     """Samples per batch when the user gives none: as many as fit a KV-cache budget.
 
-    A sample's cache holds `streams` rows (cond + uncond for guidance) of max_seq_len positions,
-    so a 7B Chameleon (2 GiB per bf16 row) gets a handful on an 80 GB GPU and the 4M-parameter
-    demo model the cap on a laptop, where small batches would be all Python overhead."""
-    per_row = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cfg.max_seq_len * torch.empty((), dtype=dtype).element_size()
+    A sample's cache holds `streams` rows (cond + uncond for guidance) of `seq_len` positions
+    (default max_seq_len; a caller that knows prompt + budget passes it), so a 7B Chameleon
+    (2 GiB per bf16 row) gets a handful on an 80 GB GPU and the 4M-parameter demo model the cap
+    on a laptop, where small batches would be all Python overhead. With `tp` ranks splitting the
+    KV heads, each rank holds 1/tp of a row."""
+    positions = seq_len if seq_len is not None else cfg.max_seq_len
+    per_row = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * positions * torch.empty((), dtype=dtype).element_size()
+    per_row = max(1, per_row // max(1, tp))
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         free, _total = torch.cuda.mem_get_info(device)
@@ -114,74 +144,12 @@ def auto_batch_size(cfg: ModelConfig, device: str | torch.device = "cpu", dtype:
     return max(1, min(cap, int(budget // (per_row * streams))))
 
 
-# ----------------------------------------------------------------------------- randomness
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def sample_uniform(seed: int, candidate: int, step: int) -> float:
-    """A uniform number in [0, 1) that depends only on (seed, candidate, step)."""
-    x = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ candidate) ^ step)
-    return (x >> 11) * (1.0 / (1 << 53))
-
-
-# ----------------------------------------------------------------------------- logits processors
-def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float,
-                   image_cond: torch.Tensor | None = None, image_scale: float | None = None) -> torch.Tensor:
-    """CFG: uncond + s·(cond − uncond); editing: uncond + s_img·(img − uncond) + s_txt·(full − img)."""
-    if image_cond is not None and image_scale is not None:
-        return uncond + image_scale * (image_cond - uncond) + scale * (cond - image_cond)
-    if uncond is None or scale == 1.0:
-        return cond
-    return uncond + scale * (cond - uncond)
-
-
-def cdk_candidate_mask(expert_probs: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
-    """CD-K's plausible set: V = {w : p_exp(w) >= alpha · (k-th largest p_exp)}."""
-    kth = expert_probs.topk(min(k, expert_probs.shape[-1]), dim=-1).values[..., -1:]
-    return expert_probs >= alpha * kth
-
-
-def cdk_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
-    """log p_exp − log p_ama on CD-K's plausible set, −inf elsewhere."""
-    log_exp = torch.log_softmax(expert_logits, dim=-1)
-    log_ama = torch.log_softmax(amateur_logits, dim=-1)
-    keep = cdk_candidate_mask(log_exp.exp(), alpha, k)
-    score = log_exp - log_ama
-    # an expert token the amateur rules out entirely (−inf) is maximally "contrastive"; keep it finite
-    score = torch.where(torch.isfinite(score), score, log_exp + 1e4)
-    return score.masked_fill(~keep, float("-inf"))
-
-
-def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
-    if k is None or k >= logits.shape[-1]:
-        return logits
-    kth = logits.topk(k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, top_p: float | None) -> torch.Tensor:
-    """Inverse-CDF sampling with one given uniform per row; top-p over the sorted distribution."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    if top_p is not None and top_p < 1.0:
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the top token always stays
-    cdf = sorted_probs.cumsum(-1)
-    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.shape[-1] - 1)
-    # never land on a zero-probability tail token through rounding at the top of the CDF
-    idx = torch.minimum(idx, (sorted_probs > 0).sum(-1, keepdim=True) - 1)
-    return order.gather(-1, idx).squeeze(-1)
-
-
 # ----------------------------------------------------------------------------- the decode loop
+SYNC_EVERY = 16  # text: read the all-done flag once per this many steps (the only host read in the loop)
+KV_BUCKET = 256  # compiled steps attend over a multiple of this many slots: one graph per bucket
+TOP_P_PREFILTER = 1024  # text top-p: candidates kept before the nucleus (exactness checked per row)
+
+
 @dataclass
 class _Sample:
     request: int
@@ -204,18 +172,119 @@ def _stream_prompts(req: GenerationRequest, sampling: SamplingConfig) -> list[li
     return streams
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything a decode step needs that is fixed for a batch (a compiled step guards on it)."""
+
+    n_streams: int
+    modality: str
+    sampling: SamplingConfig
+    columns: torch.Tensor | None  # image mode: the image token ids (ascending) the step works on
+    allowed: torch.Tensor | None  # text mode: [V] bool, tokens text may emit
+    stop_ids: torch.Tensor  # text ends on any of these
+    any_cdk: bool
+    prefilter: int | None  # text top-p: candidates kept before the nucleus, None = full sort
+    pad_id: int
+
+
+@dataclass
+class DecodeState:
+    """The device tensors of one batch; every step keeps their shapes."""
+
+    logits: torch.Tensor  # [rows, V] next-token logits of every stream row
+    cache: KVCache
+    out: torch.Tensor  # [b, budget] long: sampled token ids, -1 where none
+    done: torch.Tensor  # [b] bool
+    stopped: torch.Tensor  # [b] bool: ended on a stop token
+    limits: torch.Tensor  # [b] long: each sample's token budget
+    uniforms: torch.Tensor  # [b, budget] float64
+    cdk_rows: torch.Tensor  # [b] bool
+    step: torch.Tensor  # [1] long: the step counter, on the device
+    bad_step: torch.Tensor  # [rows] long: first step with non-finite logits, -1 if none
+    inexact: torch.Tensor  # [1] bool: a prefiltered top-p step could not prove its token
+    budget: int
+
+
+def _record_non_finite(state: DecodeState) -> torch.Tensor:
+    """Note each row's first non-finite step on the device; return logits safe to sample from."""
+    bad = ~torch.isfinite(state.logits).all(-1)
+    state.bad_step.copy_(torch.where(bad & (state.bad_step < 0), state.step, state.bad_step))
+    # broken rows (raised after the batch) sample from zeros, so every index stays in range
+    return torch.where(bad[:, None], torch.zeros_like(state.logits), state.logits)
+
+
+def _choose(logits: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.Tensor:
+    """Processors + sampling for one step: guided, masked, CD-K'd logits -> one token per sample."""
+    s = plan.sampling
+    if plan.columns is not None:  # image mode: only the image codes can be chosen, so only they are processed
+        logits = logits.index_select(1, plan.columns)
+    per_stream = logits.view(plan.n_streams, -1, logits.shape[-1])
+    cond = per_stream[0]
+    uncond = per_stream[1] if plan.n_streams > 1 else None
+    image_cond = per_stream[2] if plan.n_streams > 2 else None
+    guided = apply_guidance(cond, uncond, s.cfg_scale, image_cond, s.image_cfg_scale)
+    if plan.allowed is not None:
+        guided = guided.masked_fill(~plan.allowed, float("-inf"))
+    if plan.any_cdk:
+        # CD-K: the expert is the (guided) conditional stream, the amateur the unconditional one
+        amateur = uncond if plan.allowed is None else uncond.masked_fill(~plan.allowed, float("-inf"))
+        contrast = cdk_scores(guided, amateur, s.cdk_alpha, s.cdk_k)
+        guided = torch.where(state.cdk_rows[:, None], contrast, guided)
+    if s.greedy:
+        nxt = guided.argmax(-1)
+    else:
+        scaled = top_k_filter(guided / s.temperature, s.top_k)
+        u = state.uniforms.index_select(1, state.step).squeeze(1)
+        if plan.prefilter is not None:
+            nxt, exact = sample_top_p_prefiltered(scaled, u, s.top_p, plan.prefilter)
+            state.inexact.logical_or_((~exact & ~state.done).any().view(1))
+        else:
+            nxt = sample_from_logits(scaled, u, s.top_p)
+    return plan.columns[nxt] if plan.columns is not None else nxt
+
+
+def _record(nxt: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.Tensor:
+    """Write this step's tokens; update done / stopped; return the tokens to feed (pad when done)."""
+    nxt = torch.where(state.done, torch.full_like(nxt, plan.pad_id), nxt)
+    col = state.step.expand(nxt.shape[0])[:, None]
+    state.out.scatter_(1, col, torch.where(state.done, state.out.gather(1, col).squeeze(1), nxt)[:, None])
+    if plan.modality == "text":
+        hit_stop = torch.isin(nxt, plan.stop_ids) & ~state.done
+        state.stopped.logical_or_(hit_stop)
+        state.done.logical_or_(hit_stop)
+    state.done.logical_or_((state.step + 1) >= state.limits)
+    return nxt
+
+
+def decode_step(model: Transformer, state: DecodeState, plan: StepPlan, kv_len: int | None) -> None:
+    """One step: sample from state.logits, record, and run the model on the sampled tokens.
+
+    `kv_len=None` only records (the last step needs no forward). Static shapes throughout, no host
+    reads: this is the function torch.compile captures."""
+    nxt = _record(_choose(_record_non_finite(state), state, plan), state, plan)
+    if kv_len is not None:
+        state.logits = model.step_tensors(nxt.repeat(plan.n_streams), state.cache, kv_len).float()
+    state.step.add_(1)
+
+
 class Sampler:
     """Holds the token-space tables for one model; `generate` runs batches of requests."""
 
     def __init__(self, model: Transformer, cfg: ModelConfig | None = None, *,
-                 text_barred: Sequence[int] | None = None):
+                 text_barred: Sequence[int] | None = None, compile: bool = False,
+                 top_p_prefilter: int | None = TOP_P_PREFILTER):
         """`text_barred`: non-image tokens text may not emit; default eoi, pad, bos, mask, infill
-        (image codes are always barred from text, text always from images)."""
+        (image codes are always barred from text, text always from images).
+        `compile`: run the decode step through torch.compile ("reduce-overhead", i.e. CUDA graphs,
+        on CUDA; the default mode elsewhere), one graph per batch shape and KV bucket.
+        `top_p_prefilter`: text top-p samples through this many candidates when that provably gives
+        the full sort's token (None: always sort the vocabulary)."""
         self.model = model
         self.cfg = cfg or model.config
         self.device = device = model.tok_embeddings.weight.device
         self.image_mask = self.cfg.is_image_token_mask(device)
         self.token_to_code = self.cfg.token_to_code_tensor(device)
+        self.image_columns = self.cfg.image_token_id_tensor(device).sort().values
         # text ends on eos, <break>, or the start of an image
         self.stop_set = {i for i in (self.cfg.eos_id, self.cfg.break_id, self.cfg.boi_id) if i is not None}
         self.stop_ids = torch.tensor(sorted(self.stop_set), device=device)
@@ -224,6 +293,9 @@ class Sampler:
                                        self.cfg.infill_id) if i is not None and i not in self.stop_set]
         self.text_allowed = ~self.image_mask
         self.text_allowed[list(text_barred)] = False
+        self.compiled = compile
+        self.top_p_prefilter = top_p_prefilter
+        self._step_fn = _compiled_step(device) if compile else decode_step
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig,
@@ -245,80 +317,144 @@ class Sampler:
             results.append(Generation([o[0] for o in outs], finished=[o[1] for o in outs]))
         return results
 
-    def _run_batch(self, requests, batch: list[_Sample], sampling: SamplingConfig, modality: str):
-        model, cfg, dev = self.model, self.cfg, self.device
-        b = len(batch)
+    # -- one batch: prefill -> decode -> collect
+    def _run_batch(self, requests, batch: list[_Sample], sampling: SamplingConfig, modality: str,
+                   exact: bool = False) -> list[tuple[list[int], bool]]:
+        state, plan = self.prefill(requests, batch, sampling, modality, exact=exact)
+        try:
+            self.decode(state, plan, batch)
+            return self.collect(state, plan, batch)
+        except _Inexact:
+            # a prefiltered top-p step could not prove its token: redo the batch with full sorts
+            return self._run_batch(requests, batch, sampling, modality, exact=True)
+
+    def plan(self, sampling: SamplingConfig, modality: str, n_streams: int, any_cdk: bool,
+             exact: bool = False) -> StepPlan:
+        vocab = self.cfg.vocab_size
+        prefilter = None
+        if (modality == "text" and not exact and not sampling.greedy and self.top_p_prefilter
+                and sampling.top_p is not None and sampling.top_p < 1.0 and self.top_p_prefilter < vocab):
+            prefilter = self.top_p_prefilter
+        image = modality == "image"
+        return StepPlan(n_streams=n_streams, modality=modality, sampling=sampling,
+                        columns=self.image_columns if image else None,
+                        allowed=None if image else self.text_allowed, stop_ids=self.stop_ids,
+                        any_cdk=any_cdk and sampling.cdk_alpha is not None, prefilter=prefilter,
+                        pad_id=self.cfg.pad_id)
+
+    def prefill(self, requests, batch: list[_Sample], sampling: SamplingConfig, modality: str, *,
+                exact: bool = False) -> tuple[DecodeState, StepPlan]:
+        """Pack the batch's stream rows (stream-major: [cond..., uncond...]), run the prompts into
+        a fresh cache and set up the step state; all host->device copies of the batch happen here."""
+        cfg, dev, b = self.cfg, self.device, len(batch)
         streams = [_stream_prompts(requests[s.request], sampling) for s in batch]
         n_streams = len(streams[0])
-        rows = [streams[i][j] for j in range(n_streams) for i in range(b)]  # stream-major: [cond..., uncond...]
+        rows = [streams[i][j] for j in range(n_streams) for i in range(b)]
         if any(len(p) == 0 for p in rows):
             raise ValueError("empty prompt: every stream needs at least one token (e.g. <bos>)")
         T = max(len(p) for p in rows)
-        if modality == "image":
-            budget = cfg.image_seq_len
-        else:
-            budget = max(requests[s.request].max_new_tokens for s in batch)
+        limits = [cfg.image_seq_len if modality == "image" else requests[s.request].max_new_tokens for s in batch]
+        budget = max(limits)
         tokens = torch.full((len(rows), T), cfg.pad_id, dtype=torch.long)
         valid = torch.zeros(len(rows), T, dtype=torch.bool)
         for i, p in enumerate(rows):
             tokens[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
             valid[i, T - len(p):] = True
-        tokens, valid = tokens.to(dev), valid.to(dev)
-        cache = model.new_cache(len(rows), T + budget, device=dev)
-        logits = model.prefill(tokens, valid, cache, last_only=True)[:, -1]
+        cache = self.model.new_cache(len(rows), T + budget, device=dev)
+        logits = self.model.prefill(tokens.to(dev), valid.to(dev), cache, last_only=True)[:, -1].float()
+        state = DecodeState(
+            logits=logits, cache=cache, out=torch.full((b, budget), -1, dtype=torch.long, device=dev),
+            done=torch.zeros(b, dtype=torch.bool, device=dev), stopped=torch.zeros(b, dtype=torch.bool, device=dev),
+            limits=torch.tensor(limits, device=dev),
+            uniforms=sample_uniforms([s.seed for s in batch], [s.candidate for s in batch], budget, dev),
+            cdk_rows=torch.tensor([s.cdk for s in batch], device=dev),
+            step=torch.zeros(1, dtype=torch.long, device=dev),
+            bad_step=torch.full((len(rows),), -1, dtype=torch.long, device=dev),
+            inexact=torch.zeros(1, dtype=torch.bool, device=dev), budget=budget)
+        return state, self.plan(sampling, modality, n_streams, any(s.cdk for s in batch), exact)
 
-        cdk_rows = torch.tensor([s.cdk for s in batch], device=dev)
-        limits = torch.tensor([budget if modality == "image" else requests[s.request].max_new_tokens for s in batch],
-                              device=dev)
-        out = torch.full((b, budget), -1, dtype=torch.long, device=dev)
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
-        stopped = torch.zeros(b, dtype=torch.bool, device=dev)
-        allowed = self.image_mask if modality == "image" else self.text_allowed
-        for step in range(budget):
-            logits = logits.float()
-            if not torch.isfinite(logits).all():
-                bad = sorted({batch[i % b].request for i in torch.nonzero(~torch.isfinite(logits).all(-1)).flatten().tolist()})
-                raise NonFiniteLogitsError(
-                    f"non-finite logits (NaN/inf) at step {step} for request(s) {bad[:5]}: the model or its weights are broken")
-            per_stream = logits.view(n_streams, b, -1)
-            cond = per_stream[0]
-            uncond = per_stream[1] if n_streams > 1 else None
-            image_cond = per_stream[2] if n_streams > 2 else None
-            guided = apply_guidance(cond, uncond, sampling.cfg_scale, image_cond, sampling.image_cfg_scale)
-            guided = guided.masked_fill(~allowed, float("-inf"))
-            if sampling.cdk_alpha is not None and bool(cdk_rows.any()):
-                # CD-K: the expert is the (guided) conditional stream, the amateur the unconditional one
-                amateur = uncond.masked_fill(~allowed, float("-inf"))
-                contrast = cdk_scores(guided, amateur, sampling.cdk_alpha, sampling.cdk_k)
-                guided = torch.where(cdk_rows[:, None], contrast, guided)
-            if sampling.greedy:
-                nxt = guided.argmax(-1)
-            else:
-                scaled = top_k_filter(guided / sampling.temperature, sampling.top_k)
-                u = torch.tensor([sample_uniform(s.seed, s.candidate, step) for s in batch],
-                                 dtype=torch.float64, device=dev)
-                nxt = sample_from_logits(scaled, u, sampling.top_p)
-            nxt = torch.where(done, torch.full_like(nxt, cfg.pad_id), nxt)
-            out[:, step] = torch.where(done, out[:, step], nxt)
-            if modality == "text":
-                hit_stop = torch.isin(nxt, self.stop_ids) & ~done
-                stopped |= hit_stop
-                done |= hit_stop
-            done |= (step + 1) >= limits
-            if bool(done.all()) or step == budget - 1:
+    def _kv_len(self, cache: KVCache) -> int:
+        need = cache.length + 1
+        if not self.compiled:
+            return need  # eager: attend over the filled slots only
+        return min(cache.max_len, -(-need // KV_BUCKET) * KV_BUCKET)
+
+    def decode(self, state: DecodeState, plan: StepPlan, batch: list[_Sample]) -> None:
+        """Run the steps; raises _Inexact when a prefiltered top-p step was (the caller redoes the batch).
+
+        The only host reads: text's flags every SYNC_EVERY steps, and one before a forward that the
+        host knows would pass max_seq_len (it is an error only if some sample still runs)."""
+        model, cache = self.model, state.cache
+        for step in range(state.budget):
+            last = step == state.budget - 1
+            blocked = not last and cache.max_next_pos >= model.config.max_seq_len
+            kv_len = None if (last or blocked) else self._kv_len(cache)
+            if kv_len is not None:
+                model.check_step(cache, kv_len)
+            self._step_fn(model, state, plan, kv_len)
+            if kv_len is not None:
+                model.advance(cache)
+            if last:
                 break
-            logits = model.step(nxt.repeat(n_streams), cache)
+            if blocked or (plan.modality == "text" and step % SYNC_EVERY == SYNC_EVERY - 1):
+                all_done, inexact = self._read_flags(state, batch)
+                if inexact:
+                    raise _Inexact()
+                if all_done:
+                    break
+                if blocked:
+                    model.check_step(cache)  # raises: a sample still runs past max_seq_len
+
+    @staticmethod
+    def _read_flags(state: DecodeState, batch: list[_Sample]) -> tuple[bool, bool]:
+        """One device read: (all samples done, some step inexact); raises on non-finite logits."""
+        flags = torch.stack([state.done.all(), state.inexact[0], (state.bad_step >= 0).any()]).tolist()
+        if flags[2]:
+            _raise_non_finite(state.bad_step.tolist(), batch)
+        return bool(flags[0]), bool(flags[1])
+
+    def collect(self, state: DecodeState, plan: StepPlan, batch: list[_Sample]) -> list[tuple[list[int], bool]]:
+        """Bring a finished batch to the host (one read of every tensor) and cut each sample's tokens."""
+        bad_step, inexact = state.bad_step.tolist(), bool(state.inexact)
+        if any(s >= 0 for s in bad_step):
+            _raise_non_finite(bad_step, batch)
+        if inexact:  # the steps after the last flag read
+            raise _Inexact()
+        out, stopped = state.out.tolist(), state.stopped.tolist()
+        codes = self.token_to_code.tolist() if plan.modality == "image" else None
         results = []
-        for i in range(b):
-            seq = out[i][out[i] >= 0].tolist()
-            if modality == "image":
-                codes = self.token_to_code[torch.tensor(seq, device=dev)].tolist()
-                results.append((codes, True))
+        for row, stop in zip(out, stopped):
+            seq = [t for t in row if t >= 0]
+            if codes is not None:
+                results.append(([codes[t] for t in seq], True))
             else:
-                if stopped[i] and seq and seq[-1] in self.stop_set:
+                if stop and seq and seq[-1] in self.stop_set:
                     seq = seq[:-1]
-                results.append((seq, bool(stopped[i])))
+                results.append((seq, bool(stop)))
         return results
+
+
+class _Inexact(Exception):
+    """Internal: a batch's prefiltered top-p could not prove a token; the batch is redone exactly."""
+
+
+def _raise_non_finite(bad_step: list[int], batch: list[_Sample]) -> None:
+    b = len(batch)
+    first = min(s for s in bad_step if s >= 0)
+    bad = sorted({batch[i % b].request for i, s in enumerate(bad_step) if s >= 0})
+    raise NonFiniteLogitsError(
+        f"non-finite logits (NaN/inf) at step {first} for request(s) {bad[:5]}: the model or its weights are broken")
+
+
+def _compiled_step(device: torch.device):
+    """decode_step under torch.compile: CUDA graphs on CUDA (the step's launches replayed as one),
+    inductor's fused kernels elsewhere. Each (batch shape, kv bucket) compiles once."""
+    dynamo = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # one graph per KV bucket, and per batch shape
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), 64))
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(decode_step, mode=mode, dynamic=False)
 
 
 def generate(model: Transformer, cfg: ModelConfig | None, requests: Sequence[GenerationRequest],

@@ -20,6 +20,16 @@ from typing import Any, Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .errors import Cm3evalError
+
+
+class TokenizerError(Cm3evalError, ValueError):
+    """A tokenizer file that cannot serve as a multimodal vocabulary (one line: file and why)."""
+
+
+class TokenizerNotFoundError(Cm3evalError, FileNotFoundError):
+    """No tokenizer file where one was looked for."""
+
 ROLES = ("bos", "eos", "pad", "boi", "eoi", "break", "mask", "infill")
 NATIVE_SPECIALS = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "boi": "<image>", "eoi": "</image>",
                    "break": "<break>", "mask": "<mask>", "infill": "<infill>"}
@@ -55,7 +65,7 @@ class TextTokenizer:
         native = {int(m.group(1)): i for name, i in vocab.items() if (m := _NATIVE_IMAGE.fullmatch(name))}
         cham_names = [name for name in vocab if name.startswith(_CHAMELEON_PREFIX)]
         if native and cham_names:
-            raise ValueError(f"{source}: vocabulary mixes native <img:N> and Chameleon IMGIMG image tokens")
+            raise TokenizerError(f"{source}: vocabulary mixes native <img:N> and Chameleon IMGIMG image tokens")
         if native:
             self.layout, code_to_id, names = "native", native, NATIVE_SPECIALS
         elif cham_names:
@@ -63,18 +73,18 @@ class TextTokenizer:
             for name in cham_names:
                 code = chameleon_code(name)
                 if code is None:
-                    raise ValueError(f"{source}: image token {name!r} does not spell a code with letters A-J")
+                    raise TokenizerError(f"{source}: image token {name!r} does not spell a code with letters A-J")
                 if code in code_to_id:
-                    raise ValueError(f"{source}: two image tokens name code {code}")
+                    raise TokenizerError(f"{source}: two image tokens name code {code}")
                 code_to_id[code] = vocab[name]
             self.layout, names = "chameleon", CHAMELEON_SPECIALS
         else:
-            raise ValueError(f"{source}: no image tokens (<img:N> or IMGIMG...) in the vocabulary; "
+            raise TokenizerError(f"{source}: no image tokens (<img:N> or IMGIMG...) in the vocabulary; "
                              "not a multimodal tokenizer")
         n = len(code_to_id)
         if sorted(code_to_id) != list(range(n)):
             missing = sorted(set(range(n)) - set(code_to_id))[:5]
-            raise ValueError(f"{source}: image codes are not 0..{n - 1} (missing e.g. {missing})")
+            raise TokenizerError(f"{source}: image codes are not 0..{n - 1} (missing e.g. {missing})")
         self._image_ids = [code_to_id[c] for c in range(n)]
         self._special_ids = {role: vocab[name] for role, name in names.items() if name in vocab}
         self._vocab_size = max(vocab.values()) + 1
@@ -89,14 +99,14 @@ class TextTokenizer:
     def from_file(cls, path: str | Path) -> "TextTokenizer":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise TokenizerNotFoundError(
                 f"tokenizer not found: {path} (a model folder holds tokenizer.json; train one with "
                 "TextTokenizer.train or take Chameleon's from its transformers checkpoint)")
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path}: not a valid tokenizers tokenizer.json ({first})") from None
+            raise TokenizerError(f"{path}: not a valid tokenizers tokenizer.json ({first})") from None
         return cls(tok, source=str(path))
 
     def save(self, path: str | Path) -> None:
@@ -158,6 +168,10 @@ class TextTokenizer:
         """VQ code c -> token id, as a list indexed by code."""
         return list(self._image_ids)
 
+    def vocab(self) -> dict[str, int]:
+        """Every token name (added tokens included) -> id."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -168,7 +182,7 @@ class TextTokenizer:
         """The ModelConfig token-space fields that match this vocabulary."""
         missing = [r for r in ("eos", "pad", "boi", "eoi", "break") if r not in self._special_ids]
         if missing:
-            raise ValueError(f"{self.source}: no token for role(s) {missing}; cannot build a ModelConfig token space")
+            raise TokenizerError(f"{self.source}: no token for role(s) {missing}; cannot build a ModelConfig token space")
         ids = self._image_ids
         out: dict[str, Any] = {"vocab_size": self._vocab_size, "image_codebook_size": len(ids)}
         if ids == list(range(ids[0], ids[0] + len(ids))):

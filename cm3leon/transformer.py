@@ -7,6 +7,13 @@ conversion's q/k permutation is undone on import (checkpoint.py).
 Batched decoding works on LEFT-padded batches: `valid` marks real tokens, positions count real
 tokens only, and padded keys are masked, so a row's logits do not depend on its padding or its
 batch neighbours. The KV cache is allocated once per batch; `step` writes one slot per call.
+
+Decoding is built for a GPU that the host should never wait on: a step reads no device value
+(the position bound is tracked on the host, the write slot is a device counter), attends over the
+filled slots only (or a caller's fixed bucket of them, so a compiled step has static shapes), and
+lets SDPA broadcast grouped KV heads (`enable_gqa`) instead of copying the cache per layer.
+Attention heads are read from the weights' local shapes, so a tensor-parallel shard (see
+tensor_parallel.py) runs the same code on its slice of the heads.
 """
 
 from __future__ import annotations
@@ -78,7 +85,9 @@ class KVCache:
     v: torch.Tensor
     valid: torch.Tensor  # [B, S] bool: slot holds a real token
     next_pos: torch.Tensor  # [B] position id of the next token of each row
-    length: int = 0  # slots filled so far (same for every row: rows are left-padded)
+    slot: torch.Tensor  # [1] long on the device: the next slot to write (a tensor so a compiled step never recompiles)
+    length: int = 0  # slots filled so far (same for every row: rows are left-padded); host mirror of `slot`
+    max_next_pos: int = 0  # host mirror of next_pos.max(): bounds positions without reading the device
 
     @property
     def max_len(self) -> int:
@@ -105,27 +114,34 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-        slots: slice | None = None,
+        slots: slice | torch.Tensor | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
+        """`slots`: where this chunk goes in the cache (a slice, or a [1] slot tensor for one token);
+        `kv_len`: how many leading cache slots the queries attend over (`mask` covers exactly those)."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        hd = self.head_dim
+        # -1 heads: a tensor-parallel shard holds n_heads / tp of them
+        q = self.wq(x).view(B, T, -1, hd)
+        k = self.wk(x).view(B, T, -1, hd)
+        v = self.wv(x).view(B, T, -1, hd)
         if self.q_normalization is not None:
             q, k = self.q_normalization(q), self.k_normalization(k)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        if kv is not None:  # write this chunk into the cache, attend over the whole cache
+        if kv is not None:  # write this chunk into the cache, attend over its filled part
             cache_k, cache_v = kv
-            cache_k[:, :, slots] = k
-            cache_v[:, :, slots] = v
-            k, v = cache_k, cache_v
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            if isinstance(slots, torch.Tensor):
+                cache_k.index_copy_(2, slots, k)
+                cache_v.index_copy_(2, slots, v)
+            else:
+                cache_k[:, :, slots] = k
+                cache_v[:, :, slots] = v
+            k, v = cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
+        # grouped KV heads broadcast inside SDPA: no repeat_interleave copy of the cache per step
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -152,11 +168,11 @@ class Block(nn.Module):
         self.attention_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_affine)
         self.ffn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_affine)
 
-    def forward(self, x, rope, mask, kv=None, slots=None):
+    def forward(self, x, rope, mask, kv=None, slots=None, kv_len=None):
         if self.swin_norm:  # normalise the sublayer's output (Chameleon-30B's stabiliser)
-            h = x + self.attention_norm(self.attention(x, rope, mask, kv, slots))
+            h = x + self.attention_norm(self.attention(x, rope, mask, kv, slots, kv_len))
             return h + self.ffn_norm(self.feed_forward(h))
-        h = x + self.attention(self.attention_norm(x), rope, mask, kv, slots)
+        h = x + self.attention(self.attention_norm(x), rope, mask, kv, slots, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -188,9 +204,11 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     # -- shared pieces
+    def _check_position(self, max_pos: int) -> None:
+        if max_pos >= self.config.max_seq_len:
+            raise ValueError(f"sequence position {max_pos} exceeds max_seq_len={self.config.max_seq_len}")
+
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(f"sequence position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len}")
         h = self.tok_embeddings(tokens)
         if self.pos_embeddings is not None:
             h = h + self.pos_embeddings(positions)
@@ -222,6 +240,7 @@ class Transformer(nn.Module):
         if valid is None:
             valid = torch.ones_like(tokens, dtype=torch.bool)
         positions = self._positions(valid)
+        self._check_position(int(positions.max()))  # one sync per forward, never per decode step
         h = self._embed(tokens, positions)
         rope, mask = self._rope(positions), self._prefill_mask(valid)
         for layer in self.layers:
@@ -229,16 +248,24 @@ class Transformer(nn.Module):
         return self._head(h)
 
     # -- incremental decoding
+    @property
+    def local_kv_heads(self) -> int:
+        """KV heads this process holds: all of them, or n_kv_heads / tp on a tensor-parallel shard."""
+        if len(self.layers) == 0:
+            return self.config.n_kv_heads
+        return self.layers[0].attention.n_kv_heads
+
     def new_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         cfg = self.config
         device = device or self.tok_embeddings.weight.device
         dtype = dtype or self.tok_embeddings.weight.dtype
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        shape = (cfg.n_layers, batch_size, self.local_kv_heads, max_len, cfg.head_dim)
         return KVCache(
             k=torch.zeros(shape, device=device, dtype=dtype),
             v=torch.zeros(shape, device=device, dtype=dtype),
             valid=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
             next_pos=torch.zeros(batch_size, dtype=torch.long, device=device),
+            slot=torch.zeros(1, dtype=torch.long, device=device),
         )
 
     def prefill(self, tokens: torch.Tensor, valid: torch.Tensor, cache: KVCache, *,
@@ -252,34 +279,59 @@ class Transformer(nn.Module):
         if T > cache.max_len:
             raise ValueError(f"prompt of {T} tokens does not fit the cache of {cache.max_len}")
         positions = self._positions(valid)
+        next_pos = valid.long().sum(-1)
+        # the one host read of a batch: later steps bound positions by counting on the host
+        max_next = int(next_pos.max())
+        self._check_position(max_next - 1)
         h = self._embed(tokens, positions)
         rope = self._rope(positions)
         cache.valid[:, :T] = valid
-        # queries see the causal prefix of real tokens; slots past T are still invalid
+        # queries see the causal prefix of real tokens, over the T filled slots only
         mask = self._prefill_mask(valid)
-        mask = torch.cat([mask, mask.new_zeros(B, 1, T, cache.max_len - T)], dim=-1)
         slots = slice(0, T)
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask, (cache.k[i], cache.v[i]), slots)
-        cache.length = T
-        cache.next_pos = valid.long().sum(-1)
+            h = layer(h, rope, mask, (cache.k[i], cache.v[i]), slots, T)
+        cache.length, cache.max_next_pos = T, max_next
+        cache.next_pos.copy_(next_pos)
+        cache.slot.fill_(T)
         return self._head(h[:, -1:] if last_only else h)
 
-    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Append one token per row ([B]) and return the next-token logits [B, V]."""
+    def step(self, tokens: torch.Tensor, cache: KVCache, *, kv_len: int | None = None) -> torch.Tensor:
+        """Append one token per row ([B]) and return the next-token logits [B, V].
+
+        `kv_len` (default: the filled slots, this one included) lets a compiled caller attend over a
+        fixed bucket of slots so the step's shapes stay static; unfilled slots are masked out."""
+        self.check_step(cache, kv_len)
+        logits = self.step_tensors(tokens, cache, kv_len or cache.length + 1)
+        self.advance(cache)
+        return logits
+
+    def check_step(self, cache: KVCache, kv_len: int | None = None) -> None:
+        """The host-side checks of one step (no device reads)."""
         if cache.length >= cache.max_len:
             raise ValueError(f"KV cache is full ({cache.max_len} slots)")
-        slot = cache.length
+        self._check_position(cache.max_next_pos)
+        if kv_len is not None and not cache.length < kv_len <= cache.max_len:
+            raise ValueError(f"kv_len={kv_len} must cover slot {cache.length} and fit the cache of {cache.max_len}")
+
+    @staticmethod
+    def advance(cache: KVCache) -> None:
+        """Host bookkeeping after `step_tensors` (the device counters moved inside it)."""
+        cache.length += 1
+        cache.max_next_pos += 1
+
+    def step_tensors(self, tokens: torch.Tensor, cache: KVCache, kv_len: int) -> torch.Tensor:
+        """The device part of `step`: reads no host state of the cache, so torch.compile captures
+        it once per (batch, kv_len) shape; mutates k, v, valid, next_pos and slot in place."""
         positions = cache.next_pos[:, None]
         h = self._embed(tokens[:, None], positions)
         rope = self._rope(positions)
-        cache.valid[:, slot] = True
-        mask = cache.valid[:, None, None, :]  # [B, 1, 1, S]: real tokens so far, this one included
-        slots = slice(slot, slot + 1)
+        cache.valid.index_fill_(1, cache.slot, True)
+        mask = cache.valid[:, None, None, :kv_len]  # [B, 1, 1, S]: real tokens so far, this one included
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask, (cache.k[i], cache.v[i]), slots)
-        cache.length = slot + 1
-        cache.next_pos = cache.next_pos + 1
+            h = layer(h, rope, mask, (cache.k[i], cache.v[i]), cache.slot, kv_len)
+        cache.next_pos.add_(1)
+        cache.slot.add_(1)
         return self._head(h)[:, 0]
 
     def num_parameters(self) -> int:

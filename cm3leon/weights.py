@@ -1,14 +1,32 @@
-"""Safe reading of weight files: safetensors, or torch files with weights_only=True, with one-line errors."""
+"""Safe reading of weight files: safetensors (headers, whole files, streamed shards) and torch files
+with weights_only=True, with one-line errors.
+
+Loading a large checkpoint never holds more than one tensor of it beyond the model being filled:
+`stream_into` copies tensor by tensor from memory-mapped files into parameters that already live on
+the target device in the target dtype. Headers are read (and checked) before anything is allocated.
+"""
 
 from __future__ import annotations
 
 import json
 import pickle
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from .errors import Cm3evalError
+
+
+class CheckpointError(Cm3evalError, ValueError):
+    """A checkpoint file or folder that cannot be used as it is (one line: file, what, why)."""
+
+
+class CheckpointNotFoundError(Cm3evalError, FileNotFoundError):
+    """A checkpoint file that is not where it was looked for (one line: where, how to get it)."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -16,59 +34,190 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+# ----------------------------------------------------------------------------- safetensors headers
+# safetensors dtype names -> torch dtypes; integer and bool weights are refused for decoders
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 << 20  # a 100 MB JSON header would describe millions of tensors: corrupt
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors name ("BF16", "F32", "I64", ...)
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.startswith("F") or self.dtype == "BF16"
+
+
+@dataclass
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    nbytes: int = 0  # file size
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """The JSON header of a safetensors file: names, dtypes, shapes. Reads no tensor data."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"weights file not found: {path}")
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(_MAX_HEADER, size - 8):
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            raw = json.loads(f.read(n))
+        meta = raw.pop("__metadata__", None) or {}
+        tensors = {k: TensorInfo(str(v["dtype"]), tuple(int(d) for d in v["shape"])) for k, v in raw.items()}
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(e)})") from None
+    return SafetensorsHeader(path, tensors, dict(meta), size)
+
+
 def read_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of one safetensors file; a truncated file is a clear error."""
+    """All tensors and the metadata of one (small) safetensors file; a truncated file is a clear error."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise CheckpointNotFoundError(f"weights file not found: {path}")
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(e)})") from None
     return tensors, meta
 
 
-def read_sharded_safetensors(folder: Path, single: str, index: str) -> dict[str, torch.Tensor]:
-    """A folder's weights as one file (`single`) or as shards listed in an HF-style `index` JSON."""
+def shard_headers(folder: Path, single: str, index: str) -> list[SafetensorsHeader]:
+    """The headers of a folder's weights: one file (`single`) or the shards an HF-style `index` lists."""
     if (folder / single).is_file():
-        return read_safetensors(folder / single)[0]
+        return [read_header(folder / single)]
     index_path = folder / index
     if not index_path.is_file():
-        raise FileNotFoundError(f"no weights in {folder}: looked for {single} and {index}")
+        raise CheckpointNotFoundError(f"no weights in {folder}: looked for {single} and {index}")
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index_path}: not a safetensors index (needs a 'weight_map' object): {_first_line(e)}") from None
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
+        raise CheckpointError(f"{index_path}: not a safetensors index (needs a 'weight_map' object): {_first_line(e)}") from None
+    headers = []
+    for shard in sorted(set(map(str, weight_map.values()))):
         shard_path = (folder / shard).resolve()
         if folder.resolve() not in shard_path.parents:
-            raise ValueError(f"{index_path}: shard {shard!r} points outside {folder}")
-        part = read_safetensors(shard_path)[0]
+            raise CheckpointError(f"{index_path}: shard {shard!r} points outside {folder}")
+        header = read_header(shard_path)
         expected = {k for k, v in weight_map.items() if v == shard}
-        if not expected <= set(part):
-            raise ValueError(f"{shard_path}: missing tensor(s) {sorted(expected - set(part))[:3]} listed in {index}")
-        tensors.update(part)
+        if not expected <= set(header.tensors):
+            missing = sorted(expected - set(header.tensors))[:3]
+            raise CheckpointError(f"{shard_path}: missing tensor(s) {missing} listed in {index}")
+        headers.append(header)
+    return headers
+
+
+def read_sharded_safetensors(folder: Path, single: str, index: str) -> dict[str, torch.Tensor]:
+    """A (small) folder's weights as one dict; large checkpoints go through `stream_into` instead."""
+    tensors: dict[str, torch.Tensor] = {}
+    for header in shard_headers(folder, single, index):
+        tensors.update(read_safetensors(header.path)[0])
     return tensors
 
 
-def torch_load_weights(path: str | Path) -> Any:
-    """torch.load with weights_only=True: a pickle that is more than plain tensors is refused, never run."""
+def iter_safetensors(path: Path, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) one at a time from a memory-mapped safetensors file (CPU, the file's dtype)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in (list(f.keys()) if names is None else names):
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(e)})") from None
+
+
+# ----------------------------------------------------------------------------- torch files
+def torch_load_weights(path: str | Path, *, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True: a pickle that is more than plain tensors is refused, never run.
+    `mmap`: tensors stay in the file until touched (large consolidated checkpoints)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise CheckpointNotFoundError(f"weights file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: refused to load: not a plain-weights checkpoint (torch.load weights_only=True: {_first_line(e)}); "
             "re-save its state_dict as plain tensors or safetensors in a trusted environment") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+
+
+# ----------------------------------------------------------------------------- checks and copies
+def check_against(model_shapes: dict[str, tuple[int, ...]], found: dict[str, TensorInfo], source: str,
+                  what: str = "the model", where: dict[str, Path] | None = None) -> None:
+    """Names, shapes and dtypes of a checkpoint's tensors against the model's, before any allocation.
+    `where`: the file each tensor is in, named in its error."""
+    missing = [k for k in model_shapes if k not in found]
+    unexpected = [k for k in found if k not in model_shapes]
+    for names, label in ((missing, "missing"), (unexpected, "unexpected")):
+        if names:
+            more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+            raise CheckpointError(f"{source}: {label} tensor(s) {', '.join(names[:3])}{more} for {what}")
+    for name, info in found.items():
+        file = (where or {}).get(name, source)
+        if not info.is_float:
+            raise CheckpointError(f"{file}: tensor {name} is {info.dtype}; decoder weights must be floating point "
+                                  "(an integer tensor would be cast silently)")
+        if info.shape != tuple(model_shapes[name]):
+            raise CheckpointError(f"{file}: tensor {name} has shape {info.shape}, the config expects "
+                                  f"{tuple(model_shapes[name])}")
+
+
+def copy_checked(dst: torch.Tensor, value: torch.Tensor, name: str, source: str) -> None:
+    """dst.copy_(value) (dtype cast + device move in one step) after refusing NaN/Inf and integer values."""
+    if not value.is_floating_point():
+        raise CheckpointError(f"{source}: tensor {name} is {value.dtype}; decoder weights must be floating point")
+    if tuple(value.shape) != tuple(dst.shape):
+        raise CheckpointError(f"{source}: tensor {name} has shape {tuple(value.shape)}, the config expects {tuple(dst.shape)}")
+    with torch.no_grad():
+        dst.copy_(value)
+        # checked on the destination (the GPU when there is one), so the host never holds a mask
+        if not bool(torch.isfinite(dst).all()):
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf")
+
+
+def stream_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: str,
+                rename: Callable[[str], str | None] = lambda k: k) -> set[str]:
+    """Copy (name, tensor) pairs into the model's parameters one at a time; returns the names filled.
+    `rename` maps a checkpoint name to the model's (None: not a decoder tensor, skipped)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    filled: set[str] = set()
+    for key, value in tensors:
+        name = rename(key)
+        if name is None:
+            continue
+        if name not in params:
+            raise CheckpointError(f"{source}: unexpected tensor {key} for the decoder")
+        copy_checked(params[name].data, value, key, source)
+        filled.add(name)
+        del value  # the host copy (if any) goes before the next tensor is read
+    return filled
 
 
 def load_strict(model: nn.Module, state_dict: dict[str, Any], source: str, what: str = "the model") -> None:
@@ -79,13 +228,15 @@ def load_strict(model: nn.Module, state_dict: dict[str, Any], source: str, what:
     for names, label in ((missing, "missing"), (unexpected, "unexpected")):
         if names:
             more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
-            raise ValueError(f"{source}: {label} tensor(s) {', '.join(names[:3])}{more} for {what}")
+            raise CheckpointError(f"{source}: {label} tensor(s) {', '.join(names[:3])}{more} for {what}")
     for name, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{source}: entry {name} is a {type(value).__name__}, not a tensor")
+            raise CheckpointError(f"{source}: entry {name} is a {type(value).__name__}, not a tensor")
         if value.shape != own[name].shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"{source}: tensor {name} has shape {tuple(value.shape)}, the config expects {tuple(own[name].shape)}")
+        if own[name].is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name} is {value.dtype}; weights must be floating point")
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(f"{source}: tensor {name} holds NaN or Inf")
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf")
     model.load_state_dict(state_dict, strict=True)

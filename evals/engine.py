@@ -1,324 +1,62 @@
-"""The engine: runs one task against a predictor into a run folder, resumably, on one or N ranks.
+"""The engine: runs tasks against a predictor into a run folder, resumably, on one or N ranks.
 
-    RUN/TASK/config.json             resolved spec, overrides, fingerprints, config hash
-    RUN/TASK/samples/rank-RRRRR.jsonl one line per finished sample, appended, flushed and fsync'd
-    RUN/TASK/images/*.png            written (temp file + rename) before the line naming them
-    RUN/metrics.json                 rewritten after every task (finished tasks are never lost)
-
-The predictor is any object with `fingerprint: str` and `predict(batch: Batch) -> list[dict]`
-(one dict per item, keys in `_RESULT_KEYS`); evals/predict.py is the real one, built on a
-cm3leon checkpoint, and the tests inject a deterministic one. `task_fingerprint(spec) -> dict`
-is optional: extra identities that change results (a retrieval bank, a reranker).
+It selects the samples, runs the predict loop, merges the ranks' sample files and scores; the
+run folder itself (layout, writer, reader, metrics.json, the lock) is evals/runs.py, the
+predictor protocol evals/protocol.py, provenance evals/provenance.py, torch.distributed
+evals/dist.py. Reports are rendered by the CLI after a run, never here.
 
 Results never depend on batch size or on the number of processes: each sample's seed comes
 from (task seed, sample index), samples are sharded by index % world_size, and the config hash
 leaves out batch size, --out and process count. Re-running the same command resumes: finished
-samples (by id) are skipped; a torn last line left by a kill is ignored and recomputed.
+samples (by id) are skipped. What a resume must not mix is refused, naming what changed: a
+different config, model files whose bytes changed, input images whose bytes changed. A finished
+sample whose PNG is unreadable is regenerated.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
-import io
-import json
 import logging
 import os
-import platform
-import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image
 
+from cm3leon.errors import Cm3evalError
+from evals import runs
+from evals.dist import Dist, init_distributed  # noqa: F401 (re-exported for the CLI)
+from evals.progress import progress as make_progress
+from evals.progress import resolve_mode
+from evals.protocol import Batch, Item, Predictor, check_output
+from evals.records import failure_record, output_record
+from evals.provenance import (PACKAGE, config_hash, diff_keys, file_digest, folder_digests,
+                              git_hash, package_version, versions)
+from tasks.cache import cache_dir
+from tasks.images import open_image
 from tasks.loaders import DataError, Dataset, Sample, load_dataset
 from tasks.spec import COSMETIC_FIELDS, TaskSpec
 
 log = logging.getLogger("cm3eval")
 
-PACKAGE = "cm3eval"
-THUMBNAIL = 256  # input/target images are copied into the run as PNG thumbnails for the report
-_RESULT_KEYS = {"prediction", "prompt", "images", "candidates", "scores", "best", "retrieved", "failure", "extra"}
+__all__ = ["Batch", "Item", "Predictor", "Dist", "Engine", "RunError", "RunOptions", "TaskResult", "run", "select",
+           "attach_shots", "derive_seed", "exit_status", "init_distributed"]
 
 
-class RunError(RuntimeError):
-    """A run cannot proceed (hash mismatch, incomplete shards, ...); one-line message."""
+class RunError(Cm3evalError, RuntimeError):
+    """A run cannot proceed (config mismatch, changed inputs, incomplete shards ...); one line."""
 
 
-# ----------------------------------------------------------------------------- small helpers
-def package_version() -> str:
-    try:
-        from importlib.metadata import version
+class SystematicFailure(RunError):
+    """The predictor fails on every sample: a broken setup, not bad samples."""
 
-        return version(PACKAGE)
-    except Exception:  # not installed (a source checkout): read pyproject.toml
-        try:
-            import tomllib
-
-            pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-            return str(tomllib.loads(pyproject.read_text())["project"]["version"]) + "+src"
-        except Exception:
-            return "unknown"
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {PACKAGE: package_version(), "python": platform.python_version()}
-    for dist_name in ("torch", "numpy", "pillow", "pycocotools", "pycocoevalcap", "scipy", "tokenizers"):
-        try:
-            out[dist_name] = version(dist_name)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
-def git_hash() -> str | None:
-    here = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        if rev.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def derive_seed(task_seed: int, index: int) -> int:
-    """Per-sample seed from (task seed, sample index): independent of batching and sharding."""
-    digest = hashlib.blake2b(f"cm3eval/{task_seed}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def config_hash(hashed: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(hashed).encode()).hexdigest()[:16]
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def diff_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    a, b = flatten(old), flatten(new)
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if canonical_json(a.get(k)) != canonical_json(b.get(k)):
-            out.append(f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})")
-    return out
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n").encode())
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def save_png(img: Image.Image, path: Path, max_side: int | None = None) -> None:
-    """PNG via temp file + rename, so a kill never leaves a half-written image under its name."""
-    if max_side is not None and max(img.size) > max_side:
-        img = img.copy()
-        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    if img.mode not in ("RGB", "RGBA", "L"):
-        img = img.convert("RGB")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def open_image(root: Path, rel: str) -> Image.Image:
-    """An RGB image from the data root; raises ValueError with a one-line reason."""
-    path = root / rel
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise ValueError(f"missing image {rel}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"corrupt or unreadable image {rel}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-
-# ----------------------------------------------------------------------------- predictor protocol
-@dataclass
-class Item:
-    sample: Sample
-    images: dict[str, Image.Image]  # "image": the input image; "shot:J": image of in-context example J
-    # ground truth shown in the report (never given to the predictor): "target" of an edit
-    report_images: dict[str, Image.Image] = field(default_factory=dict)
-
-
-@dataclass
-class Batch:
-    task: TaskSpec
-    items: list[Item]
-    data_root: Path
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-class Predictor(Protocol):
-    fingerprint: str
-
-    def predict(self, batch: Batch) -> list[dict[str, Any]]: ...
-
-
-# ----------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as td
-
-            td.barrier()
-
-    def first_error(self, err: str | None) -> str | None:
-        """The first rank's error, on every rank (so no rank waits forever at a barrier)."""
-        if not self.enabled:
-            return err
-        import torch.distributed as td
-
-        errs: list[str | None] = [None] * self.world
-        td.all_gather_object(errs, err)
-        return next((e for e in errs if e), None)
-
-    def broadcast(self, obj: Any) -> Any:
-        """rank 0's object on every rank."""
-        if not self.enabled:
-            return obj
-        import torch.distributed as td
-
-        box = [obj]
-        td.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def init_distributed(device: str = "cpu") -> Dist:
-    """From torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, nccl on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if d.enabled:
-        import torch
-        import torch.distributed as td
-
-        if not td.is_initialized():
-            backend = "nccl" if device.startswith("cuda") else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(d.local_rank)
-            td.init_process_group(backend=backend, timeout=_dt.timedelta(hours=2))
-    return d
-
-
-# ----------------------------------------------------------------------------- sample files
-def _sample_files(task_dir: Path) -> list[Path]:
-    return sorted((task_dir / "samples").glob("rank-*.jsonl"))
-
-
-def read_records(task_dir: Path) -> dict[str, dict[str, Any]]:
-    """Finished sample lines by id. A torn or malformed line is ignored (it is recomputed);
-    where one id has several lines (a retried failure) a success wins over a failure."""
-    out: dict[str, dict[str, Any]] = {}
-    for path in _sample_files(task_dir):
-        with open(path, "rb") as f:
-            data = f.read()
-        for raw in data.split(b"\n"):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue  # the last line of a killed write
-            if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("index"), int):
-                continue
-            old = out.get(str(rec["id"]))
-            if old is None or old.get("failure") is not None:
-                out[str(rec["id"])] = rec
-    return out
-
-
-def _done(rec: dict[str, Any] | None, s: Sample) -> bool:
-    # predictor failures are retried on the next run (they may be transient: OOM, a bug since
-    # fixed); data failures (a corrupt image) are final: the data will not change under the hash.
-    if rec is None or rec.get("index") != s.index:
-        return False
-    return rec.get("failure") is None or rec.get("failure_stage") == "data"
-
-
-class SampleWriter:
-    """Appends lines to samples/rank-RRRRR.jsonl; each line is flushed and fsync'd at once."""
-
-    def __init__(self, task_dir: Path, rank: int) -> None:
-        self.path = task_dir / "samples" / f"rank-{rank:05d}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair()
-        self.f = open(self.path, "ab")
-
-    def _repair(self) -> None:
-        """Cut a torn last line (a kill mid-write) so the next append starts on a fresh line."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
-            log.warning("%s: dropped a torn last line (a previous run was killed mid-write); it is recomputed",
-                        self.path)
-
-    def write(self, rec: dict[str, Any]) -> None:
-        line = json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n"
-        self.f.write(line.encode())
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self) -> None:
-        self.f.close()
+    exit_code = 1
 
 
 # ----------------------------------------------------------------------------- options and results
@@ -330,8 +68,9 @@ class RunOptions:
     overwrite: bool = False
     device: str = "cpu"
     dtype: str = "float32"
-    progress: bool | None = None  # None: when stderr is a TTY
+    progress: bool | str | None = None  # None/"auto": rich on a terminal, plain lines otherwise; False: off
     model_name: str = ""
+    model_path: Path | None = None  # the checkpoint folder, hashed in full (default: the predictor's)
     overrides: dict[str, Any] = field(default_factory=dict)  # for config.json (already applied to the spec)
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
     max_systematic_failures: int = 8  # abort when this many predictor failures come before any success
@@ -346,32 +85,54 @@ class TaskResult:
     n_samples: int
     task_dir: Path
     entry: dict[str, Any]
+    n_failed: int = 0  # samples without a prediction (data or predictor failures)
+    first_failure: dict[str, str] | None = None  # {"id", "error"} of the lowest-index failed sample
+    missing_metrics: dict[str, str] = field(default_factory=dict)  # requested metric key -> why not computed
 
 
+def exit_status(results: Iterable[TaskResult], max_failures: float = 0.01) -> tuple[int, list[str]]:
+    """The exit-code contract for `cm3eval run`: 1 when a task's failed fraction is over max_failures
+    (every sample failed always counts), else 3 when a requested metric could not be computed,
+    else 0; with one line per reason."""
+    code, reasons = 0, []
+    for r in results:
+        if r.n_samples and (r.n_failed == r.n_samples or r.n_failed / r.n_samples > max_failures):
+            first = f"; first: {r.first_failure['id']}: {r.first_failure['error']}" if r.first_failure else ""
+            reasons.append(f"{r.name}: {r.n_failed} of {r.n_samples} samples failed "
+                           f"(allowed: {max_failures:.1%}){first}")
+            code = 1
+    for r in results:
+        for key, why in r.missing_metrics.items():
+            reasons.append(f"{r.name}: metric {key} not computed: {why}")
+            code = code or 3
+    return code, reasons
+
+
+# ----------------------------------------------------------------------------- data roots
 def resolve_data_root(spec: TaskSpec, data_root: Path | None) -> Path:
     if data_root is not None:
         return Path(data_root).expanduser()
-    env = os.environ.get("CM3EVAL_DATA_ROOT")
     if spec.dataset.builtin == "shapes":
         return _shapes_root()
+    env = os.environ.get("CM3EVAL_DATA_ROOT")
     if env:
         return Path(env).expanduser()
     raise DataError(f"{spec.name}: no data root; pass --data-root DIR (or set CM3EVAL_DATA_ROOT)")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CM3EVAL_CACHE") or Path.home() / ".cache" / "cm3eval").expanduser()
-
-
 def _shapes_root() -> Path:
-    from tasks import shapes_world  # the demo world generator (built on first use, then cached)
+    from tasks.shapes import demo_world_root  # the demo world (written into the cache on first use)
 
-    root = cache_dir() / "shapes"
-    shapes_world.ensure_world(root, shapes_world.EVAL_WORLD)
-    return root
+    return demo_world_root(cache_dir())
 
 
 # ----------------------------------------------------------------------------- selection and shots
+def derive_seed(task_seed: int, index: int) -> int:
+    """Per-sample seed from (task seed, sample index): independent of batching and sharding."""
+    digest = hashlib.blake2b(f"cm3eval/{task_seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 def select(dataset: Dataset, spec: TaskSpec) -> list[Sample]:
     """The evaluated samples: canonical order (or a seeded permutation), then the first `limit`.
     Indices are positions in that order, so a smaller limit is a prefix of a larger one."""
@@ -414,46 +175,55 @@ def attach_shots(samples: list[Sample], support: list[Sample], spec: TaskSpec) -
         s.shots = [support[j] for j in picked]
 
 
-# ----------------------------------------------------------------------------- the engine
-def _progress(enabled: bool, total: int, done: int, label: str):
-    if not enabled:
-        return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def input_files(root: Path, s: Sample) -> dict[str, str | None]:
+    """{path under the data root: content digest (None: missing)} of every image a sample reads,
+    its shots' included: stored in the sample line, so a resume sees swapped image bytes."""
+    rels = [s.image, s.target] + [x.image for x in s.shots]
+    out: dict[str, str | None] = {}
+    for rel in rels:
+        if rel is None or rel in out:
+            continue
+        try:
+            out[rel] = file_digest(root / rel)
+        except OSError:
+            out[rel] = None
+    return out
 
-    class _Rate(TextColumn):
-        def __init__(self) -> None:
-            super().__init__("")
 
-        def render(self, task):  # samples/s over this run only (resumed samples excluded)
-            from rich.text import Text
+# ----------------------------------------------------------------------------- one task's plan
+@dataclass
+class TaskPlan:
+    spec: TaskSpec
+    root: Path
+    task_dir: Path
+    samples: list[Sample]
+    config: dict[str, Any]
+    inputs: dict[str, dict[str, str | None]] = field(default_factory=dict)  # sample id -> input_files()
 
-            elapsed = task.elapsed or 0.0
-            rate = (task.completed - task.fields.get("resumed", 0)) / elapsed if elapsed > 0 else 0.0
-            return Text(f"{rate:.2f} samples/s")
+    @property
+    def hash(self) -> str:
+        return str(self.config["hash"])
 
-    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                    TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+    @property
+    def data_fingerprint(self) -> str:
+        return str(self.config["hashed"]["data"])
 
-    class _Ctx:
-        def __enter__(self):
-            prog.__enter__()
-            self.tid = prog.add_task(label, total=total, completed=done, resumed=done)
-            return self
 
-        def advance(self, n: int = 1) -> None:
-            prog.advance(self.tid, n)
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
-        def __exit__(self, *exc):
-            return prog.__exit__(*exc)
 
-    return _Ctx()
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 class Engine:
-    def __init__(self, predictor: Predictor, options: RunOptions, dist: Dist | None = None) -> None:
+    def __init__(self, predictor: Predictor, options: RunOptions, dist: Dist | None = None,
+                 model_files: dict[str, str] | None = None) -> None:
         self.predictor = predictor
         self.opts = options
         self.dist = dist or Dist()
+        self.model_files = model_files or {}  # {file: digest} of the checkpoint folder, when known
 
     # --- configuration
     def hashed_config(self, spec: TaskSpec, data_fp: str) -> dict[str, Any]:
@@ -468,38 +238,16 @@ class Engine:
         extra = {}
         if hasattr(self.predictor, "task_fingerprint"):
             extra = dict(self.predictor.task_fingerprint(spec) or {})
-        return {"task": task, "model": str(getattr(self.predictor, "fingerprint", "")), "predictor": extra,
-                "data": data_fp, PACKAGE: package_version(), "dtype": self.opts.dtype,
-                "device": self.opts.device.split(":")[0]}
+        hashed = {"task": task, "model": str(getattr(self.predictor, "fingerprint", "")), "predictor": extra,
+                  "data": data_fp, PACKAGE: package_version(), "dtype": self.opts.dtype,
+                  "device": self.opts.device.split(":")[0]}
+        if self.model_files:
+            hashed["model_files"] = dict(self.model_files)
+        return hashed
 
-    def _prepare_dir(self, spec: TaskSpec, task_dir: Path, config: dict[str, Any]) -> None:
-        """rank 0: refuse a different config, or clear it with --overwrite; write config.json."""
-        cfg_path = task_dir / "config.json"
-        if cfg_path.exists() and not self.opts.overwrite:
-            try:
-                old = json.loads(cfg_path.read_text())
-                old_hash, old_hashed = old["hash"], old.get("hashed", {})
-            except (OSError, json.JSONDecodeError, KeyError, TypeError):
-                raise RunError(f"{cfg_path}: unreadable config of an earlier run; use a new --out or --overwrite")
-            if old_hash != config["hash"]:
-                diffs = diff_keys(old_hashed, config["hashed"]) or ["(hash only)"]
-                shown = "; ".join(diffs[:6]) + (f"; … {len(diffs) - 6} more" if len(diffs) > 6 else "")
-                raise RunError(f"{task_dir} holds a run of {spec.name} with a different config: {shown}. "
-                               f"Use a new --out to keep both, or --overwrite to discard it")
-        elif self.opts.overwrite and task_dir.exists():
-            for sub in ("samples", "images"):
-                shutil.rmtree(task_dir / sub, ignore_errors=True)
-            cfg_path.unlink(missing_ok=True)
-        (task_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (task_dir / "images").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg_path, config)
-
-    # --- one task
-    def run_task(self, spec: TaskSpec) -> TaskResult | None:
-        """Predict every unfinished sample of this rank's shard, then (rank 0) merge and score.
-        Returns the result on rank 0, None on the other ranks."""
-        opts, dist = self.opts, self.dist
-        root = resolve_data_root(spec, opts.data_root)
+    def plan(self, spec: TaskSpec) -> TaskPlan:
+        """Load the data, select the samples, attach shots, and build config.json."""
+        root = resolve_data_root(spec, self.opts.data_root)
         dataset = load_dataset(spec, root)
         data_fp = dataset.fingerprint
         samples = select(dataset, spec)
@@ -508,80 +256,135 @@ class Engine:
             data_fp = hashlib.sha256(f"{data_fp}+{support.fingerprint}".encode()).hexdigest()[:16]
             attach_shots(samples, support.samples, spec)
         hashed = self.hashed_config(spec, data_fp)
-        h = config_hash(hashed)
-        task_dir = Path(opts.out) / spec.name
-        config = {"task": spec.to_dict(), "model": opts.model_name, "overrides": opts.overrides, "hash": h,
-                  "hashed": hashed, "data_root": str(root), "limit": spec.limit, "n_selected": len(samples),
-                  "data_files": dataset.files, "created": _now(), "versions": versions()}
-        err = None
-        if dist.rank == 0:
+        config = {"task": spec.to_dict(), "model": self.opts.model_name, "overrides": self.opts.overrides,
+                  "hash": config_hash(hashed), "hashed": hashed, "data_root": str(root), "limit": spec.limit,
+                  "n_selected": len(samples), "data_files": dataset.files, "created": _now(),
+                  "versions": versions()}
+        return TaskPlan(spec, root, Path(self.opts.out) / spec.name, samples, config)
+
+    def _prepare_dir(self, plan: TaskPlan) -> None:
+        """rank 0: refuse a different config, or clear it with --overwrite; write config.json."""
+        spec, task_dir = plan.spec, plan.task_dir
+        cfg_path = task_dir / runs.CONFIG
+        if cfg_path.exists() and not self.opts.overwrite:
             try:
-                self._prepare_dir(spec, task_dir, config)
-            except (RunError, OSError) as e:
+                old = runs.read_json(cfg_path)
+                old_hash, old_hashed = old["hash"], old.get("hashed", {})
+            except (runs.RunFolderError, KeyError, TypeError):
+                raise RunError(f"{cfg_path}: unreadable config of an earlier run; use a new --out or --overwrite")
+            if old_hash != plan.hash:
+                diffs = diff_keys(old_hashed, plan.config["hashed"]) or ["(hash only)"]
+                shown = "; ".join(diffs[:6]) + (f"; … {len(diffs) - 6} more" if len(diffs) > 6 else "")
+                raise RunError(f"{task_dir} holds a run of {spec.name} with a different config: {shown}. "
+                               f"Use a new --out to keep both, or --overwrite to discard it")
+        elif self.opts.overwrite and task_dir.exists():
+            for sub in (runs.SAMPLES, runs.IMAGES):
+                shutil.rmtree(task_dir / sub, ignore_errors=True)
+            cfg_path.unlink(missing_ok=True)
+        runs.write_task_config(task_dir, plan.config)
+
+    def _on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """fn() on rank 0, its error (one line) raised on every rank; returns rank 0's value there."""
+        value, err = None, None
+        if self.dist.rank == 0:
+            try:
+                value = fn()
+            except Cm3evalError as e:
+                if not self.dist.enabled:
+                    raise
                 err = str(e)
-        err = dist.broadcast(err)
+            except Exception as e:
+                if not self.dist.enabled:
+                    raise
+                err = _one_line(e)
+        err = self.dist.broadcast(err)
         if err:
             raise RunError(err)
+        return value
 
-        records = read_records(task_dir)
-        mine = [s for s in samples if s.index % dist.world == dist.rank]
-        todo = [s for s in mine if not _done(records.get(s.id), s)]
+    # --- one task
+    def run_task(self, spec: TaskSpec) -> TaskResult | None:
+        """Predict every unfinished sample of this rank's shard, then (rank 0) merge and score.
+        Returns the result on rank 0, None on the other ranks."""
+        plan = self.plan(spec)
+        self._on_rank0(lambda: self._prepare_dir(plan))
+        err = None
+        try:
+            self._predict_shard(plan)
+        except (Cm3evalError, OSError) as e:
+            if not self.dist.enabled:
+                raise
+            err = f"rank {self.dist.rank}: {e}"
+        err = self.dist.first_error(err)  # doubles as the barrier: every rank has finished its shard
+        if err:
+            raise RunError(err)
+        return self._on_rank0(lambda: self._finish(plan))
+
+    def _predict_shard(self, plan: TaskPlan) -> None:
+        dist, spec = self.dist, plan.spec
+        mine = [s for s in plan.samples if s.index % dist.world == dist.rank]
+        todo = self._todo(plan, mine)
         if len(todo) < len(mine):
             log.info("%s: resuming, %d of %d samples already done", spec.name, len(mine) - len(todo), len(mine))
-        show = opts.progress if opts.progress is not None else sys.stderr.isatty()
-        err = None
-        try:
-            with _progress(bool(show) and dist.rank == 0, len(mine), len(mine) - len(todo), spec.name) as bar:
-                self._predict_all(spec, root, task_dir, todo, bar)
-        except (RunError, OSError) as e:
-            if not dist.enabled:
-                raise
-            err = f"rank {dist.rank}: {e}"
-        err = dist.first_error(err)  # doubles as the barrier: every rank has finished its shard
-        if err:
-            raise RunError(err)
-        result, err = None, None
-        if dist.rank == 0:
-            try:
-                result = self._finish(spec, root, task_dir, samples, h, data_fp)
-            except Exception as e:
-                if not dist.enabled:
-                    raise
-                err = f"{type(e).__name__}: {e}"
-        err = dist.broadcast(err)
-        if err:
-            raise RunError(err)
-        return result
+        mode = resolve_mode(self.opts.progress) if dist.rank == 0 else "off"
+        with make_progress(mode, len(mine), len(mine) - len(todo), spec.name) as bar:
+            self._predict_all(plan, todo, bar)
 
-    def _predict_all(self, spec: TaskSpec, root: Path, task_dir: Path, todo: list[Sample], bar) -> None:
-        writer = SampleWriter(task_dir, self.dist.rank)
+    def _todo(self, plan: TaskPlan, mine: list[Sample]) -> list[Sample]:
+        """The samples of this shard to (re)compute. Predictor failures are retried (they may be
+        transient); data failures are final unless the input files changed since; a finished
+        sample whose images are unreadable is regenerated; a finished sample whose input images
+        changed is refused (its prediction belongs to other pixels)."""
+        records = runs.read_samples(plan.task_dir)
+        todo, changed = [], []
+        for s in mine:
+            rec = records.get(s.id)
+            files = plan.inputs[s.id] = input_files(plan.root, s)
+            if rec is None or rec.get("index") != s.index:
+                todo.append(s)
+                continue
+            old = rec.get("input_files")
+            same_inputs = old is None or old == files  # lines of older versions carry no digests
+            if rec.get("failure") is not None:
+                if rec.get("failure_stage") != "data" or not same_inputs:
+                    todo.append(s)
+            elif not same_inputs:
+                changed += [rel for rel in files if old.get(rel) != files[rel]]
+            elif bad := runs.unreadable_images(plan.task_dir, rec):
+                log.warning("%s: sample %s: unreadable %s; regenerating it", plan.spec.name, s.id, bad[0])
+                todo.append(s)
+        if changed:
+            shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise RunError(f"{plan.task_dir}: input images changed since their samples were computed: {shown}. "
+                           "Use a new --out, or --overwrite to discard the run")
+        return todo
+
+    def _predict_all(self, plan: TaskPlan, todo: list[Sample], bar: Any) -> None:
+        spec = plan.spec
         succeeded, predict_failures = 0, []
-        try:
-            for start in range(0, len(todo), max(1, self.opts.batch_size)):
-                chunk = todo[start:start + self.opts.batch_size]
+        with runs.SampleWriter(plan.task_dir, self.dist.rank) as writer:
+            step = max(1, self.opts.batch_size)
+            for start in range(0, len(todo), step):
                 items = []
-                for s in chunk:
+                for s in todo[start:start + step]:
                     try:
-                        items.append(Item(s, *self._open_inputs(spec, root, s)))
+                        items.append(Item(s, *self._open_inputs(spec, plan.root, s)))
                     except ValueError as e:
-                        writer.write(self._failure_record(spec, s, str(e), "data"))
-                        if bar is not None:
-                            bar.advance()
-                for item, out in self._predict_batch(spec, root, items):
+                        writer.write(failure_record(plan.spec, s, plan.inputs.get(s.id), str(e), "data"))
+                        bar.advance()
+                for item, out in self._predict_batch(spec, plan.root, items):
                     if out.get("failure") is not None:
-                        rec = self._failure_record(spec, item.sample, str(out["failure"]), out.get("_stage", "predict"))
+                        rec = failure_record(spec, item.sample, plan.inputs.get(item.sample.id), str(out["failure"]),
+                                             "predict")
                         predict_failures.append(rec["failure"])
                     else:
-                        rec = self._record(spec, task_dir, item, out)
+                        rec = output_record(spec, plan.task_dir, item, plan.inputs.get(item.sample.id), out)
                         succeeded += 1
                     writer.write(rec)
-                    if bar is not None:
-                        bar.advance()
+                    bar.advance()
                 if not succeeded and len(predict_failures) >= self.opts.max_systematic_failures:
-                    raise RunError(f"{spec.name}: the first {len(predict_failures)} samples all failed in the "
-                                   f"predictor (systematic?); first error: {predict_failures[0]}")
-        finally:
-            writer.close()
+                    raise SystematicFailure(f"{spec.name}: the first {len(predict_failures)} samples all failed in "
+                                            f"the predictor (systematic?); first error: {predict_failures[0]}")
 
     def _open_inputs(self, spec: TaskSpec, root: Path, s: Sample) -> tuple[dict, dict]:
         """(predictor inputs, report-only images). Every image a sample needs is decoded here, so
@@ -589,19 +392,20 @@ class Engine:
         images: dict[str, Image.Image] = {}
         report: dict[str, Image.Image] = {}
         if s.image is not None:
-            img = open_image(root, s.image)  # t2i: the FID reference, verified here, used when scoring
+            img = open_image(s.image, root=root)  # t2i: the FID reference, verified here, used when scoring
             if spec.kind != "t2i":
                 images["image"] = img
         if s.target is not None:
-            report["target"] = open_image(root, s.target)
+            report["target"] = open_image(s.target, root=root)
         for j, shot in enumerate(s.shots):
             if shot.image is not None:
-                images[f"shot:{j}"] = open_image(root, shot.image)
+                images[f"shot:{j}"] = open_image(shot.image, root=root)
         return images, report
 
     def _predict_batch(self, spec: TaskSpec, root: Path, items: list[Item]) -> list[tuple[Item, dict[str, Any]]]:
         """Predictions for a batch; when the batch raises, each item is retried alone so one bad
-        sample becomes one recorded failure instead of taking its neighbours down."""
+        sample becomes one recorded failure instead of taking its neighbours down. A Cm3evalError
+        (a missing decoder, missing weights) is fatal: retrying cannot fix it."""
         if not items:
             return []
         try:
@@ -609,188 +413,126 @@ class Engine:
             if not isinstance(outs, list) or len(outs) != len(items):
                 raise RunError(f"predictor returned {len(outs) if isinstance(outs, list) else type(outs).__name__} "
                                f"results for {len(items)} samples")
-            return [(it, self._check_output(spec, o)) for it, o in zip(items, outs)]
-        except (KeyboardInterrupt, SystemExit, RunError):
+            return [(it, check_output(spec, o)) for it, o in zip(items, outs)]
+        except (KeyboardInterrupt, SystemExit, Cm3evalError):
             raise
         except Exception as e:
             if len(items) == 1:
-                return [(items[0], {"failure": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})]
+                return [(items[0], {"failure": _one_line(e)})]
             log.warning("%s: a batch of %d failed (%s); retrying its samples one by one", spec.name, len(items), e)
             out = []
             for it in items:
                 out += self._predict_batch(spec, root, [it])
             return out
 
-    @staticmethod
-    def _check_output(spec: TaskSpec, out: Any) -> dict[str, Any]:
-        if not isinstance(out, dict):
-            return {"failure": f"predictor returned {type(out).__name__}, expected a dict"}
-        unknown = set(out) - _RESULT_KEYS
-        if unknown:
-            raise RunError(f"predictor returned unknown keys {sorted(unknown)} (allowed: {sorted(_RESULT_KEYS)})")
-        if out.get("failure") is not None:
-            return out
-        if spec.output_modality == "image":
-            if not isinstance((out.get("images") or {}).get("output"), Image.Image):
-                return {"failure": "predictor returned no output image"}
-        elif not isinstance(out.get("prediction"), str):
-            return {"failure": "predictor returned no text prediction"}
-        return out
-
-    # --- records
-    def _base_record(self, spec: TaskSpec, s: Sample) -> dict[str, Any]:
-        return {"id": s.id, "index": s.index, "seed": s.seed, "kind": spec.kind, "prompt": s.text,
-                "prediction": None, "references": s.references, "images": {}, "candidates": [], "scores": None,
-                "best": 0, "failure": None, "retrieved": [], "per_sample": {},
-                "input": {"text": s.text, "image": s.image, "target": s.target}, "meta": s.meta,
-                "shots": [x.id for x in s.shots]}
-
-    def _failure_record(self, spec: TaskSpec, s: Sample, error: str, stage: str) -> dict[str, Any]:
-        rec = self._base_record(spec, s)
-        rec["failure"], rec["failure_stage"] = error, stage
-        return rec
-
-    def _record(self, spec: TaskSpec, task_dir: Path, item: Item, out: dict[str, Any]) -> dict[str, Any]:
-        s = item.sample
-        rec = self._base_record(spec, s)
-        stem = f"{s.index:07d}-{re.sub(r'[^A-Za-z0-9._-]', '_', s.id)[:60]}"
-        img_dir = task_dir / "images"
-        paths: dict[str, str] = {}
-        for role, img in (out.get("images") or {}).items():
-            name = f"{stem}-{re.sub(r'[^A-Za-z0-9_-]', '_', role)}.png"
-            save_png(img, img_dir / name)
-            paths[role] = f"images/{name}"
-        # thumbnails of the input and the ground truth, for the report (source → edited → target)
-        for role, img in (("input", item.images.get("image")), ("target", item.report_images.get("target"))):
-            if img is not None:
-                save_png(img, img_dir / f"{stem}-{role}.png", THUMBNAIL)
-                paths[role] = f"images/{stem}-{role}.png"
-        cands = []
-        for j, img in enumerate(out.get("candidates") or []):
-            name = f"{stem}-cand{j:02d}.png"
-            save_png(img, img_dir / name)
-            cands.append(f"images/{name}")
-        rec.update(prompt=out.get("prompt", s.text), prediction=out.get("prediction"), images=paths,
-                   candidates=cands, scores=out.get("scores"), best=int(out.get("best") or 0),
-                   retrieved=out.get("retrieved") or [])
-        if out.get("extra"):
-            rec["extra"] = out["extra"]
-        return rec
-
     # --- merge and score (rank 0)
-    def _finish(self, spec: TaskSpec, root: Path, task_dir: Path, samples: list[Sample], h: str,
-                data_fp: str) -> TaskResult:
+    def _finish(self, plan: TaskPlan) -> TaskResult:
         from evals import scoring
 
-        records = read_records(task_dir)
-        selected = []
-        missing = []
-        for s in samples:
-            rec = records.get(s.id)
-            if rec is None or rec.get("index") != s.index:
-                missing.append(s.id)
-            else:
-                selected.append(rec)
-        if missing:
+        spec = plan.spec
+        records = runs.read_samples(plan.task_dir)
+        selected = [records[s.id] for s in plan.samples
+                    if s.id in records and records[s.id].get("index") == s.index]
+        if len(selected) < len(plan.samples):
+            missing = [s.id for s in plan.samples if s.id not in records or records[s.id].get("index") != s.index]
             raise RunError(f"{spec.name}: {len(missing)} samples have no result (e.g. {missing[:3]}); "
                            "a rank stopped early? Run the same command again to resume")
-        failures = [{"id": r["id"], "error": r["failure"]} for r in selected if r.get("failure") is not None]
+        failed = [r for r in selected if r.get("failure") is not None]
         ok = [r for r in selected if r.get("failure") is None]
-        scored = scoring.score_task(spec, ok, task_dir=task_dir, data_root=root, predictor=self.predictor,
-                                    device=self.opts.device)
+        scored = scoring.score_task(spec, ok, task_dir=plan.task_dir, data_root=plan.root,
+                                    predictor=self.predictor, device=self.opts.device)
         for r in ok:
             r["per_sample"] = scored.per_sample.get(r["id"], {})
-        self._rewrite_merged(task_dir, records, {r["id"]: r for r in selected})
-        metrics = {name: m.to_json() for name, m in scored.metrics.items()}
-        failures += scored.failures
-        entry = {"metrics": metrics, "failures": failures, "config_hash": h, "n_samples": len(selected),
-                 "n_scored": len(ok), "task_version": spec.version, "data_fingerprint": data_fp,
+        runs.rewrite_samples(plan.task_dir, {**records, **{r["id"]: r for r in selected}})
+        return self._result(plan, scored, selected, failed)
+
+    def _result(self, plan: TaskPlan, scored: Any, selected: list[dict], failed: list[dict]) -> TaskResult:
+        spec = plan.spec
+        metrics = {name: _metric_json(m) for name, m in scored.metrics.items()}
+        failures = [{"id": r["id"], "error": r["failure"]} for r in failed] + list(scored.failures)
+        missing = _missing_metrics(spec, scored, metrics)
+        entry = {"metrics": metrics, "failures": failures, "config_hash": plan.hash, "n_samples": len(selected),
+                 "n_scored": len(selected) - len(failed), "n_failed": len(failed), "task_version": spec.version,
+                 "data_fingerprint": plan.data_fingerprint,
                  "model_fingerprint": str(getattr(self.predictor, "fingerprint", "")), "limit": spec.limit}
+        if missing:
+            entry["missing_metrics"] = missing
         if scored.notes:
             entry["notes"] = scored.notes
-        return TaskResult(spec.name, metrics, failures, h, len(selected), task_dir, entry)
-
-    @staticmethod
-    def _rewrite_merged(task_dir: Path, records: dict[str, dict], updated: dict[str, dict]) -> None:
-        """All samples into rank-00000.jsonl sorted by index (with per-sample scores), other rank
-        files removed. The rename is atomic; a crash before the removals leaves duplicate lines,
-        which read_records merges by id."""
-        merged = {**records, **updated}
-        lines = [json.dumps(r, ensure_ascii=False, default=_json_default) + "\n"
-                 for r in sorted(merged.values(), key=lambda r: (r["index"], str(r["id"])))]
-        target = task_dir / "samples" / "rank-00000.jsonl"
-        atomic_write_bytes(target, "".join(lines).encode())
-        for p in _sample_files(task_dir):
-            if p != target:
-                p.unlink(missing_ok=True)
+        first = {"id": failed[0]["id"], "error": failed[0]["failure"]} if failed else None
+        return TaskResult(spec.name, metrics, failures, plan.hash, len(selected), plan.task_dir, entry,
+                          n_failed=len(failed), first_failure=first, missing_metrics=missing)
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+def _metric_json(m: Any) -> dict[str, Any]:
+    """A MetricResult as metrics.json stores it, with its direction from the metric definition."""
+    out = m.to_json()
+    out.setdefault("higher_is_better", getattr(m, "higher_is_better", None))
+    return out
+
+
+def _missing_metrics(spec: TaskSpec, scored: Any, metrics: dict[str, dict]) -> dict[str, str]:
+    """Requested metric keys (spec.metrics) that produced no number, with the reason."""
+    unavailable = dict(getattr(scored, "unavailable", None) or {})
+    for note in scored.notes:  # "KEY: not computed: WHY" (the scoring table's note format)
+        key, sep, why = note.partition(": not computed: ")
+        if sep and key in spec.metrics:
+            unavailable.setdefault(key, why)
+    if not metrics and not unavailable:
+        why = scored.notes[0] if scored.notes else "no metric value was produced"
+        unavailable = {key: why for key in spec.metrics}
+    for name, m in metrics.items():
+        if m.get("value") is None:
+            unavailable.setdefault(name, "the value is not a finite number")
+    return unavailable
 
 
 # ----------------------------------------------------------------------------- a whole run
-def write_metrics(out: Path, results: Iterable[TaskResult], run_meta: dict[str, Any]) -> Path:
-    """RUN/metrics.json: this run's tasks merged into what the folder already holds."""
-    path = Path(out) / "metrics.json"
-    data: dict[str, Any] = {"run": {}, "tasks": {}}
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-            if isinstance(old, dict) and isinstance(old.get("tasks"), dict):
-                data["tasks"] = old["tasks"]
-        except (OSError, json.JSONDecodeError):
-            log.warning("%s: unreadable; rewriting it with this run's tasks only", path)
-    data["run"] = run_meta
-    for r in results:
-        data["tasks"][r.name] = r.entry
-    atomic_write_json(path, data)
-    return path
+def _model_files(predictor: Predictor, options: RunOptions) -> dict[str, str]:
+    """Full-content digests of the checkpoint folder (cached by size, mtime, ctime, inode)."""
+    path = options.model_path or getattr(predictor, "model_path", None) \
+        or getattr(getattr(predictor, "bundle", None), "path", None)
+    if path is None or not Path(path).is_dir():
+        return {}
+    return folder_digests(Path(path))
 
 
-def write_report(out: Path) -> Path | None:
-    """RUN/report.html through reports.html when that part is installed; never fails the run."""
-    try:
-        from reports import html as report_html
-    except ImportError:
-        return None
-    fn = getattr(report_html, "write_run_report", None)
-    if fn is None:
-        return None
-    try:
-        return fn(Path(out))
-    except Exception as e:  # a broken report must not lose a finished evaluation
-        log.warning("report.html not written: %s: %s", type(e).__name__, e)
-        return None
+def _run_meta(predictor: Predictor, options: RunOptions, dist: Dist) -> dict[str, Any]:
+    return {"created": _now(), "versions": versions(), "git_hash": git_hash(), "model": options.model_name,
+            "model_fingerprint": str(getattr(predictor, "fingerprint", "")), "argv": options.argv,
+            "world_size": dist.world, "device": options.device, "dtype": options.dtype}
 
 
 def run(specs: list[TaskSpec], predictor: Predictor, options: RunOptions, dist: Dist | None = None,
         on_task: Callable[[TaskResult], None] | None = None) -> dict[str, TaskResult]:
-    """Run tasks in order; metrics.json is rewritten after each task, report.html at the end."""
+    """Run tasks in order, holding the run folder's lock; metrics.json is merged after each task."""
     dist = dist or Dist()
-    engine = Engine(predictor, options, dist)
     out = Path(options.out)
-    if dist.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    results: dict[str, TaskResult] = {}
-    run_meta = {"created": _now(), "versions": versions(), "git_hash": git_hash(), "model": options.model_name,
-                "model_fingerprint": str(getattr(predictor, "fingerprint", "")), "argv": options.argv,
-                "world_size": dist.world, "device": options.device, "dtype": options.dtype}
-    if dist.rank == 0:
+    lock = runs.RunLock(out)
+    engine = Engine(predictor, options, dist)
+
+    def start() -> dict[str, str]:
+        lock.acquire()  # rank 0 holds it for every rank of this run
+        runs.clean_temp_files(out)
         from evals import scoring
 
         scoring.prepare(specs)
-    for spec in specs:
-        t0 = time.time()
-        result = engine.run_task(spec)
-        if result is not None:
-            result.entry["seconds"] = round(time.time() - t0, 3)
-            results[spec.name] = result
-            write_metrics(out, [result], run_meta)
-            if on_task is not None:
-                on_task(result)
-    if dist.rank == 0 and results:
-        write_report(out)
-    dist.barrier()
-    return results
+        return _model_files(predictor, options)
+
+    try:
+        engine.model_files = dist.broadcast(engine._on_rank0(start))
+        run_meta = _run_meta(predictor, options, dist)
+        results: dict[str, TaskResult] = {}
+        for spec in specs:
+            t0 = time.time()
+            result = engine.run_task(spec)
+            if result is not None:
+                result.entry["seconds"] = round(time.time() - t0, 3)
+                results[spec.name] = result
+                runs.merge_task_metrics(out, run_meta, {spec.name: result.entry})
+                if on_task is not None:
+                    on_task(result)
+        dist.barrier()
+        return results
+    finally:
+        lock.release()

@@ -1,173 +1,103 @@
 """Scoring: a task's `metrics:` block -> calls into evals/metrics, one adapter per metric key.
 
-Each adapter takes the finished (non-failed) sample records of a task and the metric's options
-and returns MetricResults keyed by the names metrics.json uses ("FID", "CIDEr", "accuracy",
-"L1", ...). Options are checked against each adapter's OPTIONS (unknown -> one-line error).
+`METRICS` is the metric table: for each key its adapter, the task kinds it applies to, its options
+(with defaults), the result names it produces and their direction (`higher_is_better`, which
+metrics.json records and reports / compare read). Each adapter takes the finished (non-failed)
+sample records of a task and the metric's options and returns MetricResults keyed by the names
+metrics.json uses ("FID", "CIDEr", "accuracy", "L1", ...). Options are checked against the table
+(unknown -> one-line error).
 
-Metrics that need weights this machine does not have (Inception, DINO, a CLIP checkpoint) are
-left out with a note in metrics.json and a warning, never replaced by another number; the
-finished samples stay, so scoring again after providing the weights is cheap.
+Metrics that need what this machine does not have (Inception / DINO weights, a CLIP checkpoint)
+raise `MetricUnavailable`: left out with a note in metrics.json, never replaced by another number;
+the finished samples stay, so scoring again after providing the weights is cheap. The plan phase
+calls `check_metrics` and `required_files` so a run can be refused before the model loads.
 
-Encoders for CLIP-style metrics are named by a string: "model" (the evaluated checkpoint's own
-dual encoder), "demo" (the demo checkpoint's encoder, cm3leon/zoo/shapes-demo), or a
-cm3leon.encoder.load_encoder spec ("open_clip:ViT-B-32:/path/weights", "hf-clip:DIR", "native:PATH").
+Encoders for CLIP-style metrics are named by a string and resolved by `evals.encoders` ("model",
+"demo", "open_clip:ARCH:PATH", "hf-clip:DIR" or an HF CLIP folder, "native:PATH"). `cm3eval score
+edit` goes through `score_metrics` with the same edit adapters as a run.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 
+from evals import scoring_inputs as inputs
+from evals.metrics.errors import MetricUnavailable
 from evals.metrics.result import MetricResult
-from tasks.spec import TaskSpec
+from evals.scoring_inputs import Context
+
+__all__ = ["METRICS", "MetricDef", "MetricUnavailable", "RequiredFile", "Scored", "check_metrics",
+           "higher_is_better", "prepare", "required_files", "score_metrics", "score_task"]
 
 log = logging.getLogger("cm3eval")
 
-
-class MetricUnavailable(RuntimeError):
-    """The metric cannot run here (missing weights); reported as a note, not a number."""
-
-
-@dataclass
-class Context:
-    spec: TaskSpec
-    records: list[dict[str, Any]]
-    task_dir: Path
-    data_root: Path
-    predictor: Any
-    device: str
-    seed: int
-    _encoders: dict[str, Any] = field(default_factory=dict)
-
-    # --- inputs
-    def ids(self) -> list[str]:
-        return [str(r["id"]) for r in self.records]
-
-    def output_images(self) -> list[Image.Image]:
-        return [_open(self.task_dir / r["images"]["output"]) for r in self.records]
-
-    def data_images(self, role: str) -> list[Path]:
-        return [self.data_root / r["input"][role] for r in self.records]
-
-    def encoder(self, name: str | None):
-        if not name:
-            raise MetricUnavailable("no encoder configured (set the metric's `encoder` option: model, demo or "
-                                    "open_clip:ARCH:PATH / hf-clip:DIR / native:PATH)")
-        if name not in self._encoders:
-            self._encoders[name] = _load_encoder(name, self.predictor, self.device)
-        return self._encoders[name]
-
-
-def _open(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-def _load_encoder(name: str, predictor: Any, device: str):
-    if name == "model":
-        enc = getattr(predictor, "encoder", None)
-        if enc is None:
-            raise MetricUnavailable("the evaluated model has no dual encoder (encoder: model)")
-        return enc
-    if name == "demo":
-        enc = getattr(predictor, "demo_encoder", None)  # the demo model evaluating itself
-        if enc is not None:
-            return enc
-        from cm3leon.checkpoint import ALIASES
-
-        path = ALIASES["demo"] / "encoder.safetensors"
-        if not path.is_file():
-            raise MetricUnavailable(f"the demo encoder is missing ({path}); build the demo with `cm3eval train demo`")
-        from cm3leon.encoder import NativeDualEncoder
-
-        return NativeDualEncoder.load(path, device=device).eval()
-    from cm3leon.encoder import load_encoder
-
-    try:
-        return load_encoder(name, device=device)
-    except FileNotFoundError as e:
-        raise MetricUnavailable(str(e)) from None
-
-
-# ----------------------------------------------------------------------------- adapters
 Adapter = Callable[[Context, dict[str, Any]], dict[str, MetricResult]]
 
 
+# ----------------------------------------------------------------------------- adapters
 def _fid(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
     """FID (Inception, pytorch-fid protocol by default) or FD-<encoder> in an encoder's space."""
     from evals.metrics import fid as fid_lib
 
-    gen = ctx.output_images()
     space = opts["feature_space"]
-    if space == "inception":
-        try:
-            ext = fid_lib.inception_extractor(opts["weights"], ctx.device)
-        except FileNotFoundError as e:
-            raise MetricUnavailable(f"FID needs the Inception weights: {e}") from None
-        if opts["reference_stats"]:
-            ref: Any = ctx.data_root / opts["reference_stats"] if not Path(opts["reference_stats"]).is_absolute() \
-                else Path(opts["reference_stats"])
-        else:
-            ref = fid_lib.reference_stats(ctx.data_images("image"), opts["cache_dir"], protocol=opts["protocol"],
-                                          resolution=opts["resolution"], feature_extractor=ext,
-                                          device=ctx.device, batch_size=opts["batch_size"])
-        res = fid_lib.compute_fid(gen, ref, protocol=opts["protocol"], feature_extractor=ext, device=ctx.device,
-                                  batch_size=opts["batch_size"], resolution=opts["resolution"],
-                                  bootstrap=opts["bootstrap"], seed=ctx.seed)
-    else:  # FD in a dual encoder's space: features from the encoder, then the same Fréchet distance
-        enc = ctx.encoder(space)
-        refs = [_open(p) for p in ctx.data_images("image")]
-        if opts["resolution"]:
-            gen, refs = [_square(g, opts["resolution"]) for g in gen], [_square(r, opts["resolution"]) for r in refs]
-        g = enc.encode_image(gen).double().numpy()
-        r = enc.encode_image(refs).double().numpy()
+    if space != "inception":  # features from the encoder, then the same Fréchet distance
+        enc = ctx.encoder(space, "fid", "feature_space")
+        g, r = ctx.fd_features(space, enc, opts["resolution"])
         label = "demo" if space == "demo" else str(getattr(enc, "name", "encoder"))
         res = fid_lib.compute_fid(g, r, extractor_name=label, bootstrap=opts["bootstrap"], seed=ctx.seed)
         res.extra["encoder"] = str(enc.fingerprint()) if hasattr(enc, "fingerprint") else space
+        res.extra.setdefault("resolution", opts["resolution"])
+        return {res.name: res}
+    try:
+        ext = fid_lib.inception_extractor(opts["weights"], ctx.device)  # looked up on fid: tests stand one in
+    except FileNotFoundError as e:
+        raise MetricUnavailable(f"FID needs the Inception weights: {e}") from None
+    if opts["reference_stats"]:
+        ref: Any = ctx.data_path(opts["reference_stats"])
+    else:
+        ref = fid_lib.reference_stats(ctx.data_images("image"), opts["cache_dir"], protocol=opts["protocol"],
+                                      resolution=opts["resolution"], feature_extractor=ext,
+                                      device=ctx.device, batch_size=opts["batch_size"])
+    res = fid_lib.compute_fid(ctx.output_paths(), ref, protocol=opts["protocol"], feature_extractor=ext,
+                              device=ctx.device, batch_size=opts["batch_size"], resolution=opts["resolution"],
+                              bootstrap=opts["bootstrap"], seed=ctx.seed)
     res.extra.setdefault("resolution", opts["resolution"])
     return {res.name: res}
 
 
-def _square(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
-    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
-    return img.crop((left, top, left + size, top + size))
+def _named(res: MetricResult, opts: dict[str, Any]) -> dict[str, MetricResult]:
+    if opts.get("name"):
+        res.name = str(opts["name"])
+    return {res.name: res}
 
 
 def _clip_score(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
     from evals.metrics.clip_score import clip_score
 
-    enc = ctx.encoder(opts["encoder"])
-    res = clip_score(ctx.output_images(), [r["input"]["text"] for r in ctx.records], enc, scale=opts["scale"],
-                     seed=ctx.seed)
-    return {_named(res, opts).name: res}
-
-
-def _named(res: MetricResult, opts: dict[str, Any]) -> MetricResult:
-    if opts.get("name"):
-        res.name = str(opts["name"])
-    return res
+    enc = ctx.encoder(opts["encoder"], "clip_score")
+    res = clip_score(ctx.image_embeddings(opts["encoder"], enc, "output"),
+                     ctx.text_embeddings(opts["encoder"], enc, "prompt"), scale=opts["scale"], seed=ctx.seed)
+    return _named(res, opts)
 
 
 def _rank_accuracy(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
     from evals.metrics.clip_score import t2i_rank_accuracy
 
-    enc = ctx.encoder(opts["encoder"])
+    enc = ctx.encoder(opts["encoder"], "rank_accuracy")
     n = len(ctx.records)
     pool = min(int(opts["pool_size"]), n)
     if pool < 2:
         raise MetricUnavailable(f"rank accuracy needs at least 2 samples, got {n}")
     ks = [k for k in opts["ks"] if k <= pool]
-    out = t2i_rank_accuracy([r["input"]["text"] for r in ctx.records], ctx.output_images(), enc,
-                            pool_size=pool, ks=ks, seed=ctx.seed)
-    return out
+    return t2i_rank_accuracy(ctx.text_embeddings(opts["encoder"], enc, "prompt"),
+                             ctx.image_embeddings(opts["encoder"], enc, "output"), pool_size=pool, ks=ks,
+                             seed=ctx.seed)
 
 
 def _captioning(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
@@ -191,7 +121,7 @@ def _vqa(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
             if (r.get("meta") or {}).get(key) is not None:
                 a[key] = r["meta"][key]
         anns.append(a)
-    res = vqa_accuracy(preds, anns, seed=ctx.seed)
+    res = vqa_accuracy(preds, anns, seed=ctx.seed, evaluation=opts["evaluation"])
     res.name = "accuracy"  # the name baselines.csv and the papers use
     return {"accuracy": res}
 
@@ -200,75 +130,141 @@ def _pixel(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
     from evals.metrics.editing import distance_results, pixel_distance_pair
 
     l1, mse = [], []
-    for r in ctx.records:  # streamed pair by pair: the whole test set never sits in memory
-        a, b = pixel_distance_pair(_open(ctx.task_dir / r["images"]["output"]), _open(ctx.data_root / r["input"]["target"]))
+    for out, target in zip(ctx.output_paths(), ctx.data_images("target")):
+        # streamed pair by pair: the whole test set never sits in memory
+        a, b = pixel_distance_pair(inputs.open_rgb(out), inputs.open_rgb(target))
         l1.append(a)
         mse.append(b)
-    out = distance_results(np.asarray(l1), np.asarray(mse), seed=ctx.seed)
-    for v in out.values():
+    res = distance_results(np.asarray(l1), np.asarray(mse), seed=ctx.seed)
+    for v in res.values():
         v.extra["turns"] = "all (each turn edited independently from its ground-truth input)"
-    return out
+    return res
 
 
 def _clip_i(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
     from evals.metrics.clip_score import clip_i
 
-    enc = ctx.encoder(opts["encoder"])
-    targets = [_open(p) for p in ctx.data_images("target")]
-    res = clip_i(ctx.output_images(), targets, enc, name=opts["name"], seed=ctx.seed)
+    enc = ctx.encoder(opts["encoder"], "clip_i")
+    res = clip_i(ctx.image_embeddings(opts["encoder"], enc, "output"),
+                 ctx.image_embeddings(opts["encoder"], enc, "target"), name=opts["name"], seed=ctx.seed)
     return {res.name: res}
 
 
 def _clip_t(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
     from evals.metrics.clip_score import clip_t
 
-    missing = [r["id"] for r in ctx.records if not r["references"]]
-    if missing:
-        raise MetricUnavailable(f"{len(missing)} samples have no output caption (e.g. {missing[:3]}); give the "
-                                "descriptions file with --set dataset.files.descriptions=PATH")
-    enc = ctx.encoder(opts["encoder"])
-    res = clip_t(ctx.output_images(), [r["references"][0] for r in ctx.records], enc, name=opts["name"],
-                 seed=ctx.seed)
+    ctx.need_texts("reference", "output caption", "dataset.files.descriptions")
+    enc = ctx.encoder(opts["encoder"], "clip_t")
+    res = clip_t(ctx.image_embeddings(opts["encoder"], enc, "output"),
+                 ctx.text_embeddings(opts["encoder"], enc, "reference"), name=opts["name"], seed=ctx.seed)
     return {res.name: res}
+
+
+def _clip_dir(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
+    """InstructPix2Pix's directional similarity: needs the source image and both captions."""
+    from evals.metrics.editing import clip_directional_similarity
+
+    ctx.need_texts("reference", "output caption", "dataset.files.descriptions")
+    ctx.need_texts("input_caption", "input caption", "dataset.files.descriptions")
+    enc, name = ctx.encoder(opts["encoder"], "clip_dir"), opts["encoder"]
+    res = clip_directional_similarity(ctx.image_embeddings(name, enc, "image"),
+                                      ctx.image_embeddings(name, enc, "output"),
+                                      ctx.text_embeddings(name, enc, "input_caption"),
+                                      ctx.text_embeddings(name, enc, "reference"), seed=ctx.seed)
+    return _named(res, opts)
+
+
+def _clip_img(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
+    """InstructPix2Pix's image similarity cos(E_I(source), E_I(output))."""
+    from evals.metrics.editing import clip_image_similarity
+
+    enc, name = ctx.encoder(opts["encoder"], "clip_img"), opts["encoder"]
+    res = clip_image_similarity(ctx.image_embeddings(name, enc, "image"), ctx.image_embeddings(name, enc, "output"),
+                                seed=ctx.seed)
+    return _named(res, opts)
 
 
 def _dino(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
-    from evals.metrics.dino import DinoEncoder
     from evals.metrics.editing import dino_similarity
 
-    try:
-        enc = DinoEncoder.load(opts["weights"], ctx.device)
-    except FileNotFoundError as e:
-        raise MetricUnavailable(f"DINO needs its weights: {e}") from None
-    targets = [_open(p) for p in ctx.data_images("target")]
-    res = dino_similarity(ctx.output_images(), targets, enc, seed=ctx.seed)
+    enc = ctx.dino(opts["weights"])
+    key = f"dino:{opts['weights'] or ''}"
+    res = dino_similarity(ctx.image_embeddings(key, enc, "output"), ctx.image_embeddings(key, enc, "target"),
+                          seed=ctx.seed)
     return {res.name: res}
 
 
+# ----------------------------------------------------------------------------- the metric table
 @dataclass(frozen=True)
 class MetricDef:
     fn: Adapter
     kinds: tuple[str, ...]
     options: dict[str, Any]  # option -> default
+    # (result-name pattern, higher_is_better) for every name the adapter produces; a metric whose
+    # `name` option renames its single result keeps the direction of its one declared output.
+    outputs: tuple[tuple[str, bool], ...]
 
+    def higher_is_better(self, result_name: str) -> bool:
+        for pattern, hib in self.outputs:
+            if fnmatchcase(result_name, pattern):
+                return hib
+        directions = {hib for _, hib in self.outputs}
+        if len(directions) == 1 and "name" in self.options:
+            return directions.pop()
+        raise KeyError(f"metric table: {result_name!r} is not a declared output ({[p for p, _ in self.outputs]})")
+
+
+_CAPTION_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
 METRICS: dict[str, MetricDef] = {
     "fid": MetricDef(_fid, ("t2i",), {"feature_space": "inception", "protocol": "pytorch-fid", "resolution": 256,
                                      "weights": None, "reference_stats": None, "cache_dir": None,
-                                     "batch_size": 50, "bootstrap": 0}),
-    "clip_score": MetricDef(_clip_score, ("t2i",), {"encoder": "model", "scale": 2.5, "name": None}),
-    "rank_accuracy": MetricDef(_rank_accuracy, ("t2i",), {"encoder": "demo", "pool_size": 100, "ks": [1, 5, 10]}),
-    "captioning": MetricDef(_captioning, ("caption",), {"tokenize": "ptb", "spice": False, "report": None}),
-    "vqa_accuracy": MetricDef(_vqa, ("vqa",), {}),
-    "pixel_distances": MetricDef(_pixel, ("edit",), {}),
-    "clip_i": MetricDef(_clip_i, ("edit",), {"encoder": None, "name": "CLIP-I"}),
-    "clip_t": MetricDef(_clip_t, ("edit",), {"encoder": None, "name": "CLIP-T"}),
-    "dino": MetricDef(_dino, ("edit",), {"weights": None}),
+                                     "batch_size": 50, "bootstrap": 0},
+                     (("FID", False), ("FD-*", False))),
+    "clip_score": MetricDef(_clip_score, ("t2i",), {"encoder": "model", "scale": 2.5, "name": None},
+                            (("CLIPScore", True),)),
+    "rank_accuracy": MetricDef(_rank_accuracy, ("t2i",), {"encoder": "demo", "pool_size": 100, "ks": [1, 5, 10]},
+                               (("t2i_R@*", True), ("t2i_rank", False))),  # a mean rank: 1 is best
+    "captioning": MetricDef(_captioning, ("caption",), {"tokenize": "ptb", "spice": False, "report": None},
+                            tuple((n, True) for n in _CAPTION_NAMES)),
+    "vqa_accuracy": MetricDef(_vqa, ("vqa",), {"evaluation": "current"}, (("accuracy", True),)),
+    "pixel_distances": MetricDef(_pixel, ("edit",), {}, (("L1", False), ("L2 (MSE)", False))),
+    "clip_i": MetricDef(_clip_i, ("edit",), {"encoder": None, "name": "CLIP-I"}, (("CLIP-I", True),)),
+    "clip_t": MetricDef(_clip_t, ("edit",), {"encoder": None, "name": "CLIP-T"}, (("CLIP-T", True),)),
+    "clip_dir": MetricDef(_clip_dir, ("edit",), {"encoder": None, "name": "CLIP-dir"}, (("CLIP-dir", True),)),
+    # how much of the source survives the edit (InstructPix2Pix's consistency axis): higher = more faithful
+    "clip_img": MetricDef(_clip_img, ("edit",), {"encoder": None, "name": "CLIP-img"}, (("CLIP-img", True),)),
+    "dino": MetricDef(_dino, ("edit",), {"weights": None}, (("DINO", True),)),
+}
+
+# The edit metric set `cm3eval score edit` computes, in its output order (the run's adapters).
+EDIT_METRICS = ("pixel_distances", "dino", "clip_i", "clip_img", "clip_t", "clip_dir")
+
+
+def higher_is_better(result_name: str, key: str | None = None) -> bool | None:
+    """The direction of a result name: from metric `key`'s definition, or from the first definition
+    that declares the name; None when no definition does (then a caller must not guess)."""
+    defs = [METRICS[key]] if key is not None else list(METRICS.values())
+    for d in defs:
+        try:
+            return d.higher_is_better(result_name) if key is not None else \
+                next(h for p, h in d.outputs if fnmatchcase(result_name, p))
+        except (KeyError, StopIteration):
+            continue
+    return None
+
+
+# The option values a metric accepts, where they are a closed set (checked in the plan phase).
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("fid", "protocol"): ("pytorch-fid", "torch-fidelity", "clean"),
+    ("captioning", "tokenize"): ("ptb", "none"),
+    ("vqa_accuracy", "evaluation"): ("current", "legacy-2017"),
 }
 
 
-def check_metrics(spec: TaskSpec, src: str) -> None:
-    """Metric names, kinds and option names of a spec (one-line errors naming src and the field)."""
+def check_metrics(spec: Any, src: str) -> None:
+    """Metric names, kinds, option names and closed option values of a spec (one-line errors
+    naming src and the field)."""
     from tasks.spec import SpecError
 
     for name, opts in spec.metrics.items():
@@ -277,27 +273,32 @@ def check_metrics(spec: TaskSpec, src: str) -> None:
         d = METRICS[name]
         if spec.kind not in d.kinds:
             raise SpecError(f"{src}: metrics.{name}: applies to {'/'.join(d.kinds)} tasks, not {spec.kind}")
-        for o in opts:
+        for o, v in (opts or {}).items():
             if o not in d.options:
                 known = ", ".join(d.options) or "none"
                 raise SpecError(f"{src}: metrics.{name}.{o}: unknown option (known: {known})")
+            choices = _CHOICES.get((name, o))
+            if choices is not None and v not in choices:
+                raise SpecError(f"{src}: metrics.{name}.{o}: {v!r} is not one of {', '.join(choices)}")
 
 
+# ----------------------------------------------------------------------------- running the table
 @dataclass
 class Scored:
     metrics: dict[str, MetricResult]
     per_sample: dict[str, dict[str, float]]
     failures: list[dict[str, str]]
     notes: list[str]
+    unavailable: dict[str, str] = field(default_factory=dict)  # requested metric key -> why not computed
 
 
-def prepare(specs: list[TaskSpec]) -> None:
+def prepare(specs: list[Any]) -> None:
     """Called when a run starts: slow metric back-ends start loading while the model generates
     (the METEOR jar spends ~10 s on its paraphrase tables before its first answer)."""
     for spec in specs:
         if "captioning" not in spec.metrics:
             continue
-        report = {**METRICS["captioning"].options, **spec.metrics["captioning"]}["report"]
+        report = {**METRICS["captioning"].options, **(spec.metrics["captioning"] or {})}["report"]
         if report and "METEOR" not in report:
             continue
         from evals.metrics.captioning import prestart_meteor
@@ -309,31 +310,117 @@ def prepare(specs: list[TaskSpec]) -> None:
         return
 
 
-def score_task(spec: TaskSpec, records: list[dict[str, Any]], *, task_dir: Path, data_root: Path,
-               predictor: Any = None, device: str = "cpu") -> Scored:
-    check_metrics(spec, f"task {spec.name}")
-    ctx = Context(spec, records, Path(task_dir), Path(data_root), predictor, device, spec.seed)
-    metrics: dict[str, MetricResult] = {}
-    per_sample: dict[str, dict[str, float]] = {str(r["id"]): {} for r in records}
-    notes: list[str] = []
-    if not records:
-        notes.append("no sample finished without a failure; nothing to score")
-        return Scored(metrics, per_sample, [], notes)
+def _run_one(ctx: Context, key: str, user_opts: dict[str, Any]) -> dict[str, MetricResult]:
+    d = METRICS[key]
+    results = d.fn(ctx, {**d.options, **(user_opts or {})})
+    for name, res in results.items():
+        res.higher_is_better = d.higher_is_better(name)
+    return results
+
+
+def score_metrics(metrics: dict[str, dict[str, Any]], ctx: Context, *, label: str = "") -> Scored:
+    """Run the metric keys of `metrics` ({key: options}) over the context's records."""
+    out: dict[str, MetricResult] = {}
     ids = ctx.ids()
-    for key, user_opts in spec.metrics.items():
-        d = METRICS[key]
-        opts = {**d.options, **user_opts}
+    per_sample: dict[str, dict[str, float]] = {i: {} for i in ids}
+    notes: list[str] = []
+    unavailable: dict[str, str] = {}
+    if not ctx.records:
+        notes.append("no sample finished without a failure; nothing to score")
+        return Scored(out, per_sample, [], notes, {k: notes[0] for k in metrics})
+    for key, user_opts in metrics.items():
         try:
-            results = d.fn(ctx, opts)
+            results = _run_one(ctx, key, user_opts)
         except MetricUnavailable as e:
-            msg = f"{key}: not computed: {e}"
-            log.warning("%s: %s", spec.name, msg)
-            notes.append(msg)
+            notes.append(f"{key}: not computed: {e}")
+            unavailable[key] = str(e)
+            log.warning("%s: %s", label or "scoring", notes[-1])
             continue
         for name, res in results.items():
-            metrics[name] = res
+            out[name] = res
             ps = res.per_sample
             if ps is not None and len(ps) == len(ids):
                 for i, v in zip(ids, np.asarray(ps, dtype=np.float64).tolist()):
                     per_sample[i][name] = v
-    return Scored(metrics, per_sample, [], notes)
+    return Scored(out, per_sample, [], notes, unavailable)
+
+
+def score_task(spec: Any, records: list[dict[str, Any]], *, task_dir: Path, data_root: Path,
+               model_bundle: Any = None, device: str = "cpu", predictor: Any = None,
+               encoders: Any = None) -> Scored:
+    """Score one task's finished records with its metrics block.
+
+    `model_bundle`: the evaluated checkpoint (for encoder "model" / "demo"); `predictor` is the
+    older spelling, of which only `.bundle` is read. `encoders`: an `evals.encoders.EncoderCache`
+    shared with the predictor (so reranking and scoring load one copy)."""
+    check_metrics(spec, f"task {spec.name}")
+    if model_bundle is None and predictor is not None:
+        model_bundle = getattr(predictor, "bundle", None)
+    ctx = Context.build(records, task_dir, data_root, model_bundle=model_bundle, device=device, seed=spec.seed,
+                        encoders=encoders)
+    return score_metrics(spec.metrics, ctx, label=spec.name)
+
+
+# ----------------------------------------------------------------------------- what a spec needs on disk
+@dataclass(frozen=True)
+class RequiredFile:
+    """A local file (or folder) a task's metrics need; the plan phase checks it before any model loads."""
+
+    path: Path  # where it was looked for (the first place when none holds it)
+    what: str  # e.g. "FID Inception weights (metrics.fid)"
+    how_to_get: str  # one line: where to download it and which flag / option names it
+    metric: str = ""  # the metric key that needs it
+    under_data_root: bool = False  # a relative path to resolve against the task's data root
+
+    @property
+    def exists(self) -> bool:
+        return self.under_data_root or self.path.exists()
+
+
+def _weights_file(weights_file: Any, explicit: Any, metric: str) -> RequiredFile:
+    places = weights_file.search_paths(explicit)
+    found = next((p for _, p in places if p.is_file()), places[0][1])
+    looked = "; ".join(f"{how}: {p}" for how, p in places)
+    how = (f"download {weights_file.url} on a connected machine and pass it with --set {weights_file.option}=PATH "
+           f"(cm3eval run) or {weights_file.flag} (cm3eval score), or set ${weights_file.env} (looked in {looked})")
+    return RequiredFile(found, f"{weights_file.what} (metrics.{metric})", how, metric)
+
+
+def _encoder_files(name: Any, metric: str, option: str) -> list[RequiredFile]:
+    from evals.encoders import required_encoder_files
+
+    out = []
+    for path, what in required_encoder_files(name):
+        how = ("build the demo with `cm3eval train demo`" if name == "demo" else
+               f"put the files there, or name another encoder with --set metrics.{metric}.{option}=...")
+        out.append(RequiredFile(path, f"{what} (metrics.{metric}.{option})", how, metric))
+    return out
+
+
+def required_files(spec: Any) -> list[RequiredFile]:
+    """The local files the spec's metrics need (weights, encoders, precomputed statistics).
+
+    An encoder named "model" needs the checkpoint's own encoder: the plan checks that with
+    `cm3leon.checkpoint.inspect`, not here. Raises `evals.encoders.EncoderUnavailable` for an
+    encoder name of no known kind."""
+    from evals.metrics import dino, inception
+
+    out: list[RequiredFile] = []
+    for key, user_opts in spec.metrics.items():
+        if key not in METRICS:
+            continue  # check_metrics reports it
+        opts = {**METRICS[key].options, **(user_opts or {})}
+        if key == "fid" and opts["feature_space"] == "inception":
+            out.append(_weights_file(inception.WEIGHTS_FILE, opts["weights"], key))
+            if opts["reference_stats"]:
+                rel = not Path(opts["reference_stats"]).is_absolute()
+                out.append(RequiredFile(Path(opts["reference_stats"]), "FID reference statistics (metrics.fid)",
+                                        "a .npz from `cm3eval score fid --save-ref-stats` or pytorch-fid --save-stats",
+                                        key, under_data_root=rel))
+        elif key == "fid":
+            out += _encoder_files(opts["feature_space"], key, "feature_space")
+        elif key == "dino":
+            out.append(_weights_file(dino.WEIGHTS_FILE, opts["weights"], key))
+        elif "encoder" in opts:
+            out += _encoder_files(opts["encoder"], key, "encoder")
+    return out

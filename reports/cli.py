@@ -1,4 +1,10 @@
-"""`cm3eval leaderboard | report | compare`: plain functions that evals/cli.py mounts."""
+"""`cm3eval leaderboard | report | compare`: plain functions that evals/cli/report.py mounts.
+
+Heavy imports (pandas, PIL, jinja2) happen inside the functions, so mounting them costs
+nothing at start-up. Every error of the reports is a Cm3evalError: one line on stderr and its
+exit code (2: usage or missing input). compare exits 1 when the comparison fails (a
+regression, a missing metric without --allow-missing, an unknown direction).
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,24 @@ import math
 import webbrowser
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
-from reports.leaderboard import ReportError
+from cm3leon.errors import Cm3evalError
 
 
 class Format(str, Enum):
     csv = "csv"
     md = "md"
     html = "html"
+    tex = "tex"
     all = "all"
 
 
-def _fail(e: ReportError) -> None:
+def _fail(e: Cm3evalError) -> NoReturn:
     typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(e.exit_code)
 
 
 def _clean(x: Any) -> Any:
@@ -38,30 +45,40 @@ def _clean(x: Any) -> Any:
 
 
 def leaderboard(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders (each with a metrics.json).")],
+    runs: Annotated[list[Path], typer.Argument(help="Run folders; sweep parents expand to their points.")],
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines",
                                             help="Add the published numbers from reports/baselines.csv.")] = True,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write leaderboard.{csv,md,html} here.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write leaderboard.{csv,md,html,tex} here.")] = None,
     format: Annotated[Format, typer.Option("--format", help="Which files --out writes.")] = Format.all,
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
-    """Tables across runs, beside published baselines, as CSV / Markdown / HTML."""
+    """Tables across runs, beside published baselines, as CSV / Markdown / HTML / LaTeX.
+    Folders that are not finished runs are skipped and listed on stderr."""
     from reports import leaderboard as lbm
+    from reports import publish
+    from reports.errors import ReportError
+    from reports.rundata import discover_runs
 
     try:
-        lb = lbm.leaderboard(lbm.collect_runs(runs), baselines=baselines)
-    except ReportError as e:
+        found = discover_runs(runs)
+        for path, why in found.skipped:
+            typer.echo(f"skipped {path}: {why}", err=True)
+        if not found.runs:
+            raise ReportError(f"no finished run among {', '.join(map(str, runs))}")
+        lb = lbm.leaderboard(lbm.collect_runs(found.runs), baselines=baselines)
+        written: list[Path] = []
+        if out is not None:
+            formats = ["csv", "md", "html", "tex"] if format == Format.all else [format.value]
+            written = publish.write_leaderboard(lb, out, formats)
+    except Cm3evalError as e:
         _fail(e)
-    if out is not None:
-        formats = ["csv", "md", "html"] if format == Format.all else [format.value]
-        written = lbm.write_leaderboard(lb, out, formats)
     if json_out:
         typer.echo(json.dumps(_clean(json.loads(lb.to_json(orient="records"))), indent=1))
     elif out is not None:
         for path in written:
             typer.echo(str(path))
     else:
-        typer.echo(lbm.to_markdown(lb))
+        typer.echo(publish.to_markdown(lb))
 
 
 def report(
@@ -74,7 +91,7 @@ def report(
 
     try:
         path = write_run_report(run, max_samples=max_samples)
-    except ReportError as e:
+    except Cm3evalError as e:
         _fail(e)
     typer.echo(str(path))
     if open_:
@@ -85,23 +102,35 @@ def compare(
     base: Annotated[Path, typer.Argument(help="The reference run folder.")],
     new: Annotated[Path, typer.Argument(help="The run under test.")],
     tolerance: Annotated[Optional[list[str]], typer.Option(
-        "--tolerance", help="METRIC=x or TASK/METRIC=x: allowed worsening in the metric's units (default 0).")] = None,
+        "--tolerance", help="METRIC=x or TASK/METRIC=x: allowed worsening in the metric's units (default 0); "
+                            "failures=N allows N more failed samples.")] = None,
+    direction: Annotated[Optional[list[str]], typer.Option(
+        "--direction", help="METRIC=higher|lower for runs that did not record higher_is_better.")] = None,
+    allow_missing: Annotated[bool, typer.Option(
+        "--allow-missing", help="A metric or task missing on one side (or null/NaN) does not fail.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Compare runs measured under different protocols (the Markdown lists what differs).")] = False,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the Markdown table here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the verdicts as JSON.")] = False,
 ) -> None:
-    """Per-metric deltas with CIs; exit code 1 when a metric regresses beyond tolerance and noise."""
-    from reports.compare import compare_runs, has_regression, parse_tolerances, to_markdown
+    """Per-metric deltas with CIs. Exit 0: no regression; 1: a regression, a missing metric or an
+    unknown direction; 2: usage, missing input, or runs under different protocols (without --force)."""
+    from reports import compare as cm
+    from reports.errors import CompareRefused
 
     try:
-        verdicts = compare_runs(base, new, parse_tolerances(tolerance or []))
-    except ReportError as e:
+        cmp = cm.compare(base, new, cm.parse_tolerances(tolerance or []),
+                         directions=cm.parse_directions(direction or []), allow_missing=allow_missing, force=force)
+        text = cm.to_markdown(cmp)
+        if markdown is not None:
+            markdown.parent.mkdir(parents=True, exist_ok=True)
+            markdown.write_text(text, encoding="utf-8")
+        if cmp.refused:
+            raise CompareRefused(cm.refusal_message(cmp))
+    except Cm3evalError as e:
         _fail(e)
-    text = to_markdown(verdicts, base, new)
-    if markdown is not None:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(text, encoding="utf-8")
     if json_out:
-        typer.echo(json.dumps(_clean([v.to_dict() for v in verdicts]), indent=1))
+        typer.echo(json.dumps(_clean([v.to_dict() for v in cmp.verdicts]), indent=1))
     else:
         typer.echo(text)
-    raise typer.Exit(1 if has_regression(verdicts) else 0)
+    raise typer.Exit(0 if cmp.passed() else 1)

@@ -1,25 +1,44 @@
 """Regression verdicts between two runs, for CI: per (task, metric) delta with a CI of the delta.
 
-The CI comes from a paired bootstrap over the samples both runs scored (matched by sample
-id), which cancels the per-sample difficulty both runs share and so is much tighter than
-two independent CIs. Without per-sample scores (FID has none) it falls back to combining
-the two runs' own CIs, and without any CI it decides on the tolerance alone; the verdict
-says which.
+What a CI job can trust:
+- Direction comes from `higher_is_better` recorded in metrics.json (the metric table declares
+  it; the engine writes it). Never from the name. A metric whose direction was not recorded
+  (and not given with --direction) gets the verdict "unknown", which fails unless its value is
+  unchanged.
+- A metric or task missing on either side, or whose value is null/NaN, is "missing": a failure
+  unless --allow-missing. Two runs with nothing in common fail too.
+- Failed samples count: each task gets a "failures" row (lower is better), so 150 of 300
+  samples failing is a regression even when the 150 that finished score as before.
+- The CI comes from a paired bootstrap over the samples both runs scored (matched by id), and
+  the delta shown beside it is computed from the SAME samples. Without per-sample scores (FID
+  has none) it falls back to combining the two runs' own CIs, and without any CI it decides on
+  the tolerance alone; the verdict says which.
+- A run whose metrics.json disagrees with its own per-sample scores is an error naming the
+  metric (a mean-type metric must equal scale x mean of its per-sample scores, over n of them).
+- Runs measured under different protocols (task version, split, n, candidates, k, shots,
+  resolution, data, metric options) are refused unless --force; the Markdown lists what differs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from evals.metrics.result import bootstrap_ci
-from reports.leaderboard import ReportError, fmt, load_metrics, load_samples, lower_is_better
+from reports import protocol
+from reports.errors import CompareRefused, InconsistentRun, ReportError
+from reports.format import direction_arrow, finite, fmt, md_cell, recorded_direction
+from reports.persample import mean_scale, per_sample
+from reports.rundata import load_metrics, load_samples, load_task_config
 
 Z95 = 1.959963984540054
+FAILURES = "failures"  # the per-task row counting failed samples
+TASK_ROW = "(task)"  # the metric column of a verdict about a whole task (missing on one side)
+FAILING = ("regression", "missing", "unknown")
 
 
 @dataclass
@@ -28,18 +47,57 @@ class Verdict:
     metric: str
     base: float | None
     new: float | None
-    delta: float | None            # new - base, in the metric's units
+    delta: float | None            # new - base, in the metric's units (paired: over the matched samples)
     ci_low: float | None           # 95 % CI of the delta; None when unknown
     ci_high: float | None
-    ci_method: str                 # "paired bootstrap" | "run CIs" | "none"
+    ci_method: str                 # "paired bootstrap" | "run CIs" | "count" | "none"
     n_paired: int                  # samples matched by id (paired bootstrap only)
     tolerance: float
-    higher_is_better: bool
-    verdict: str                   # "regression" | "improvement" | "same" | "missing"
+    higher_is_better: bool | None  # None: the runs did not record it
+    verdict: str                   # "regression" | "improvement" | "same" | "missing" | "unknown"
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Comparison:
+    base_dir: Path
+    new_dir: Path
+    verdicts: list[Verdict] = field(default_factory=list)
+    protocol_diffs: dict[str, list[tuple[str, Any, Any]]] = field(default_factory=dict)
+    forced: bool = False
+    allow_missing: bool = False
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.protocol_diffs) and not self.forced
+
+    @property
+    def n_compared(self) -> int:
+        """Metric rows with a value on both sides (the failures rows do not count)."""
+        return sum(v.metric not in (FAILURES, TASK_ROW) and v.base is not None and v.new is not None
+                   for v in self.verdicts)
+
+    def failing(self) -> list[Verdict]:
+        bad = ("regression", "unknown") if self.allow_missing else FAILING
+        return [v for v in self.verdicts if v.verdict in bad]
+
+    def passed(self) -> bool:
+        return not self.refused and self.n_compared > 0 and not self.failing()
+
+
+# ---------------------------------------------------------------- options
+
+def _parse_pairs(items: list[str], option: str, expect: str) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        key, sep, value = item.rpartition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ReportError(f"{option} {item!r}: expected {expect}")
+        out.append((key.strip(), value.strip()))
+    return out
 
 
 def parse_tolerances(items: list[str]) -> dict[str, float]:
@@ -47,57 +105,51 @@ def parse_tolerances(items: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for item in items:
         key, sep, value = item.rpartition("=")
-        try:
-            tol = float(value)
-        except ValueError:
-            tol = math.nan
-        if not sep or not key or not math.isfinite(tol) or tol < 0:
+        tol = finite(value) if sep else None
+        if not sep or not key.strip() or tol is None or tol < 0:
             raise ReportError(f"--tolerance {item!r}: expected METRIC=x or TASK/METRIC=x with x >= 0")
         out[key.strip()] = tol
     return out
 
 
-def tolerance_for(tolerances: dict[str, float], task: str, metric: str) -> float:
-    """TASK/METRIC beats METRIC beats "*"; metric names match case-insensitively; default 0."""
-    low = {k.lower(): v for k, v in tolerances.items()}
-    for key in (f"{task}/{metric}".lower(), metric.lower(), "*"):
-        if key in low:
-            return low[key]
-    return 0.0
-
-
-def _per_sample(samples: list[dict[str, Any]], metric: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for s in samples:
-        per = s.get("per_sample")
-        v = per.get(metric) if isinstance(per, dict) else None
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and s.get("id") is not None:
-            out[str(s["id"])] = float(v)
+def parse_directions(items: list[str]) -> dict[str, bool]:
+    """["t2i_rank=lower", "vqav2/accuracy=higher"]: for runs that did not record a direction."""
+    words = {"higher": True, "lower": False}
+    out = {}
+    for key, value in _parse_pairs(items, "--direction", "METRIC=higher|lower or TASK/METRIC=higher|lower"):
+        if value.lower() not in words:
+            raise ReportError(f"--direction {key}={value}: expected higher or lower")
+        out[key] = words[value.lower()]
     return out
 
 
-def _unit_scale(value: float, per: dict[str, float]) -> float | None:
-    """The factor from mean per-sample score to the metric value (1, or 100 for a
-    percentage like VQA accuracy); None when the metric is not such a mean (e.g. BLEU)."""
-    if not per or not math.isfinite(value):
-        return None
-    mean = float(np.mean(list(per.values())))
-    for s in (1.0, 100.0):  # metrics.json values may be rounded (VQA: 2 decimals)
-        if math.isclose(value, s * mean, rel_tol=0.01, abs_tol=0.01 * s):
-            return s
-    return None
+def _lookup(table: dict[str, Any], task: str, metric: str, default: Any) -> Any:
+    """TASK/METRIC beats METRIC beats "*"; names match case-insensitively."""
+    low = {k.lower(): v for k, v in table.items()}
+    for key in (f"{task}/{metric}".lower(), metric.lower(), "*"):
+        if key in low:
+            return low[key]
+    return default
 
 
-def _entry(data: dict[str, Any], task: str, metric: str) -> dict[str, Any] | None:
-    return ((data["tasks"].get(task) or {}).get("metrics") or {}).get(metric)
+def tolerance_for(tolerances: dict[str, float], task: str, metric: str) -> float:
+    return float(_lookup(tolerances, task, metric, 0.0))
 
 
-def _value(m: dict[str, Any] | None) -> float | None:
-    try:
-        v = float(m["value"]) if m is not None else None
-    except (TypeError, ValueError):
-        return None
-    return v if v is not None and math.isfinite(v) else None
+# ---------------------------------------------------------------- per-sample scores
+
+def _check_consistent(run_dir: Path, task: str, metric: str, entry: dict[str, Any], per: dict[str, float],
+                      scale: float) -> None:
+    """A mean-type metric (the other run's one averages to its value) must average here too."""
+    value = finite(entry.get("value"))
+    if mean_scale(entry, per) != scale:
+        mean = scale * math.fsum(per.values()) / len(per)
+        raise InconsistentRun(f"{run_dir / 'metrics.json'}: {task}/{metric} is {fmt(value)} but its {len(per)} "
+                              f"per-sample scores average to {fmt(mean)}; the run's files disagree")
+    n = entry.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n != len(per):
+        raise InconsistentRun(f"{run_dir / 'metrics.json'}: {task}/{metric} records n={n} but the samples hold "
+                              f"{len(per)} per-sample scores; the run's files disagree")
 
 
 def _run_ci_delta(b: dict[str, Any], n: dict[str, Any], delta: float) -> tuple[float, float] | None:
@@ -110,101 +162,205 @@ def _run_ci_delta(b: dict[str, Any], n: dict[str, Any], delta: float) -> tuple[f
     return (delta - Z95 * se, delta + Z95 * se) if math.isfinite(se) else None
 
 
-def compare_runs(base_dir: Path | str, new_dir: Path | str, tolerances: dict[str, float] | None = None, *,
-                 n_resamples: int = 2000, seed: int = 0) -> list[Verdict]:
-    tolerances = tolerances or {}
-    base_dir, new_dir = Path(base_dir), Path(new_dir)
-    base, new = load_metrics(base_dir), load_metrics(new_dir)
-    sample_cache: dict[tuple[Path, str], list[dict[str, Any]]] = {}
+# ---------------------------------------------------------------- verdicts
 
-    def samples(run_dir: Path, task: str) -> list[dict[str, Any]]:
-        if (run_dir, task) not in sample_cache:
-            sample_cache[(run_dir, task)] = load_samples(run_dir, task)
-        return sample_cache[(run_dir, task)]
+def _decide(delta: float, ci: tuple[float, float] | None, hib: bool | None, tol: float) -> str:
+    if hib is None:
+        return "same" if delta == 0 else "unknown"
+    worse = -delta if hib else delta  # > 0 when the new run is worse
+    if ci is None:
+        worse_sig = better_sig = True
+    else:  # the CI of the delta lies wholly on one side of zero
+        worse_sig = ci[1] < 0 if hib else ci[0] > 0
+        better_sig = ci[0] > 0 if hib else ci[1] < 0
+    if worse > tol and worse_sig:
+        return "regression"
+    if -worse > tol and better_sig:
+        return "improvement"
+    return "same"
 
-    pairs: list[tuple[str, str]] = []
-    for data in (base, new):
-        for task, entry in data["tasks"].items():
-            pairs += [(task, m) for m in (entry.get("metrics") or {}) if (task, m) not in pairs]
 
-    verdicts = []
-    for task, metric in pairs:
-        bm, nm = _entry(base, task, metric), _entry(new, task, metric)
-        bv, nv = _value(bm), _value(nm)
-        hib = not lower_is_better(metric)
-        tol = tolerance_for(tolerances, task, metric)
+class _Task:
+    """One task of both runs: entries, samples (read once) and the options of the comparison."""
+
+    def __init__(self, cmp: Comparison, task: str, be: dict[str, Any], ne: dict[str, Any],
+                 opts: dict[str, Any]) -> None:
+        self.cmp, self.task, self.be, self.ne, self.opts = cmp, task, be, ne, opts
+        self.bs = load_samples(cmp.base_dir, task)
+        self.ns = load_samples(cmp.new_dir, task)
+
+    def direction(self, metric: str, bm: dict[str, Any] | None, nm: dict[str, Any] | None) -> tuple[bool | None, str]:
+        given = _lookup(self.opts["directions"], self.task, metric, None)
+        if given is not None:
+            return given, "direction from --direction"
+        b, n = recorded_direction(bm), recorded_direction(nm)
+        if b is not None and n is not None and b != n:
+            raise InconsistentRun(f"{self.task}/{metric}: base records higher_is_better={b}, new {n}; "
+                                  "the two runs disagree on the metric's definition")
+        hib = b if b is not None else n
+        return hib, "" if hib is not None else "higher_is_better not recorded (give --direction)"
+
+    def failures(self) -> Verdict:
+        def count(entry: dict[str, Any], samples: list[dict[str, Any]]) -> int:
+            ids = {str(f.get("id")) for f in entry.get("failures") or [] if isinstance(f, dict)}
+            ids |= {str(s["id"]) for s in samples if s.get("failure")}
+            return len(ids)
+
+        b, n = count(self.be, self.bs), count(self.ne, self.ns)
+        tol = tolerance_for(self.opts["tolerances"], self.task, FAILURES)
+        verdict = _decide(float(n - b), None, False, tol)
+        total = self.ne.get("n_samples")
+        note = f"{n} of {total} samples failed in the new run" if n and total else ""
+        return Verdict(self.task, FAILURES, b, n, float(n - b), None, None, "count", 0, tol, False, verdict, note)
+
+    def metric(self, metric: str) -> Verdict:
+        bm, nm = (self.be.get("metrics") or {}).get(metric), (self.ne.get("metrics") or {}).get(metric)
+        hib, note = self.direction(metric, bm, nm)
+        tol = tolerance_for(self.opts["tolerances"], self.task, metric)
+        bv, nv = finite((bm or {}).get("value")), finite((nm or {}).get("value"))
         if bv is None or nv is None:
-            where = "base" if bv is None else "new"
-            verdicts.append(Verdict(task, metric, bv, nv, None, None, None, "none", 0, tol, hib, "missing",
-                                    f"no value in the {where} run"))
-            continue
-        delta = nv - bv
-        ci, method, n_paired, note = None, "none", 0, ""
-        bp, np_ = _per_sample(samples(base_dir, task), metric), _per_sample(samples(new_dir, task), metric)
+            side = " and ".join(s for s, m, v in (("base", bm, bv), ("new", nm, nv)) if v is None)
+            why = "absent" if (bm is None or nm is None) and side != "base and new" else "null/NaN or absent"
+            return Verdict(self.task, metric, bv, nv, None, None, None, "none", 0, tol, hib, "missing",
+                           f"no value in the {side} run ({why})")
+        delta, ci, method, n_paired, how = self._delta(metric, bm, nm, bv, nv)
+        note = "; ".join(x for x in (how, note) if x)
+        return Verdict(self.task, metric, bv, nv, delta, ci[0] if ci else None, ci[1] if ci else None, method,
+                       n_paired, tol, hib, _decide(delta, ci, hib, tol), note)
+
+    def _delta(self, metric: str, bm: dict[str, Any], nm: dict[str, Any], bv: float, nv: float
+               ) -> tuple[float, tuple[float, float] | None, str, int, str]:
+        bp, np_ = per_sample(self.bs, metric), per_sample(self.ns, metric)
+        sb, sn = mean_scale(bm, bp), mean_scale(nm, np_)
+        scale = sb if sb is not None else sn
+        if scale is not None:  # a mean-type metric: both runs' files must agree with it
+            for run_dir, entry, per in ((self.cmp.base_dir, bm, bp), (self.cmp.new_dir, nm, np_)):
+                if per:
+                    _check_consistent(run_dir, self.task, metric, entry, per, scale)
         ids = sorted(bp.keys() & np_.keys())
-        scale = _unit_scale(bv, bp) or _unit_scale(nv, np_)
-        if len(ids) >= 2 and scale is not None:
+        if scale is not None and bp and np_ and len(ids) >= 2:
             d = np.array([np_[i] - bp[i] for i in ids])
-            lo, hi = bootstrap_ci(d, n_resamples=n_resamples, seed=seed)
-            ci, method, n_paired = (scale * lo, scale * hi), "paired bootstrap", len(ids)
+            lo, hi = bootstrap_ci(d, n_resamples=self.opts["n_resamples"], seed=self.opts["seed"])
+            delta = scale * float(d.mean())  # over the same samples as its CI
+            note = ""
             if len(ids) < max(len(bp), len(np_)):
-                note = f"paired on {len(ids)} of {max(len(bp), len(np_))} samples"
+                note = (f"paired on {len(ids)} of {max(len(bp), len(np_))} samples; delta over those "
+                        f"(the recorded values differ by {nv - bv:+.4g})")
+            return delta, (scale * lo, scale * hi), "paired bootstrap", len(ids), note
+        delta = nv - bv
+        if scale is not None and bp and np_:
+            note = "too few samples matched by id; "
+        elif bp and np_:
+            note = "per-sample scores do not average to the metric; "
         else:
-            if len(ids) >= 2:
-                note = "per-sample scores do not average to the metric; "
-            elif bp or np_:
-                note = "too few samples matched by id; "
-            else:
-                note = "no per-sample scores; "
-            ci = _run_ci_delta(bm, nm, delta)
-            if ci is not None:
-                method, note = "run CIs", note + "CI of the delta from the two runs' CIs"
-            else:
-                note += "no CI: decided on the tolerance alone"
-        worse = -delta if hib else delta  # > 0 when the new run is worse
-        if ci is None:
-            worse_sig = better_sig = True
-        else:  # the CI of the delta lies wholly on one side of zero
-            worse_sig = ci[1] < 0 if hib else ci[0] > 0
-            better_sig = ci[0] > 0 if hib else ci[1] < 0
-        if worse > tol and worse_sig:
-            verdict = "regression"
-        elif -worse > tol and better_sig:
-            verdict = "improvement"
-        else:
-            verdict = "same"
-        verdicts.append(Verdict(task, metric, bv, nv, delta, ci[0] if ci else None, ci[1] if ci else None,
-                                method, n_paired, tol, hib, verdict, note))
-    return verdicts
+            note = "no per-sample scores; "
+        ci = _run_ci_delta(bm, nm, delta)
+        if ci is not None:
+            return delta, ci, "run CIs", 0, note + "CI of the delta from the two runs' CIs"
+        return delta, None, "none", 0, note + "no CI: decided on the tolerance alone"
+
+
+def _absent_task(task: str, be: dict[str, Any] | None, ne: dict[str, Any] | None) -> list[Verdict]:
+    """A task only one run has: each of its metrics is missing on the other side."""
+    side, present = ("base", ne) if be is None else ("new", be)
+    out = []
+    for metric, m in ((present or {}).get("metrics") or {}).items():
+        v = finite(m.get("value"))
+        b, n = (None, v) if be is None else (v, None)
+        out.append(Verdict(task, metric, b, n, None, None, None, "none", 0, 0.0, recorded_direction(m), "missing",
+                           f"task absent in the {side} run"))
+    return out or [Verdict(task, TASK_ROW, None, None, None, None, None, "none", 0, 0.0, None, "missing",
+                           f"task absent in the {side} run")]
+
+
+def compare(base_dir: Path | str, new_dir: Path | str, tolerances: dict[str, float] | None = None, *,
+            directions: dict[str, bool] | None = None, allow_missing: bool = False, force: bool = False,
+            n_resamples: int = 2000, seed: int = 0) -> Comparison:
+    cmp = Comparison(Path(base_dir), Path(new_dir), forced=force, allow_missing=allow_missing)
+    base, new = load_metrics(cmp.base_dir), load_metrics(cmp.new_dir)
+    opts = {"tolerances": tolerances or {}, "directions": directions or {}, "n_resamples": n_resamples,
+            "seed": seed}
+    tasks = list(base["tasks"]) + [t for t in new["tasks"] if t not in base["tasks"]]
+    for task in tasks:
+        be, ne = base["tasks"].get(task), new["tasks"].get(task)
+        if be is not None and ne is not None:
+            diffs = protocol.differences(protocol.manifest(be, load_task_config(cmp.base_dir, task)),
+                                         protocol.manifest(ne, load_task_config(cmp.new_dir, task)))
+            if diffs:
+                cmp.protocol_diffs[task] = diffs
+    if cmp.refused:
+        return cmp
+    for task in tasks:
+        be, ne = base["tasks"].get(task), new["tasks"].get(task)
+        if be is None or ne is None:
+            cmp.verdicts += _absent_task(task, be, ne)
+            continue
+        t = _Task(cmp, task, be, ne, opts)
+        names = list(be.get("metrics") or {}) + [m for m in ne.get("metrics") or {} if m not in (be.get("metrics") or {})]
+        cmp.verdicts += [t.metric(m) for m in names]
+        cmp.verdicts.append(t.failures())
+    return cmp
+
+
+def compare_runs(base_dir: Path | str, new_dir: Path | str, tolerances: dict[str, float] | None = None,
+                 **kwargs: Any) -> list[Verdict]:
+    """The verdicts; runs with different protocols raise CompareRefused unless force=True."""
+    cmp = compare(base_dir, new_dir, tolerances, **kwargs)
+    if cmp.refused:
+        raise CompareRefused(refusal_message(cmp))
+    return cmp.verdicts
+
+
+def refusal_message(cmp: Comparison) -> str:
+    parts = [f"{task}: {protocol.describe(d)}" for task, d in cmp.protocol_diffs.items()]
+    return ("the runs were not measured under the same protocol (" + " | ".join(parts)
+            + "); compare them anyway with --force")
 
 
 def has_regression(verdicts: list[Verdict]) -> bool:
     return any(v.verdict == "regression" for v in verdicts)
 
 
-def _md(x: Any) -> str:
-    """A Markdown table cell: no pipes, no HTML, no code spans breaking out."""
-    s = "" if x is None else str(x)
-    for a, b in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|"), ("`", "'"), ("\n", " ")):
-        s = s.replace(a, b)
-    return s
+# ---------------------------------------------------------------- Markdown
+
+def _headline(cmp: Comparison) -> str:
+    if cmp.refused:
+        return "⛔ refused: different protocols"
+    counts = {k: sum(v.verdict == k for v in cmp.verdicts) for k in FAILING}
+    if counts["regression"]:
+        return "❌ regression"
+    if cmp.n_compared == 0:
+        return "❌ nothing compared (no metric has a value in both runs)"
+    bad = [f"{n} {k}" for k, n in counts.items() if n and (k != "missing" or not cmp.allow_missing)]
+    return f"❌ failed: {', '.join(bad)}" if bad else "✅ no regression"
 
 
-def to_markdown(verdicts: list[Verdict], base_dir: Path | str, new_dir: Path | str) -> str:
-    counts = {k: sum(v.verdict == k for v in verdicts) for k in ("regression", "improvement", "same", "missing")}
-    head = "❌ regression" if counts["regression"] else "✅ no regression"
-    lines = [f"### cm3eval compare: {head}", "",
-             f"base `{_md(base_dir)}` → new `{_md(new_dir)}`; "
-             + ", ".join(f"{n} {k}" for k, n in counts.items() if n), "",
-             "| task | metric | base | new | Δ | 95% CI of Δ | tolerance | verdict | note |",
-             "|---|---|---:|---:|---:|---|---:|---|---|"]
-    for v in verdicts:
+def to_markdown(result: Comparison | list[Verdict], base_dir: Path | str | None = None,
+                new_dir: Path | str | None = None) -> str:
+    cmp = result if isinstance(result, Comparison) else Comparison(Path(str(base_dir)), Path(str(new_dir)),
+                                                                    list(result))
+    counts = {k: sum(v.verdict == k for v in cmp.verdicts)
+              for k in ("regression", "improvement", "same", "missing", "unknown")}
+    lines = [f"### cm3eval compare: {_headline(cmp)}", "",
+             f"base `{md_cell(str(base_dir or cmp.base_dir))}` → new `{md_cell(str(new_dir or cmp.new_dir))}`; "
+             + ", ".join(f"{n} {k}" for k, n in counts.items() if n), ""]
+    if cmp.protocol_diffs:
+        lines += ["#### Protocol differences" + (" (compared anyway: --force)" if cmp.forced else ""), "",
+                  "| task | field | base | new |", "|---|---|---|---|"]
+        lines += [f"| {md_cell(t)} | {md_cell(k)} | {md_cell(fmt(a))} | {md_cell(fmt(b))} |"
+                  for t, diffs in cmp.protocol_diffs.items() for k, a, b in diffs]
+        lines.append("")
+    if cmp.verdicts:
+        lines += ["| task | metric | base | new | Δ | 95% CI of Δ | tolerance | verdict | note |",
+                  "|---|---|---:|---:|---:|---|---:|---|---|"]
+    for v in cmp.verdicts:
         ci = f"[{fmt(v.ci_low)}, {fmt(v.ci_high)}] ({v.ci_method})" if v.ci_low is not None else "–"
-        arrow = "↑" if v.higher_is_better else "↓"
         delta = f"{v.delta:+.4g}" if v.delta is not None else "–"
-        verdict = f"**{v.verdict.upper()}**" if v.verdict == "regression" else v.verdict
-        lines.append(f"| {_md(v.task)} | {_md(v.metric)} {arrow} | {fmt(v.base)} | {fmt(v.new)} | {delta} | "
-                     f"{_md(ci)} | {fmt(v.tolerance) or '0'} | {verdict} | {_md(v.note)} |")
+        verdict = f"**{v.verdict.upper()}**" if v.verdict in FAILING else v.verdict
+        lines.append(f"| {md_cell(v.task)} | {md_cell(v.metric)} {direction_arrow(v.higher_is_better)} | "
+                     f"{fmt(v.base)} | {fmt(v.new)} | {delta} | {md_cell(ci)} | {fmt(v.tolerance) or '0'} | "
+                     f"{verdict} | {md_cell(v.note)} |")
     lines += ["", "A regression is a metric worse by more than its tolerance with the CI of the delta "
-              "excluding zero (↑ higher is better, ↓ lower is better)."]
+              "excluding zero (↑ higher is better, ↓ lower is better, as recorded in metrics.json; ? not "
+              "recorded). Missing metrics and unknown directions fail unless allowed."]
     return "\n".join(lines) + "\n"

@@ -2,12 +2,20 @@
 VizWiz, TextVQA and MagicBrush.
 
 A loader turns annotation files into `Sample`s in a canonical order, plus a fingerprint of the
-bytes it read. It never opens images: the engine opens them per sample, so a corrupt image is a
-recorded per-sample failure rather than a crash at load time.
+bytes it read. It never opens images: the engine opens them per sample (with `open_image`, the
+one image opener of the harness, tasks/images.py), so a corrupt image is a recorded per-sample
+failure rather than a crash at load time.
 
 Paths come from two places and both are confined to the data root: the spec's `dataset.files` /
 `dataset.images` (checked when the spec is validated) and the file names inside annotation files
 (checked here; an absolute path or a `..` component is an error naming the file and the entry).
+Confinement is decided on resolved paths (symlinks followed), so a link inside the root that
+points outside it is refused like a `..`. Two images under one id with different file names are
+refused naming both (the last one used to win silently).
+
+Data roots: `resolve_data_root` (--data-root, the built-in demo world, $CM3EVAL_DATA_ROOT) and
+`check_data_root` (the root and the annotation files exist, inside the root) are what the plan
+phase runs before any model loads; `load_dataset` runs the same check.
 """
 
 from __future__ import annotations
@@ -16,17 +24,21 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
+from .cache import cache_dir
+from .errors import DataError
+from .images import ImageError, confined, open_image
 from .spec import TaskSpec
 
-
-class DataError(ValueError):
-    """The data root or an annotation file is missing or malformed; one-line message."""
+DATA_ROOT_ENV = "CM3EVAL_DATA_ROOT"
+__all__ = ["DataError", "ImageError", "open_image", "confined", "load_dataset", "resolve_data_root",
+           "check_data_root", "check_spec", "Sample", "Dataset", "LOADERS"]
 
 
 @dataclass
@@ -79,7 +91,10 @@ class _Ctx:
         rel = self.files[role]
         path = self.root / rel
         try:
+            confined(self.root, rel)
             raw = path.read_bytes()
+        except ImageError as e:
+            raise DataError(f"{self.task}: {e}") from None
         except FileNotFoundError:
             raise DataError(f"{self.task}: {path}: missing") from None
         self.hasher.update(f"{role}={rel}:{len(raw)}:".encode())
@@ -113,6 +128,15 @@ def _need(obj: Any, key: str, types: type | tuple, ctx: _Ctx, role: str, where: 
     return obj[key]
 
 
+def _one_file_per_id(ctx: _Ctx, names: dict[Any, str], image_id: Any, name: str, where: str,
+                     role: str = "annotations") -> None:
+    """Refuse one image id under two file names (which image a sample shows would depend on the
+    order of the file); the same entry twice is harmless."""
+    other = names.setdefault(image_id, name)
+    if other != name:
+        raise _fail(ctx, role, f"{where}: image id {image_id!r} is both {other!r} and {name!r}")
+
+
 def _stable_choice(seed: int, key: str, n: int) -> int:
     digest = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % n
@@ -133,9 +157,11 @@ def load_coco_captions(ctx: _Ctx) -> list[Sample]:
         raise _fail(ctx, "annotations", "expected a COCO captions object with 'images' and 'annotations'")
     images = _need(data, "images", list, ctx, "annotations", "top level")
     anns = _need(data, "annotations", list, ctx, "annotations", "top level")
+    names: dict[int, str] = {}
     for n, im in enumerate(images):
-        _need(im, "id", int, ctx, "annotations", f"images[{n}]")
-        _need(im, "file_name", str, ctx, "annotations", f"images[{n}]")
+        image_id = _need(im, "id", int, ctx, "annotations", f"images[{n}]")
+        name = _need(im, "file_name", str, ctx, "annotations", f"images[{n}]")
+        _one_file_per_id(ctx, names, image_id, name, f"images[{n}]")
     for n, a in enumerate(anns):
         _need(a, "image_id", int, ctx, "annotations", f"annotations[{n}]")
         _need(a, "id", int, ctx, "annotations", f"annotations[{n}]")
@@ -181,6 +207,7 @@ def load_karpathy(ctx: _Ctx) -> list[Sample]:
     images = _need(data, "images", list, ctx, "annotations", "top level")
     wanted = {ctx.split} | ({"restval"} if ctx.split == "train" else set())
     samples: list[Sample] = []
+    names: dict[Any, str] = {}
     for n, im in enumerate(images):
         split = _need(im, "split", str, ctx, "annotations", f"images[{n}]")
         if split not in wanted:
@@ -195,6 +222,7 @@ def load_karpathy(ctx: _Ctx) -> list[Sample]:
         parts = [im["filepath"], filename] if im.get("filepath") else [filename]
         path = ctx.image_path(*parts, src=f"images[{n}]")
         image_id = im.get("cocoid", im.get("imgid", n))
+        _one_file_per_id(ctx, names, image_id, path, f"images[{n}]")
         if ctx.kind == "caption":
             samples.append(Sample(str(image_id), "caption", image=path, references=refs, meta={"image_id": image_id}))
         else:
@@ -257,8 +285,10 @@ def load_vizwiz(ctx: _Ctx) -> list[Sample]:
     if not isinstance(data, list):
         raise _fail(ctx, "annotations", "expected a JSON list of {image, question, answers} objects")
     samples = []
+    names: dict[str, str] = {}
     for n, q in enumerate(data):
         name = _need(q, "image", str, ctx, "annotations", f"[{n}]")
+        _one_file_per_id(ctx, names, PurePosixPath(name).stem, name, f"[{n}].image")
         text = _need(q, "question", str, ctx, "annotations", f"[{n}]")
         answers = _need(q, "answers", list, ctx, "annotations", f"[{n}]")
         refs = [_need(a, "answer", str, ctx, "annotations", f"[{n}].answers[{m}]") for m, a in enumerate(answers)]
@@ -384,29 +414,67 @@ def expected_layout(spec: TaskSpec, root: Path, files: dict[str, str] | None = N
     return f"expected layout: {'; '.join(entries)} — {LOADERS[spec.dataset.loader].layout}"
 
 
-def load_dataset(spec: TaskSpec, root: str | Path, *, support: bool = False) -> Dataset:
-    """Samples of the task's split (or of its k-shot support split) in canonical order."""
-    check_spec(spec, f"task {spec.name}")
-    root = Path(root).expanduser()
+def _split_files(spec: TaskSpec, support: bool) -> tuple[str, dict[str, str], str]:
+    """(split, file roles, image folder) of the task's split or of its k-shot support split."""
     ds = spec.dataset
     split, files, images = ds.split, dict(ds.files), ds.images
-    if support:
-        sup = ds.support
-        if sup is None:
-            raise DataError(f"{spec.name}: prompt.k_shot={spec.prompt.k_shot} needs dataset.support (the split the "
-                            "in-context examples come from)")
-        split = sup.split or split
-        files = {**files, **(sup.files or {})}
-        images = sup.images if sup.images is not None else images
-        for role, rel in {**files, "images": images}.items():
-            p = Path(rel)
-            if p.is_absolute() or ".." in p.parts:
-                raise DataError(f"{spec.name}: dataset.support: {role} must be inside the data root, got {rel!r}")
+    if not support:
+        return split, files, images
+    sup = ds.support
+    if sup is None:
+        raise DataError(f"{spec.name}: prompt.k_shot={spec.prompt.k_shot} needs dataset.support (the split the "
+                        "in-context examples come from)")
+    split = sup.split or split
+    files = {**files, **(sup.files or {})}
+    images = sup.images if sup.images is not None else images
+    for role, rel in {**files, "images": images}.items():
+        p = Path(rel)
+        if p.is_absolute() or ".." in p.parts:
+            raise DataError(f"{spec.name}: dataset.support: {role} must be inside the data root, got {rel!r}")
+    return split, files, images
+
+
+def resolve_data_root(spec: TaskSpec, data_root: str | os.PathLike | None, *, build: bool = True) -> Path:
+    """Where a task's data lives: --data-root, else the built-in demo world (rendered under the
+    cache on first use; with build=False only its path), else $CM3EVAL_DATA_ROOT."""
+    if data_root is not None:
+        return Path(data_root).expanduser()
+    if spec.dataset.builtin == "shapes":
+        if not build:
+            return cache_dir("shapes")
+        from .shapes import demo_world_root
+
+        return demo_world_root(cache_dir())
+    env = os.environ.get(DATA_ROOT_ENV)
+    if env:
+        return Path(env).expanduser()
+    raise DataError(f"{spec.name}: no data root; pass --data-root DIR (or set {DATA_ROOT_ENV}); "
+                    f"{expected_layout(spec, Path('DIR'))}")
+
+
+def check_data_root(spec: TaskSpec, root: str | os.PathLike, *, support: bool = False) -> Path:
+    """The root is a folder and holds the task's annotation files, inside it once symlinks are
+    resolved; one line naming what is missing and the layout expected. Returns the root."""
+    root = Path(root).expanduser()
+    _, files, images = _split_files(spec, support)
     if not root.is_dir():
         raise DataError(f"{spec.name}: data root {root} does not exist; {expected_layout(spec, root, files, images)}")
     for role, rel in files.items():
         if not (root / rel).is_file():
             raise DataError(f"{spec.name}: data root {root} has no {rel}; {expected_layout(spec, root, files, images)}")
+        try:
+            confined(root, rel)
+        except ImageError as e:
+            raise DataError(f"{spec.name}: dataset.files.{role}: {e}") from None
+    return root
+
+
+def load_dataset(spec: TaskSpec, root: str | Path, *, support: bool = False) -> Dataset:
+    """Samples of the task's split (or of its k-shot support split) in canonical order."""
+    check_spec(spec, f"task {spec.name}")
+    root = check_data_root(spec, root, support=support)
+    ds = spec.dataset
+    split, files, images = _split_files(spec, support)
     ctx = _Ctx(spec.name, spec.kind, root, split, files, images, ds.one_per_image, spec.seed, ds.image_pattern)
     ctx.hasher.update(f"{ds.loader}|{split}|{images}|{spec.kind}|{ds.one_per_image}|{ds.image_pattern}|".encode())
     samples = LOADERS[ds.loader].fn(ctx)

@@ -2,6 +2,10 @@
 
 Specs are discovered and validated lazily (lm-evaluation-harness style): `list()` parses every
 file, so one broken spec is reported by name instead of being skipped silently.
+
+The registry checks what tasks/ knows (the schema, the sampler's settings, the loader's file
+roles). Metric names and options belong to evals' metric table: evals/plan.py checks them
+before a run, so this layer imports nothing above it.
 """
 
 from __future__ import annotations
@@ -21,12 +25,10 @@ def _spec_files() -> dict[str, Path]:
 
 
 def check(spec: TaskSpec, src: str) -> TaskSpec:
-    """Checks that need the loaders and the metric table (file roles, metric names and options)."""
-    from evals.scoring import check_metrics  # deferred: evals imports tasks at module level
+    """Checks that need the loaders (the loader's name, kinds and file roles)."""
     from .loaders import check_spec
 
     check_spec(spec, src)
-    check_metrics(spec, src)
     return spec
 
 

@@ -1,19 +1,27 @@
 """Task specs: the YAML schema as dataclasses, validation with file+field errors, and `--set` overrides.
 
-A spec is plain data. `load_spec(path)` reads a YAML file with yaml.safe_load and checks every
-field against the dataclasses below; every error names the file and the dotted field, e.g.
+A spec is plain data. `load_spec(path)` reads a YAML file with yaml.safe_load (aliases bounded:
+tasks/yamlio.py) and checks every field against the dataclasses below; every error names the
+file and the dotted field, e.g.
 
     tasks/specs/vqav2.yaml: generation.top_p: expected a number in (0, 1], got 'high'
 
 `apply_overrides(spec, {"generation.cfg_scale": "3"})` returns a new spec with each value typed
 by the field it replaces (int, float, bool, str, optional, dict); an unknown key is one error that
 lists the closest known keys.
+
+The sampler's settings are not copied here: `GenerationSpec` extends
+`cm3leon.sampling.SamplingConfig`, and whether a combination of them is acceptable is decided by
+`SamplingConfig.validate()` alone (the spec only types the values and words the message), so a
+spec, a `--set` and the sampler can no longer disagree (`temperature: 0` used to pass the spec
+and fail every sample).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import re
 import string
 import types
 import typing
@@ -22,6 +30,11 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+
+from cm3leon.errors import Cm3evalError
+from cm3leon.sampling import SamplingConfig
+
+from .yamlio import YAMLLimitError, safe_load
 
 KINDS = ("t2i", "caption", "vqa", "edit")
 
@@ -40,7 +53,7 @@ TEMPLATE_FIELDS = {
 SCORER_PREFIXES = ("open_clip:", "hf-clip:", "native:")
 
 
-class SpecError(ValueError):
+class SpecError(Cm3evalError, ValueError):
     """A task spec is malformed; the message is one line naming the file and the field."""
 
 
@@ -80,20 +93,14 @@ class PromptSpec:
 
 
 @dataclass
-class GenerationSpec:
+class GenerationSpec(SamplingConfig):
+    """The sampler's settings (inherited from SamplingConfig, never copied) plus the ones the
+    predictor decides around the sampler: the text budget and the reranker."""
+
     max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
-    greedy: bool = False
-    cfg_scale: float = 1.0
-    image_cfg_scale: float | None = None
-    cdk_alpha: float | None = None
-    cdk_k: int = 1
-    mix_cdk_fraction: float = 0.0
-    # Candidates and reranking apply to image outputs only (text tasks decode one answer), so a
-    # suite-wide --candidates 8 changes the t2i tasks and leaves the text tasks as they are.
-    n_candidates: int = 1
+    # Candidates (n_candidates, inherited) and reranking apply to image outputs only (text tasks
+    # decode one answer), so a suite-wide --candidates 8 changes the t2i tasks and leaves the text
+    # tasks as they are.
     rerank: bool = False
     scorer: str = "model"
 
@@ -102,6 +109,10 @@ class GenerationSpec:
 class RetrievalSpec:
     enabled: bool = False
     bank: str = "model"  # "model": the bank bundled with the checkpoint; else a bank folder
+    # The dual encoder that embeds the queries; it must be the one the bank was built with.
+    # "model": the checkpoint's own; else an evals.encoders spec (open_clip:ARCH:PATH, hf-clip:DIR,
+    # native:PATH), as CM3leon retrieves with a frozen CLIP.
+    encoder: str = "model"
     k: int = 2
     max_similarity: float = 0.9
     prefer_multimodal: bool = True
@@ -132,6 +143,17 @@ class TaskSpec:
     def output_modality(self) -> str:
         return "image" if self.kind in ("t2i", "edit") else "text"
 
+    def sampling_config(self) -> SamplingConfig:
+        """The settings the sampler runs with for this task: the generation block as given,
+        except that 3-stream guidance exists only for editing and candidates only for images."""
+        g = self.generation
+        values = {f.name: getattr(g, f.name) for f in fields(SamplingConfig)}
+        if self.kind != "edit":
+            values["image_cfg_scale"] = None
+        if self.output_modality != "image":
+            values["n_candidates"] = 1
+        return SamplingConfig(**values)
+
 
 # Fields that never change results: left out of the config hash.
 COSMETIC_FIELDS = ("description",)
@@ -149,21 +171,38 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "limit": (lambda v: v >= 1, "a positive integer or null"),
     "prompt.k_shot": (lambda v: v >= 0, "an integer >= 0"),
     "generation.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "generation.temperature": (lambda v: v >= 0, "a number >= 0"),
-    "generation.top_p": (_in_unit, "a number in (0, 1]"),
-    "generation.top_k": (lambda v: v >= 1, "an integer >= 1"),
-    "generation.cfg_scale": (lambda v: v >= 0, "a number >= 0"),
-    "generation.image_cfg_scale": (lambda v: v >= 0, "a number >= 0"),
-    "generation.cdk_alpha": (_in_unit, "a number in (0, 1]"),
-    "generation.cdk_k": (lambda v: v >= 1, "an integer >= 1"),
-    "generation.mix_cdk_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "generation.n_candidates": (lambda v: v >= 1, "an integer >= 1"),
     "generation.scorer": (lambda v: v in ("lm", "model", "demo") or v.startswith(SCORER_PREFIXES),
                           "lm, model, demo, open_clip:ARCH:PATH, hf-clip:DIR or native:PATH"),
     "retrieval.k": (lambda v: v >= 0, "an integer >= 0"),
     "retrieval.max_similarity": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "retrieval.encoder": (lambda v: v in ("model", "demo") or v.startswith(SCORER_PREFIXES),
+                          "model, demo, open_clip:ARCH:PATH, hf-clip:DIR or native:PATH"),
     "dataset.builtin": (lambda v: v in ("shapes",), "null or 'shapes'"),
 }
+
+# How messages word the sampler's settings. Wording only: what is accepted is decided by
+# SamplingConfig.validate() (see _check_sampling), never by a predicate here.
+SAMPLING_WORDS: dict[str, str] = {
+    "temperature": "a number > 0 (or greedy: true)",
+    "top_p": "a number in (0, 1]",
+    "top_k": "an integer >= 1",
+    "cfg_scale": "a number >= 0",
+    "image_cfg_scale": "a number >= 0",
+    "cdk_alpha": "a number in (0, 1]",
+    "cdk_k": "an integer >= 1",
+    "mix_cdk_fraction": "a number in [0, 1] (and cdk_alpha set)",
+    "n_candidates": "an integer >= 1",
+}
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingConfig))
+_FIELD_RE = re.compile(r"\b(" + "|".join(sorted(SAMPLING_FIELDS, key=len, reverse=True)) + r")\b")
+
+
+def expected(where: str) -> str | None:
+    """The wording of what a checked field accepts, or None for a plain typed field."""
+    if where in CHECKS:
+        return CHECKS[where][1]
+    head, _, leaf = where.partition(".")
+    return SAMPLING_WORDS.get(leaf) if head == "generation" else None
 
 
 # ----------------------------------------------------------------------------- typed conversion
@@ -254,13 +293,14 @@ def _build(cls: type, data: dict[str, Any], src: str, prefix: str = "") -> Any:
                 raise SpecError(f"{src}: {where}: required field is missing")
             continue
         check = CHECKS.get(where)
+        words = expected(where)
         try:
             value = _convert(data[f.name], hints[f.name], where, src)
         except SpecError:
-            if check is None:
+            if words is None:
                 raise
             # a checked field says what it wants in full: "a number in (0, 1]", not just "a number"
-            raise SpecError(f"{src}: {where}: expected {check[1]}, got {_describe(data[f.name])}") from None
+            raise SpecError(f"{src}: {where}: expected {words}, got {_describe(data[f.name])}") from None
         if check is not None and value is not None and not check[0](value):
             raise SpecError(f"{src}: {where}: expected {check[1]}, got {_describe(data[f.name])}")
         kwargs[f.name] = value
@@ -278,8 +318,24 @@ def _check_template(template: str, allowed: set[str], where: str, src: str) -> N
         raise SpecError(f"{src}: {where}: unknown placeholder {{{bad[0]}}} (allowed here: {ok})")
 
 
+def _check_sampling(gen: GenerationSpec, src: str) -> None:
+    """The sampler's own validation, its message pinned to the `generation.` field it names."""
+    try:
+        SamplingConfig.validate(gen)
+    except ValueError as e:
+        msg = str(e)
+        m = _FIELD_RE.search(msg)
+        if m is None:
+            raise SpecError(f"{src}: generation: {msg}") from None
+        name = m.group(1)
+        words = SAMPLING_WORDS.get(name)
+        detail = f"expected {words}, got {_describe(getattr(gen, name))}" if words else msg
+        raise SpecError(f"{src}: generation.{name}: {detail}") from None
+
+
 def validate(spec: TaskSpec, src: str) -> TaskSpec:
     """Cross-field checks that the per-field types cannot express."""
+    _check_sampling(spec.generation, src)
     if not spec.name or not all(c.isalnum() or c in "-_." for c in spec.name):
         raise SpecError(f"{src}: name: expected letters, digits, '-', '_' or '.', got {spec.name!r}")
     allowed = TEMPLATE_FIELDS[spec.kind]
@@ -324,7 +380,9 @@ def load_yaml(path: Path, src: str | None = None) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{src}: cannot read ({e})") from None
     try:
-        return yaml.safe_load(text)
+        return safe_load(text)
+    except YAMLLimitError as e:
+        raise SpecError(f"{src}: refused: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -390,7 +448,9 @@ def parse_value(raw: str, tp: Any, key: str) -> Any:
         raise SpecError(f"--set {key}={raw}: expected {_type_name(tp)}") from None
     # lists, mappings and free-form metric options: YAML syntax (`[a, b]`, `{x: 1}`, `3`, `true`)
     try:
-        return yaml.safe_load(raw)
+        return safe_load(raw)
+    except YAMLLimitError as e:
+        raise SpecError(f"--set {key}: refused: {e}") from None
     except yaml.YAMLError:
         raise SpecError(f"--set {key}={raw}: not a valid YAML value") from None
 
@@ -448,9 +508,9 @@ def apply_overrides(spec: TaskSpec, overrides: dict[str, Any], src: str | None =
         try:
             value = parse_value(raw, tp, key) if isinstance(raw, str) else raw
         except SpecError:
-            if key not in CHECKS:
+            if expected(key) is None:
                 raise
-            raise SpecError(f"--set {key}={raw}: expected {CHECKS[key][1]}") from None
+            raise SpecError(f"--set {key}={raw}: expected {expected(key)}") from None
         node = data
         for p in parts[:-1]:
             if node.get(p) is None:  # an optional section that is null (dataset.support)

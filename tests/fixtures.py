@@ -13,8 +13,9 @@ EchoPredictor: the engine-test predictor. Its outputs are a pure function of (sa
 never of batch composition, so any batch size or rank count gives identical results, exactly
 the property the real sampler has. It can be slowed down ($CM3EVAL_TEST_DELAY seconds per
 batch), log every predicted sample id ($CM3EVAL_TEST_LOG), and fail on chosen ids
-($CM3EVAL_TEST_FAIL_IDS) — the hooks the kill -9 / resume tests need. The CLI picks it up via
-CM3EVAL_TEST_PREDICTOR=fixtures:make_echo (tests/ on PYTHONPATH).
+($CM3EVAL_TEST_FAIL_IDS) — the hooks the kill -9 / resume tests need. The CLI takes it as an
+injected factory: `evals.cli.main(argv, predictor_factory=make_echo)`; subprocess tests run
+ECHO_MAIN (`python -c ECHO_MAIN run ...`, tests/ on sys.path).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from PIL import Image, ImageOps
 
 SHARED = Path(os.environ.get("CM3EVAL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 COCO_MINI = SHARED / "coco-mini"
-ECHO_HOOK = "fixtures:make_echo"
+TESTS = Path(__file__).resolve().parent
+# `python -c ECHO_MAIN run ...`: the CLI with the echo predictor injected, in a fresh process
+ECHO_MAIN = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); from evals.cli import main; "
+             "from fixtures import make_echo; sys.exit(main(sys.argv[1:], predictor_factory=make_echo))")
 
 
 # ----------------------------------------------------------------------------- real images
@@ -250,8 +254,9 @@ class HistogramEncoder:
 class EchoPredictor:
     """Deterministic per sample (see the module docstring)."""
 
-    def __init__(self, fingerprint: str = "echo-v1") -> None:
+    def __init__(self, fingerprint: str = "echo-v1", model_path: Path | None = None) -> None:
         self.fingerprint = fingerprint
+        self.model_path = model_path  # a folder the engine hashes in full (None: no model files)
         self.encoder = HistogramEncoder()
         self.demo_encoder = self.encoder
         self.calls: list[str] = []
@@ -296,8 +301,13 @@ class EchoPredictor:
         return {"prompt": s.text, "images": {"output": out}}
 
 
-def make_echo(model: str = "echo", device: str = "cpu", batch_size: int = 1) -> EchoPredictor:
-    return EchoPredictor(fingerprint=os.environ.get("CM3EVAL_TEST_FINGERPRINT", "echo-v1"))
+def make_echo(*args: Any, **kwargs: Any) -> EchoPredictor:
+    """The predictor factory the CLI is given in tests (whatever it passes: model, device, ...).
+    $CM3EVAL_TEST_MODEL_PATH: a folder the engine hashes as the model's files."""
+    pred = EchoPredictor(fingerprint=os.environ.get("CM3EVAL_TEST_FINGERPRINT", "echo-v1"))
+    if os.environ.get("CM3EVAL_TEST_MODEL_PATH"):
+        pred.model_path = Path(os.environ["CM3EVAL_TEST_MODEL_PATH"])
+    return pred
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

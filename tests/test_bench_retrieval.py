@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from cm3leon.retrieval import MemoryBank
-from evals.bench_retrieval import command
+from evals.bench.retrieval import command
 
 
 def _app() -> typer.Typer:

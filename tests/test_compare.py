@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from evals.metrics.result import mean_result
 from reports import cli as reports_cli
 from reports.compare import compare_runs, parse_tolerances, to_markdown, tolerance_for
-from reports.leaderboard import ReportError
+from reports.errors import ReportError
 
 N = 200
 
@@ -36,10 +36,11 @@ def make_run(root: Path, name: str, vqa: np.ndarray, *, fid: tuple[float, list |
         for r in range(2):
             lines = [json.dumps(samples[j]) + "\n" for j in order[r::2]]
             (run / task / "samples" / f"rank-{r:05d}.jsonl").write_text("".join(lines))
-        res = {m: mean_result(m, x, scale=s) for m, (x, s) in metrics.items()}
+        res = {m: mean_result(m, x, scale=s, higher_is_better=True) for m, (x, s) in metrics.items()}
         tasks[task] = {"metrics": {m: r.to_json() for m, r in res.items()}, "failures": [], "n_samples": N}
-    tasks["coco-fid"] = {"metrics": {"FID": {"value": fid[0], "ci": fid[1], "n": 1000},
-                                     "KID": {"value": 0.01, "ci": None, "n": 1000}}, "failures": []}
+    tasks["coco-fid"] = {"metrics": {"FID": {"value": fid[0], "ci": fid[1], "n": 1000, "higher_is_better": False},
+                                     "KID": {"value": 0.01, "ci": None, "n": 1000, "higher_is_better": False}},
+                         "failures": []}
     (run / "metrics.json").write_text(json.dumps({"run": {"model": "demo"}, "tasks": tasks}))
     return run
 

@@ -3,8 +3,11 @@
 Most tests drive the engine with `fixtures.EchoPredictor`, a deterministic predictor whose output
 is a pure function of (sample id, seed) — the same property the real sampler has — so they test
 the engine alone: run folder layout, resume, config-hash refusal, per-sample failures, batch-size
-and process-count independence, kill -9. The last tests run the real `evals.predict` predictor on
-a tiny random-weight cm3leon checkpoint built in the test.
+and process-count independence, kill -9. The command line gets the same predictor injected
+(`evals.cli.main(argv, predictor_factory=fixtures.make_echo)`; in subprocesses through
+fixtures.ECHO_MAIN). The last tests run the real predictor on a tiny random-weight cm3leon
+checkpoint built in the test. The run folder's own contract is tests/test_runs.py; the fault
+injection cases of issue 14 are tests/test_faults.py.
 """
 
 from __future__ import annotations
@@ -18,12 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import fixtures
 import tasks
 from evals import engine
-from evals.cli import app
 from tasks.spec import apply_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,10 +60,26 @@ def metric_values(out: Path) -> dict:
 
 def env_with_echo(**extra) -> dict:
     env = dict(os.environ)
-    env.update(CM3EVAL_TEST_PREDICTOR=fixtures.ECHO_HOOK, PYTHONPATH=f"{TESTS}{os.pathsep}{REPO}", **extra)
+    env.update(PYTHONPATH=f"{TESTS}{os.pathsep}{REPO}", **extra)
     if "CM3EVAL_TEST_DELAY" not in extra:
         env.pop("CM3EVAL_TEST_DELAY", None)
     return env
+
+
+def with_model(args) -> list[str]:
+    """`run` outside the demo suite needs --model; the injected echo predictor ignores its value."""
+    args = [str(a) for a in args]
+    return args[:1] + ["--model", "echo"] + args[1:] if args[:1] == ["run"] and "--model" not in args else args
+
+
+def cli(args, capsys, factory=fixtures.make_echo) -> tuple[int, str, str]:
+    """`cm3eval ARGS` in this process with the echo predictor injected: (exit code, stdout, stderr)."""
+    from evals.cli import main
+
+    capsys.readouterr()
+    code = main(with_model(args), predictor_factory=factory)
+    got = capsys.readouterr()
+    return code, got.out, got.err
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -123,6 +140,33 @@ def test_progress_bar_reports_throughput(tmp_path, root, capsys):
     err = capsys.readouterr()
     text = err.out + err.err
     assert "vizwiz" in text and "4/4" in text and "samples/s" in text and "ETA" in text
+
+
+def test_progress_without_a_terminal_is_plain_log_lines(tmp_path, root, capsys):
+    """stderr is not a TTY under pytest: the default (auto) prints plain lines, never a bar that
+    a CI log cannot show: the task's start, its progress with samples/s and ETA, its end."""
+    opts = engine.RunOptions(out=tmp_path / "run", data_root=root, batch_size=1)  # progress=None: auto
+    engine.run([spec("vqav2")], fixtures.EchoPredictor(), opts)
+    got = capsys.readouterr().err.splitlines()
+    mine = [x for x in got if x.startswith("cm3eval: vqav2: ")]
+    assert mine[0] == "cm3eval: vqav2: start, 8 samples"
+    assert mine[-1].startswith("cm3eval: vqav2: done, 8/8 in ") and mine[-1].endswith("samples/s)")
+    middle = mine[1:-1]
+    assert middle and all("samples/s ETA " in x for x in middle)
+    assert "\x1b" not in "".join(got) and "\r" not in "".join(got)  # no terminal control codes
+
+
+def test_plain_progress_logs_about_every_five_percent(capsys):
+    from evals.progress import PlainProgress
+
+    with PlainProgress(200, 40, "t") as bar:  # resumed at 40: the rate counts this run only
+        for _ in range(160):
+            bar.advance()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "cm3eval: t: start, 200 samples (40 already done)"
+    steps = [int(x.split()[2].split("/")[0]) for x in lines[1:-1]]
+    assert steps == list(range(50, 200, 10))  # every 10 samples = 5 % of 200
+    assert lines[-1].startswith("cm3eval: t: done, 200/200")
 
 
 # ----------------------------------------------------------------------------- resume and the config hash
@@ -241,52 +285,73 @@ def test_fid_scores_the_generated_images_against_the_prompts_images(tmp_path, ro
     assert len(list(cache.glob("ref-*.npz"))) == 1  # the reference statistics are cached on disk
 
 
-def test_a_broken_report_never_fails_the_run(tmp_path, root, monkeypatch, caplog):
+def test_a_broken_report_never_fails_the_run(tmp_path, root, monkeypatch, caplog, capsys):
+    """The CLI writes report.html after the run (the engine renders no reports); a broken
+    report is a warning, never a lost evaluation."""
     import reports.html
 
     def boom(run_dir, **kw):
         raise RuntimeError("report exploded")
 
     monkeypatch.setattr(reports.html, "write_run_report", boom)
+    code, out, err = cli(["run", "vizwiz", "--data-root", root, "--out", tmp_path / "run", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)[str(tmp_path / "run")]["vizwiz"]["metrics"]["accuracy"]["n"] == 4
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert "report exploded" in caplog.text + err
+
+
+def test_the_engine_renders_no_reports(tmp_path, root):
     results, _ = run(spec("vizwiz"), tmp_path / "run", root)
-    assert results["vizwiz"].metrics["accuracy"]["n"] == 4 and (tmp_path / "run" / "metrics.json").is_file()
-    assert "report.html not written: RuntimeError: report exploded" in caplog.text
+    assert results["vizwiz"].n_samples == 4 and not (tmp_path / "run" / "report.html").exists()
+    source = (REPO / "evals" / "engine.py").read_text()
+    assert "reports" not in {n.split(".")[0] for n in _imported(source)}
+
+
+def _imported(source: str) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
 
 
 def test_demo_tasks_build_their_world_in_the_cache(tmp_path, root, monkeypatch):
-    from tasks import shapes_world
+    from tasks.shapes import world
 
     monkeypatch.setenv("CM3EVAL_CACHE", str(tmp_path / "cache"))
-    small = shapes_world.WorldConfig(n_train=6, n_val=2, n_test=3)
+    small = world.WorldConfig(n_train=6, n_val=2, n_test=3)
     calls = []
 
     def ensure(path, cfg=None, **kw):  # the real ensure_world with a smaller world, to stay fast
         calls.append(Path(path))
-        return shapes_world.write_world(shapes_world.generate_world(small), path)
+        return world.write_world(world.generate_world(small), path)
 
-    monkeypatch.setattr(shapes_world, "ensure_world", ensure)
+    monkeypatch.setattr(world, "ensure_world", ensure)
     results, _ = run(spec("shapes-vqa"), tmp_path / "run", None)
     assert calls == [tmp_path / "cache" / "shapes"]
     assert results["shapes-vqa"].n_samples == 3 * small.questions_per_image
 
 
 # ----------------------------------------------------------------------------- the command line
-def test_cli_errors_are_one_line(tmp_path, root, monkeypatch):
-    monkeypatch.setenv("CM3EVAL_TEST_PREDICTOR", fixtures.ECHO_HOOK)
-    runner = CliRunner()
-
+def test_cli_errors_are_one_line(tmp_path, root, capsys):
     def check(args, code, *needles):
-        res = runner.invoke(app, args)
-        assert res.exit_code == code, (res.stdout, res.stderr)
-        assert res.stderr.startswith("error: ") and res.stderr.strip().count("\n") == 0, res.stderr
+        got, out, err = cli(args, capsys)
+        assert got == code, (out, err)
+        assert err.startswith("error: ") and err.strip().count("\n") == 0, err
         for n in needles:
-            assert n in res.stderr
-        return res
+            assert n in err
+        return err
 
     base = ["run", "vqav2", "--data-root", str(root), "--out", str(tmp_path / "o")]
     check(base + ["--set", "generation.cfg_scal=2"], 2, "did you mean generation.cfg_scale")
     check(base + ["--set", "generation.top_p=high"], 2, "--set generation.top_p=high: expected a number in (0, 1]")
-    check(["run", "vqav2", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o")], 1,
+    # a missing input is exit 2 (the exit-code contract; it was 1 before the contract existed)
+    check(["run", "vqav2", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o")], 2,
           "vqav2: data root", "does not exist; expected layout:")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nkind: [vqa\n")
@@ -294,25 +359,29 @@ def test_cli_errors_are_one_line(tmp_path, root, monkeypatch):
     check(["run", "vqav2", "--data-root", str(root), "--out", str(tmp_path / "o"), "--sweep", "x"], 2, "--sweep x")
 
 
-def test_cli_run_with_a_corrupt_image_finishes_and_reports_it(tmp_path, root, monkeypatch):
-    monkeypatch.setenv("CM3EVAL_TEST_PREDICTOR", fixtures.ECHO_HOOK)
+def test_cli_run_with_a_corrupt_image_finishes_and_reports_it(tmp_path, root, capsys):
     data = tmp_path / "data"
     fixtures.copy_tree(root / "vizwiz", data / "vizwiz")
     fixtures.corrupt(data / "vizwiz" / "val" / "VizWiz_val_00000002.jpg")
-    res = CliRunner().invoke(app, ["run", "vizwiz", "--data-root", str(data), "--out", str(tmp_path / "o"), "--json"])
-    assert res.exit_code == 0, res.stderr
-    entry = json.loads(res.stdout)[str(tmp_path / "o")]["vizwiz"]
+    args = ["run", "vizwiz", "--data-root", data, "--out", tmp_path / "o", "--json"]
+    code, out, err = cli(args + ["--max-failures", "0.5"], capsys)  # 1 of 4 failed: under 50 %
+    assert code == 0, err
+    entry = json.loads(out)[str(tmp_path / "o")]["vizwiz"]
     assert entry["failures"] == [{"id": "VizWiz_val_00000002", "error": entry["failures"][0]["error"]}]
     assert "corrupt or unreadable image vizwiz/val/VizWiz_val_00000002.jpg" in entry["failures"][0]["error"]
     assert entry["metrics"]["accuracy"]["n"] == 3
+    # the default allows 1 %: 25 % failed is exit 1, the results still printed and saved, the
+    # failure named
+    code, out, err = cli(args, capsys)
+    assert code == 1 and json.loads(out)[str(tmp_path / "o")]["vizwiz"]["metrics"]["accuracy"]["n"] == 3
+    assert "VizWiz_val_00000002" in err
 
 
-def test_cli_sweep_writes_one_run_per_value_and_a_leaderboard(tmp_path, root, monkeypatch):
-    monkeypatch.setenv("CM3EVAL_TEST_PREDICTOR", fixtures.ECHO_HOOK)
+def test_cli_sweep_writes_one_run_per_value_and_a_leaderboard(tmp_path, root, capsys):
     out = tmp_path / "sweep"
-    res = CliRunner().invoke(app, ["run", "vizwiz", "--data-root", str(root), "--out", str(out),
-                                   "--sweep", "generation.cfg_scale=1,2", "--json"])
-    assert res.exit_code == 0, res.stderr
+    code, _, err = cli(["run", "vizwiz", "--data-root", root, "--out", out, "--sweep", "generation.cfg_scale=1,2",
+                        "--json"], capsys)
+    assert code == 0, err
     for v in ("1", "2"):
         cfg = json.loads((out / f"cfg_scale={v}" / "vizwiz" / "config.json").read_text())
         assert cfg["task"]["generation"]["cfg_scale"] == float(v) and cfg["overrides"] == {"generation.cfg_scale": float(v)}
@@ -321,7 +390,7 @@ def test_cli_sweep_writes_one_run_per_value_and_a_leaderboard(tmp_path, root, mo
 
 # ----------------------------------------------------------------------------- processes
 def _cli(args, env, **kw):
-    return subprocess.run([sys.executable, "-m", "evals.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-c", fixtures.ECHO_MAIN, *with_model(args)], cwd=REPO, env=env, capture_output=True,
                           text=True, **kw)
 
 
@@ -331,7 +400,7 @@ def test_kill_9_then_resume_gives_identical_metrics_and_no_recomputation(tmp_pat
     assert ref.returncode == 0, ref.stderr
     out, log = tmp_path / "killed", tmp_path / "calls.log"
     env = env_with_echo(CM3EVAL_TEST_DELAY="0.4", CM3EVAL_TEST_LOG=str(log))
-    proc = subprocess.Popen([sys.executable, "-m", "evals.cli", *args, "--out", str(out)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", fixtures.ECHO_MAIN, *with_model(args), "--out", str(out)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples = out / "vqav2" / "samples" / "rank-00000.jsonl"
     deadline = time.time() + 120
@@ -358,7 +427,7 @@ def test_torchrun_two_processes_match_one(tmp_path, root):
     assert one.returncode == 0, one.stderr
     env = env_with_echo(CM3EVAL_TEST_LOG=str(tmp_path / "calls.log"))
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "evals.cli", *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env,
+                          str(TESTS / "echo_cli.py"), *with_model(args), "--out", str(tmp_path / "two")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert metric_values(tmp_path / "two") == metric_values(tmp_path / "one")
@@ -369,168 +438,3 @@ def test_torchrun_two_processes_match_one(tmp_path, root):
         assert [f.name for f in files] == ["rank-00000.jsonl"]
         strip = lambda rs: [{k: v for k, v in r.items() if k != "extra"} for r in rs]  # noqa: E731
         assert strip(lines(tmp_path / "two" / task)) == strip(lines(tmp_path / "one" / task))
-
-
-# ----------------------------------------------------------------------------- the real predictor
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory) -> Path:
-    from tasks import shapes_world
-
-    root = tmp_path_factory.mktemp("shapes")
-    shapes_world.write_world(shapes_world.generate_world(shapes_world.WorldConfig(n_train=16, n_val=2, n_test=4, questions_per_image=2)), root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, shapes_root) -> Path:
-    """A random-weight cm3leon checkpoint in the native folder format: tokenizer trained on the
-    world's text, a 16-px VQ (16 codes per image), a 1-layer decoder and a small dual encoder."""
-    import torch
-
-    from cm3leon import checkpoint
-    from cm3leon.config import ModelConfig
-    from cm3leon.encoder import NativeDualEncoder, NativeEncoderConfig
-    from cm3leon.text import TextTokenizer
-    from cm3leon.transformer import Transformer
-    from cm3leon.vq import VQConfig, VQModel
-
-    corpus = []
-    for f in (shapes_root / "annotations").glob("captions_*.json"):
-        corpus += [a["caption"] for a in json.loads(f.read_text())["annotations"]]
-    for f in (shapes_root / "vqa").glob("*_questions.json"):
-        corpus += [q["question"] for q in json.loads(f.read_text())["questions"]]
-    torch.manual_seed(0)
-    tok = TextTokenizer.train(corpus, n_text=300, image_codebook_size=16)
-    vq = VQModel(VQConfig(resolution=16, base_channels=32, channel_multiplier=[1, 2, 2], num_res_blocks=1,
-                          attn_resolutions=[], latent_channels=32, embed_dim=8, num_embeddings=16)).eval()
-    cfg = ModelConfig(**tok.model_config_fields(), image_seq_len=16, d_model=32, n_layers=1, n_heads=2,
-                      max_seq_len=512)
-    enc = NativeDualEncoder(NativeEncoderConfig(image_size=16, image_channels=(8, 16), text_dim=16, text_layers=1,
-                                                text_heads=2, dim=16)).eval()
-    bundle = checkpoint.ModelBundle(cfg, Transformer(cfg).eval(), tok, vq, 16, encoder=enc)
-    return checkpoint.save(bundle, tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-def _real_run(args, monkeypatch):
-    monkeypatch.delenv("CM3EVAL_TEST_PREDICTOR", raising=False)
-    res = CliRunner().invoke(app, ["run", *args, "--json"])
-    assert res.exit_code == 0, (res.stdout[-2000:], res.stderr[-2000:])
-    return json.loads(res.stdout)
-
-
-def test_real_predictor_end_to_end_on_a_tiny_model(tmp_path, shapes_root, tiny_model, monkeypatch):
-    out = tmp_path / "run"
-    common = ["--model", str(tiny_model), "--data-root", str(shapes_root), "--limit", "4", "--out", str(out)]
-    res = _real_run(["shapes-fid", "shapes-vqa", "shapes-edit", *common, "--batch-size", "3",
-                     "--set", "metrics.fid.feature_space=model", "--set", "metrics.rank_accuracy.encoder=model",
-                     "--set", "metrics.clip_i.encoder=model", "--set", "metrics.clip_t.encoder=model",
-                     "--candidates", "2", "--set", "generation.rerank=true"], monkeypatch)[str(out)]
-    fid = res["shapes-fid"]["metrics"]
-    assert "FD-native" in fid and "FID" not in fid and "t2i_R@1" in fid  # an encoder's space is never "FID"
-    assert 0 <= res["shapes-vqa"]["metrics"]["accuracy"]["value"] <= 100
-    assert {"L1", "L2 (MSE)", "DEMO-I", "DEMO-T"} <= set(res["shapes-edit"]["metrics"])
-    assert all(not r["failures"] for r in res.values())
-    for r in lines(out / "shapes-fid"):  # two candidates, reranked by the encoder, the best one kept
-        assert len(r["candidates"]) == 2 and len(r["scores"]) == 2 and r["best"] == max((0, 1), key=lambda j: r["scores"][j])
-        from PIL import Image
-
-        with Image.open(out / "shapes-fid" / r["images"]["output"]) as im:
-            assert im.size == (16, 16)
-    for r in lines(out / "shapes-vqa"):
-        assert isinstance(r["prediction"], str) and r["prompt"].startswith("Question: ")
-    # the same command resumes without recomputing anything, and batch size does not change results
-    again = _real_run(["shapes-vqa", *common[:-2], "--out", str(tmp_path / "b1"), "--batch-size", "1"], monkeypatch)
-    assert [r["prediction"] for r in lines(tmp_path / "b1" / "shapes-vqa")] == \
-        [r["prediction"] for r in lines(out / "shapes-vqa")]
-    assert again[str(tmp_path / "b1")]["shapes-vqa"]["metrics"] == res["shapes-vqa"]["metrics"]
-
-
-def test_lm_scorer_reranks_by_caption_likelihood(tmp_path, shapes_root, tiny_model, monkeypatch):
-    """scorer=lm: each candidate's score is log p(caption + eos | candidate image) under the decoder
-    itself (the math is tested in test_sampling; here: what reaches it and what comes back)."""
-    import evals.predict as predict
-    from cm3leon import checkpoint
-
-    real, calls = predict.continuation_logprobs, []
-
-    def spy(model, prompts, continuation, **kw):
-        calls.append((prompts, continuation))
-        return real(model, prompts, continuation, **kw)
-
-    monkeypatch.setattr(predict, "continuation_logprobs", spy)
-    out = tmp_path / "run"
-    _real_run(["shapes-fid", "--model", str(tiny_model), "--data-root", str(shapes_root), "--limit", "3",
-               "--out", str(out), "--set", "metrics.fid.feature_space=model",
-               "--set", "metrics.rank_accuracy.encoder=model", "--candidates", "3",
-               "--set", "generation.rerank=true", "--set", "generation.scorer=lm"], monkeypatch)
-    b = checkpoint.load(tiny_model)
-    rows = lines(out / "shapes-fid")
-    assert len(rows) == 3 and len(calls) == 3
-    by_caption = {tuple(cont): prompts for prompts, cont in calls}
-    for r in rows:
-        cont = tuple(b.tokenizer.encode(r["prompt"]) + [b.config.eos_id])
-        prompts = by_caption[cont]  # the caption itself, after each candidate image
-        assert len(prompts) == 3 and all(p[-1] == b.config.break_id and b.config.boi_id in p for p in prompts)
-        assert len(set(map(tuple, prompts))) > 1  # three different candidates were scored
-        assert all(x <= 0 for x in r["scores"])  # log-probabilities
-        assert r["best"] == max(range(3), key=lambda j: (r["scores"][j], -j))
-
-
-def test_real_predictor_with_retrieval_and_shots(tmp_path, shapes_root, tiny_model, monkeypatch):
-    from cm3leon import checkpoint
-    from cm3leon.retrieval import MemoryBank, RetrievalDoc
-
-    bundle = checkpoint.load(tiny_model)
-    train = json.loads((shapes_root / "annotations" / "captions_train.json").read_text())
-    names = {im["id"]: im["file_name"] for im in train["images"]}
-    docs = [RetrievalDoc(id=str(a["id"]), text=a["caption"], image_path=f"images/train/{names[a['image_id']]}")
-            for a in train["annotations"][::5]]
-    bank_dir = tmp_path / "bank"
-    MemoryBank.build(docs, bundle.encoder, out_dir=bank_dir, image_root=shapes_root, progress=False)
-    out = tmp_path / "run"
-    common = ["--model", str(tiny_model), "--data-root", str(shapes_root), "--limit", "3", "--out", str(out)]
-    res = _real_run(["shapes-fid", "shapes-vqa", *common, "--set", "retrieval.enabled=true",
-                     "--set", f"retrieval.bank={bank_dir}", "--retrieval-k", "2", "--set", "prompt.k_shot=1",
-                     # a random encoder puts everything close together: keep the diversity filter out of the way
-                     "--set", "retrieval.max_similarity=1.0",
-                     "--set", "metrics.fid.feature_space=model", "--set", "metrics.rank_accuracy.encoder=model"],
-                    monkeypatch)[str(out)]
-    assert not res["shapes-fid"]["failures"] and not res["shapes-vqa"]["failures"]
-    for task in ("shapes-fid", "shapes-vqa"):
-        for r in lines(out / task):
-            assert len(r["retrieved"]) == 2 and all(d["text"] and d["image"] for d in r["retrieved"])
-            assert len(r["shots"]) == 1
-    cfg = json.loads((out / "shapes-fid" / "config.json").read_text())
-    assert cfg["hashed"]["predictor"]["bank"]  # the bank's identity is part of the config hash
-
-
-def test_predictor_encodes_each_image_once_and_prompts_match_the_codec(shapes_root, tiny_model, monkeypatch):
-    """VQA asks several questions per image: the predictor VQ-encodes each distinct image once (one
-    batched call), and the prompt it builds from cached codes equals the codec's prompt from pixels."""
-    from PIL import Image
-
-    from cm3leon import checkpoint
-    from cm3leon.document import Document
-    from evals.engine import Batch, Item
-    from evals.predict import ModelPredictor, sampling_config
-    import tasks
-    from tasks.loaders import load_dataset
-
-    spec = tasks.get("shapes-vqa")
-    samples = load_dataset(spec, shapes_root).samples[:6]
-    for i, s in enumerate(samples):
-        s.seed = i
-    images = {s.image: Image.open(shapes_root / s.image).convert("RGB") for s in samples}
-    assert len(images) < len(samples)  # the fixture repeats images across questions
-    pred = ModelPredictor(checkpoint.load(tiny_model), batch_size=8)
-    calls = []
-    real = pred.codec.image_codes
-    monkeypatch.setattr(pred.codec, "image_codes", lambda ims: calls.append(len(ims)) or real(ims))
-    items = [Item(sample=s, images={"image": images[s.image].copy()}) for s in samples]
-    outs = pred.predict(Batch(task=spec, items=items, data_root=shapes_root))
-    assert len(outs) == len(samples) and calls == [len(images)]
-    pred.predict(Batch(task=spec, items=items[:2], data_root=shapes_root))
-    assert calls == [len(images)]  # the second batch hits the cache
-    req, _, _ = pred._request(spec, items[0], sampling_config(spec), ([], []))
-    text = spec.prompt.template.format(question=samples[0].text)
-    assert req.prompt == pred.codec.prompt(Document([images[samples[0].image], text]), "text")

@@ -12,7 +12,7 @@ import pytest
 import fixtures
 import tasks
 from evals.engine import attach_shots, select
-from tasks import shapes_world
+from tasks.shapes import world as shapes_world
 from tasks.loaders import DataError, load_dataset
 from tasks.spec import apply_overrides
 

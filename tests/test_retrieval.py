@@ -318,7 +318,7 @@ def test_augment_loads_documents_from_the_bank(native, tmp_path):
 
 
 def test_bank_cli_build_and_search_coco_mini(native, tmp_path):
-    from evals.bank_cli import bank_app
+    from evals.cli.bank import bank_app
 
     ann = COCO_MINI / "annotations" / "captions_val2017.json"
     if not ann.is_file():
@@ -347,7 +347,7 @@ def test_bank_cli_build_and_search_coco_mini(native, tmp_path):
 
 
 def test_bank_cli_jsonl_errors(native, tmp_path):
-    from evals.bank_cli import bank_app
+    from evals.cli.bank import bank_app
 
     enc = native.save(tmp_path / "enc.safetensors")
     docs = tmp_path / "docs.jsonl"

@@ -1,5 +1,6 @@
 """The shapes world: determinism, official file layouts, answer correctness, exact edits."""
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.shapes_world import (COLORS, EDIT_TYPES, KINDS, SPLITS, Shape, ShapeScene, WorldConfig, ensure_world,
-                                generate_world, render, shape_mask, write_world)
+from tasks.shapes import (COLORS, EDIT_TYPES, KINDS, SPLITS, Shape, ShapeScene, WorldConfig, ensure_world,
+                           generate_world, render, shape_mask, write_world)
 
 SMALL = WorldConfig(seed=3, n_train=50, n_val=10, n_test=10)
 # written independently of the module, so the oracles below do not reuse the code they check
@@ -308,10 +309,54 @@ def test_ensure_world_writes_once_and_rewrites_when_stale(tmp_path):
 
 
 def test_ensure_world_refuses_a_foreign_folder(tmp_path):
+    from cm3leon.errors import Cm3evalError
+
     (tmp_path / "mine.txt").write_text("keep me")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError) as err:
         ensure_world(tmp_path, WorldConfig(n_train=2, n_val=1, n_test=1))
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+    # a user-facing error: the CLI prints it as one line naming the folder, exit 2
+    assert isinstance(err.value, Cm3evalError) and err.value.exit_code == 2
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_demo_world_root_builds_the_eval_world_once_in_the_cache(tmp_path, monkeypatch):
+    """The built-in demo tasks' data root: EVAL_WORLD under CACHE/shapes, written on first use only."""
+    from tasks.shapes import demo_world_root
+    from tasks.shapes import world as world_module
+
+    small = WorldConfig(n_train=4, n_val=2, n_test=2)
+    monkeypatch.setattr(world_module, "EVAL_WORLD", small)  # the real one writes ~1,400 files
+    root = demo_world_root(tmp_path / "cache")
+    assert root == tmp_path / "cache" / "shapes"
+    assert _load(root / "world.json")["config"]["n_train"] == 4
+    assert (root / "annotations" / "captions_val.json").is_file()
+    stamp = (root / "world.json").stat().st_mtime_ns
+    assert demo_world_root(tmp_path / "cache") == root
+    assert (root / "world.json").stat().st_mtime_ns == stamp  # checked, not rewritten
+
+
+def test_eval_world_evaluates_the_training_worlds_val_and_test_splits():
+    """EVAL_WORLD only shrinks the train split: its val/test scenes are the training world's."""
+    from tasks.shapes import EVAL_WORLD
+
+    assert EVAL_WORLD.n_train < WorldConfig().n_train
+    assert dataclasses.replace(EVAL_WORLD, n_train=WorldConfig().n_train) == WorldConfig()
+    ev = generate_world(dataclasses.replace(EVAL_WORLD, n_val=20, n_test=20))
+    tr = generate_world(dataclasses.replace(EVAL_WORLD, n_train=0, n_val=20, n_test=20))
+    for split in ("val", "test"):
+        assert [im.captions for im in ev.splits[split].images] == [im.captions for im in tr.splits[split].images]
+
+
+def test_the_world_imports_without_the_training_code():
+    """tasks.shapes re-exports the training helpers lazily: the world alone never loads cm3leon.train."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tasks.shapes as s; assert 'cm3leon.train' not in sys.modules; "
+            "import tasks.shapes.training as t; assert s.demo_data is t.demo_data; print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
 @pytest.mark.parametrize("bad", [dict(n_train=-1), dict(image_size=16), dict(min_shapes=3, max_shapes=2),

@@ -1,19 +1,25 @@
 """Task specs and the registry: validation messages name the file and field, --set overrides are
 typed, unknown keys get close matches, every shipped spec loads, the paper suite has the paper's
-settings, and `cm3eval list/show` print the registry."""
+settings, the sampler's settings are validated by the sampler's own validate(), YAML alias bombs
+are refused, and `cm3eval list/show` print the registry."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
+import time
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 import tasks
+from cm3leon.errors import Cm3evalError
+from cm3leon.sampling import SamplingConfig
+from evals import plan
 from evals.cli import app
-from tasks.spec import SpecError, apply_overrides, load_spec, parse_assignments
+from tasks.spec import GenerationSpec, SpecError, apply_overrides, load_spec, parse_assignments
 
 GOOD = textwrap.dedent("""\
     name: mini-vqa
@@ -43,7 +49,7 @@ def write(tmp_path, text, name="spec.yaml"):
 def err(tmp_path, text) -> str:
     p = write(tmp_path, text)
     with pytest.raises(SpecError) as e:
-        tasks.registry.check(load_spec(p), str(p))
+        plan.check_spec(load_spec(p), str(p))  # the registry's checks + the metric table (evals)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(str(p) + ": ")
     return msg[len(str(p)) + 2:]
@@ -58,6 +64,7 @@ def test_every_shipped_spec_loads_and_suites_resolve():
     for n in names:
         spec = tasks.get(n)
         assert spec.name == n and spec.metrics
+        plan.check_spec(spec, n)  # metric names and options: checked above the task layer
     assert tasks.suites()["demo"] == ["shapes-fid", "shapes-caption", "shapes-vqa", "shapes-edit"]
     assert tasks.suites()["paper"] == ["coco-fid", "coco-caption", "vqav2", "vizwiz", "okvqa"]
     assert tasks.expand(["demo", "shapes-vqa", "vqav2"]) == ["shapes-fid", "shapes-caption", "shapes-vqa",
@@ -191,3 +198,71 @@ def test_cli_show_errors_are_one_line():
     assert res.stderr.strip().count("\n") == 0 and "did you mean generation.cfg_scale" in res.stderr
     res = runner.invoke(app, ["show", "no-such-task"])
     assert res.exit_code == 2 and "unknown task or suite 'no-such-task'" in res.stderr
+
+
+# ----------------------------------------------------------------------------- one validation of sampling
+def test_generation_spec_is_the_samplers_config_without_copies():
+    assert issubclass(GenerationSpec, SamplingConfig)
+    own = {f.name for f in dataclasses.fields(GenerationSpec)} - {f.name for f in dataclasses.fields(SamplingConfig)}
+    assert own == {"max_new_tokens", "rerank", "scorer"}  # the predictor's settings, nothing the sampler has
+    assert "temperature" not in GenerationSpec.__dict__.get("__annotations__", {})  # inherited, not redeclared
+    # every field of the sampler is settable from a spec with its own default
+    assert {f.name: f.default for f in dataclasses.fields(SamplingConfig)} == \
+        {f.name: f.default for f in dataclasses.fields(GenerationSpec) if f.name not in own}
+
+
+def test_spec_accepts_only_what_the_sampler_accepts(tmp_path):
+    # temperature 0 used to pass the spec and fail every sample in the sampler
+    assert err(tmp_path, GOOD.replace("greedy: true", "temperature: 0")) == \
+        "generation.temperature: expected a number > 0 (or greedy: true), got 0.0"
+    assert load_spec(write(tmp_path, GOOD.replace("greedy: true", "greedy: true\n  temperature: 0"),
+                           "g.yaml")).generation.temperature == 0.0  # greedy ignores the temperature
+    assert "generation.mix_cdk_fraction" in err(tmp_path, GOOD.replace("greedy: true", "mix_cdk_fraction: 0.5"))
+    for key, value in [("temperature", "0"), ("top_k", "0"), ("n_candidates", "0"), ("cdk_k", "0"),
+                       ("mix_cdk_fraction", "2"), ("top_p", "0")]:
+        with pytest.raises(SpecError) as e:
+            apply_overrides(tasks.get("shapes-fid"), {f"generation.{key}": value})
+        assert f"generation.{key}: expected" in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(ValueError):  # and the sampler refuses the same value
+            SamplingConfig(**{key: type(getattr(SamplingConfig(), key) or 1.0)(float(value))}).validate()
+    assert isinstance(SpecError("x"), Cm3evalError) and SpecError.exit_code == 2
+
+
+def test_sampling_config_per_kind():
+    edit = tasks.get("magicbrush-edit")
+    assert edit.sampling_config().image_cfg_scale == 1.5  # 3-stream guidance: editing only
+    t2i = apply_overrides(tasks.get("coco-fid"), {"generation.image_cfg_scale": "2"})
+    assert t2i.sampling_config().image_cfg_scale is None and t2i.sampling_config().n_candidates == 8
+    vqa = apply_overrides(tasks.get("vqav2"), {"generation.n_candidates": 8})  # a typed value, parsed once
+    assert vqa.generation.n_candidates == 8 and vqa.sampling_config().n_candidates == 1  # one answer per question
+    assert type(vqa.sampling_config()) is SamplingConfig
+
+
+BOMB = textwrap.dedent("""\
+    a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]
+    b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+    c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+    d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+    e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+    f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+    g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+    h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+    i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+    """)
+
+
+def test_yaml_alias_bomb_is_refused_fast(tmp_path):
+    # 9^9 = 387M strings: yaml.safe_load returns it (shared refs), and asdict / deepcopy / json then hang
+    bomb_option = GOOD.replace("vqa_accuracy: {}", "vqa_accuracy:\n    " + BOMB.replace("\n", "\n    ").rstrip())
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError, match=r"refused: aliases expand to more than \d+ nodes"):
+        load_spec(write(tmp_path, bomb_option))
+    with pytest.raises(SpecError, match=r"^--set metrics.fid: refused: aliases expand"):
+        inline = "{" + ", ".join(line.replace(": ", ": ", 1) for line in BOMB.splitlines()) + "}"
+        apply_overrides(tasks.get("coco-fid"), {"metrics.fid": inline})
+    with pytest.raises(SpecError, match="recursive alias"):
+        load_spec(write(tmp_path, "name: &n [*n]\n", "rec.yaml"))
+    assert time.perf_counter() - t0 < 5
+    # ordinary anchors stay usable
+    ok = GOOD.replace("max_new_tokens: 5", "max_new_tokens: &five 5").replace("top_p: 0.9", "top_p: 0.9\n  cdk_k: *five")
+    assert load_spec(write(tmp_path, ok, "ok.yaml")).generation.cdk_k == 5

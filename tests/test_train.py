@@ -14,8 +14,8 @@ from cm3leon.sampling import GenerationRequest, Sampler, SamplingConfig
 from cm3leon.train import (DemoRecipe, Example, ExampleMaker, collate, fill_rows, model_config, pack, train_demo,
                            train_text_tokenizer, tree_forward)
 from cm3leon.transformer import Transformer
-from evals.train_cli import demo_data, majority_answer, t2i_extra_scenes
-from tasks.shapes_world import WorldConfig, generate_world
+from tasks.shapes import WorldConfig, generate_world
+from tasks.shapes.training import demo_data, majority_answer, t2i_extra_scenes
 
 TINY = DemoRecipe(
     vq_steps=6, vq_batch=4, vq_restart_every=2, vq_codebook=64, vq_kmeans_images=8,
@@ -72,7 +72,7 @@ def test_compiled_training_forward_matches_eager(world):
 
     if shutil.which("g++") is None:
         pytest.skip("torch.compile on CPU needs a C++ compiler (g++)")
-    from cm3leon.train import _layers_and_head
+    from cm3leon.train import layers_and_head
 
     torch.manual_seed(0)
     _, tok, cfg = _tokenizer_and_cfg(world)
@@ -85,7 +85,7 @@ def test_compiled_training_forward_matches_eager(world):
     eager.square().mean().backward()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    got = tree_forward(model, batch, torch.compile(_layers_and_head, dynamic=True))
+    got = tree_forward(model, batch, torch.compile(layers_and_head, dynamic=True))
     got.square().mean().backward()
     torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4)
     for g, w in zip((p.grad for p in model.parameters()), want):
@@ -171,14 +171,17 @@ def test_demo_build_end_to_end(world, tmp_path, capsys):
     w0 = bundle.model.state_dict()["output.weight"]
     assert torch.equal(checkpoint.load(out).model.state_dict()["output.weight"], w0)
 
-    # a different recipe is refused instead of mixing two builds
-    with pytest.raises(ValueError, match="--fresh"):
+    # a different recipe is refused instead of mixing two builds, as a one-line user-facing error
+    from cm3leon.errors import Cm3evalError
+
+    with pytest.raises(ValueError, match="--fresh") as err:
         train_demo(data, dataclasses.replace(TINY, pt_lr=1e-4), out)
+    assert isinstance(err.value, Cm3evalError) and "pt_lr" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_lm_stage_resumes_mid_stage(world, tmp_path, monkeypatch):
     """Killed after a step checkpoint, the LM stage continues from it and ends where an uninterrupted run ends."""
-    import cm3leon.train as tr
+    import cm3leon.train.lm as tr  # the module whose train_lm draws the batches
 
     data = demo_data(world)
     recipe = dataclasses.replace(TINY, pt_steps=8, sft_steps=2)
@@ -234,7 +237,7 @@ def test_default_vq_grid_lines_up_with_the_world_layout():
     codes (2x2 of the 6x6 grid): a code never mixes two cells, which is what lets 256 codes name
     shape quarters exactly instead of arbitrary cuts through shapes (see DemoRecipe.vq_resolution)."""
     from cm3leon.vq import preprocess
-    from tasks.shapes_world import KINDS, SIZES, Shape, ShapeScene, render
+    from tasks.shapes import KINDS, SIZES, Shape, ShapeScene, render
 
     recipe = DemoRecipe()
     grid = recipe.vq_config().latent_size
@@ -267,3 +270,32 @@ def test_shipped_demo_model_is_what_the_default_recipe_builds():
     assert (bundle.config.d_model, bundle.config.n_layers) == (recipe.d_model, recipe.n_layers)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size <= 25e6, f"the shipped demo model is {size / 1e6:.1f} MB (limit 25 MB with its bank)"
+
+
+def test_train_commands_defer_their_heavy_imports():
+    """evals/cli/train.py imports only the standard library and typer at module level (torch, cm3leon
+    and tasks load inside the commands), so mounting it keeps `cm3eval --help` fast."""
+    import ast
+    from pathlib import Path
+
+    import evals.cli.train as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            top.add(node.module.split(".")[0])
+    assert top <= {"__future__", "json", "os", "time", "pathlib", "typing", "typer"}, top
+    assert {c.name for c in module.train_app.registered_commands} == {"demo", "untrained"}
+
+
+def test_the_split_package_keeps_the_public_names():
+    """cm3leon.train is a package now (one module per stage); its old public names still import from it."""
+    import cm3leon.train as tr
+    from cm3leon.train import DemoData, DemoEdit, DemoImage, DemoRecipe, quick_eval, train_demo  # noqa: F401
+
+    assert tr.train_demo.__module__ == "cm3leon.train.build" and tr.quick_eval.__module__ == "cm3leon.train.check"
+    assert tr.train_vq.__module__ == "cm3leon.train.vq" and tr.train_lm.__module__ == "cm3leon.train.lm"
+    assert set(tr.__all__) <= set(dir(tr))

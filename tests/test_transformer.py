@@ -81,3 +81,36 @@ def test_cache_overflow_is_a_clear_error():
 def test_invalid_config_names_the_problem():
     with pytest.raises(ValueError, match="n_heads"):
         ModelConfig(d_model=65, n_heads=4)
+
+
+@pytest.mark.parametrize("variant", ["chameleon", "cm3leon"])
+def test_a_fixed_kv_bucket_gives_the_filled_slots_logits_without_host_reads(variant):
+    from cm3leon.host_syncs import count_host_syncs
+
+    model = tiny(**VARIANTS[variant])  # chameleon: 4 query heads over 2 KV heads (SDPA's enable_gqa)
+    tokens, valid = left_pad([[5, 9, 13, 2], [7, 1]])
+    with torch.no_grad():
+        exact, bucketed = model.new_cache(2, 16), model.new_cache(2, 16)
+        model.prefill(tokens, valid, exact)
+        model.prefill(tokens, valid, bucketed)
+        for t in range(5):
+            nxt = torch.tensor([3 + t, 11 + t])
+            want = model.step(nxt, exact)
+            with count_host_syncs() as reads:
+                got = model.step(nxt, bucketed, kv_len=16)  # attends over all 16 slots, unfilled ones masked
+            assert reads.total == 0
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert exact.length == bucketed.length == 9 and int(bucketed.slot) == 9
+        with pytest.raises(ValueError, match="kv_len"):
+            model.step(nxt, bucketed, kv_len=9)  # must cover the slot being written
+
+
+def test_positions_past_max_seq_len_are_refused_from_host_counts():
+    model = tiny()  # max_seq_len 64
+    cache = model.new_cache(2, 80)
+    tokens, valid = left_pad([list(range(1, 64)), [4, 5]])
+    with torch.no_grad():
+        model.prefill(tokens, valid, cache)
+        model.step(torch.tensor([1, 2]), cache)  # position 63: the last one
+        with pytest.raises(ValueError, match="position 64 exceeds max_seq_len=64"):
+            model.step(torch.tensor([1, 2]), cache)

@@ -1,49 +1,90 @@
-"""`cm3eval`: one typer app; each command group lives in the module that owns it."""
+"""`cm3eval`: the roof of the package family. One typer app; each command group lives in its own
+module of evals/cli/ and is mounted here with plain imports.
+
+Start-up is part of the interface: `cm3eval --help` and usage errors answer in well under a
+second, so no module imported here may import torch, pandas, numpy or the model library at
+module level (commands import them inside their functions; tests/test_cli.py checks).
+
+Errors: every `Cm3evalError` (cm3leon/errors.py) that escapes a command is turned into ONE line
+`error: ...` on stderr and the exit code the error carries (2 usage or missing input, 3 a metric
+that could not be computed); the root group does it, so `main()`, the console script and a
+CliRunner on `app` all behave the same. Exit codes: 0 ok, 1 regression or failures over
+--max-failures, 2 usage or missing input, 3 a requested metric not computed.
+"""
 
 from __future__ import annotations
 
-import importlib
+import sys
+from typing import Any, Callable, Sequence
 
+import click
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(help="Evaluate CM3leon-style models: run tasks, score result files, benchmark, report.",
-                  no_args_is_help=True, add_completion=False)
-score_app = typer.Typer(help="Score result files in the official formats.", no_args_is_help=True)
-bench_app = typer.Typer(help="Speed benchmarks, measured side by side with references.", no_args_is_help=True)
+from cm3leon.errors import Cm3evalError
+from evals.cli import report
+from evals.cli.bank import bank_app
+from evals.cli.bench import bench_app
+from evals.cli.run import list_tasks, run, show
+from evals.cli.train import train_app
+from evals.cli.score import caption as score_caption
+from evals.cli.score import edit as score_edit
+from evals.cli.score import fid as score_fid
+from evals.cli.score import vqa as score_vqa
+
+PredictorFactory = Callable[..., Any]
+
+
+class _RootGroup(TyperGroup):
+    """The one place a Cm3evalError becomes a one-line message and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Cm3evalError as e:
+            message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the text
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(int(getattr(e, "exit_code", 2))) from None
+
+
+app = typer.Typer(cls=_RootGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Evaluate CM3leon-style models: run tasks, score result files, benchmark, report.")
+
+app.command("run")(run)
+app.command("list")(list_tasks)
+app.command("show")(show)
+
+app.command("convert")(convert)
 app.add_typer(score_app, name="score")
 app.add_typer(bench_app, name="bench")
-
-# (module, attribute, where to mount, command name). A module exposes a plain function
-# (typer reads its signature) or a typer.Typer sub-app.
-_COMMANDS = [
-    ("evals.cli_run", "run", app, "run"),
-    ("evals.cli_run", "list_tasks", app, "list"),
-    ("evals.cli_run", "show", app, "show"),
-    ("evals.score_text", "vqa", score_app, "vqa"),
-    ("evals.score_text", "caption", score_app, "caption"),
-    ("evals.score_fid", "fid", score_app, "fid"),
-    ("evals.score_edit", "edit", score_app, "edit"),
-    ("evals.bench_sampler", "command", bench_app, "sampler"),
-    ("evals.bench_retrieval", "command", bench_app, "retrieval"),
-    ("evals.bench_metrics", "command", bench_app, "metrics"),
-    ("evals.bank_cli", "bank_app", app, "bank"),
-    ("reports.cli", "leaderboard", app, "leaderboard"),
-    ("reports.cli", "report", app, "report"),
-    ("reports.cli", "compare", app, "compare"),
-    ("evals.train_cli", "train_app", app, "train"),
-]
+app.add_typer(bank_app, name="bank")
+app.add_typer(train_app, name="train")
+report.mount(app)
 
 
-def _mount() -> None:
-    for module_name, attr, parent, name in _COMMANDS:
-        obj = getattr(importlib.import_module(module_name), attr)
-        if isinstance(obj, typer.Typer):
-            parent.add_typer(obj, name=name)
-        else:
-            parent.command(name)(obj)
+def main(argv: Sequence[str] | None = None, *, predictor_factory: PredictorFactory | None = None) -> int:
+    """Run the command line and return its exit code (never raises SystemExit).
+
+    `predictor_factory(model=..., device=..., batch_size=...)`: a predictor for `cm3eval run`
+    instead of a cm3leon checkpoint. Tests inject a deterministic one here; the model named by
+    --model is then the factory's business (no checkpoint is inspected or loaded)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rv = app(args=args, prog_name="cm3eval", standalone_mode=False,
+                 obj={"predictor_factory": predictor_factory})
+    except click.exceptions.Abort:  # Ctrl-C at a prompt
+        typer.echo("aborted", err=True)
+        return 130
+    except click.ClickException as e:  # usage errors: click's own message, exit 2
+        e.show()
+        return e.exit_code
+    return rv if isinstance(rv, int) else 0
 
 
-_mount()
+def cli() -> None:
+    """The console script (`cm3eval = "evals.cli:cli"` in pyproject.toml)."""
+    sys.exit(main())
+
 
 if __name__ == "__main__":
-    app()
+    cli()

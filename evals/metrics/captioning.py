@@ -46,7 +46,7 @@ from typing import Literal
 import numpy as np
 
 from evals.metrics.result import MetricResult, mean_result
-from evals.metrics.results_files import read_json, read_results
+from evals.metrics.official_files import read_json, read_results
 
 # Tokens that pycocoevalcap's PTBTokenizer drops after tokenizing (a fact about the toolkit).
 PTB_PUNCTUATIONS = frozenset(

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from evals.metrics.local_weights import WeightsFile, WeightsNotFound, load_state_dict_file
+from evals.metrics.weights import WeightsFile, WeightsNotFound, load_state_dict_file
 
 WEIGHTS_FILENAME = "dino_deitsmall16_pretrain.pth"
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/" + WEIGHTS_FILENAME
@@ -126,16 +126,17 @@ def dino_transform() -> transforms.Compose:
     ])
 
 
-_WEIGHTS = WeightsFile("DINO ViT-S/16 weights", WEIGHTS_FILENAME, WEIGHTS_URL, WEIGHTS_ENV, "--dino-weights", DinoWeightsNotFound)
+WEIGHTS_FILE = WeightsFile("DINO ViT-S/16 weights", WEIGHTS_FILENAME, WEIGHTS_URL, WEIGHTS_ENV, "--dino-weights",
+                       "metrics.dino.weights", DinoWeightsNotFound)
 
 
 def weights_search_paths(explicit: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
     """Where the weights are looked for, in order, as (how it was named, path)."""
-    return _WEIGHTS.search_paths(explicit)
+    return WEIGHTS_FILE.search_paths(explicit)
 
 
 def find_weights(explicit: str | os.PathLike | None = None) -> Path:
-    return _WEIGHTS.find(explicit)
+    return WEIGHTS_FILE.find(explicit)
 
 
 def load_dino(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> DinoViT:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evals.metrics.local_weights import WeightsFile, WeightsNotFound, load_state_dict_file
+from evals.metrics.weights import WeightsFile, WeightsNotFound, load_state_dict_file
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
@@ -205,16 +205,17 @@ class FIDInceptionV3(nn.Module):
         return self.fc(features)
 
 
-_WEIGHTS = WeightsFile("FID Inception weights", WEIGHTS_FILENAME, WEIGHTS_URL, WEIGHTS_ENV, "--weights", InceptionWeightsNotFound)
+WEIGHTS_FILE = WeightsFile("FID Inception weights", WEIGHTS_FILENAME, WEIGHTS_URL, WEIGHTS_ENV, "--weights",
+                       "metrics.fid.weights", InceptionWeightsNotFound)
 
 
 def weights_search_paths(explicit: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
     """Where the weights are looked for, in order, as (how it was named, path)."""
-    return _WEIGHTS.search_paths(explicit)
+    return WEIGHTS_FILE.search_paths(explicit)
 
 
 def find_weights(explicit: str | os.PathLike | None = None) -> Path:
-    return _WEIGHTS.find(explicit)
+    return WEIGHTS_FILE.find(explicit)
 
 
 def load_fid_inception(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:

@@ -1,4 +1,5 @@
-"""The value every metric returns: a number, its bootstrap CI, and the per-sample scores behind it."""
+"""The value every metric returns: a number, its bootstrap CI, the per-sample scores behind it,
+and its direction (`higher_is_better`), which reports and `compare` read instead of guessing."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ class MetricResult:
     n: int = 0
     per_sample: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # True: larger is better (accuracy, CIDEr, CLIPScore); False: smaller is (FID, L1, mean rank).
+    # None only until scoring.score_task sets it from the metric table.
+    higher_is_better: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe: NaN (a metric that could not be computed, e.g. SPICE without its models) becomes null."""
@@ -23,6 +27,8 @@ class MetricResult:
         out: dict[str, Any] = {"value": value if np.isfinite(value) else None, "n": int(self.n)}
         ci_ok = self.ci is not None and all(np.isfinite(c) for c in self.ci)
         out["ci"] = [float(self.ci[0]), float(self.ci[1])] if ci_ok else None
+        if self.higher_is_better is not None:
+            out["higher_is_better"] = bool(self.higher_is_better)
         if self.extra:
             out["extra"] = self.extra
         return out
@@ -57,8 +63,10 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def mean_result(name: str, per_sample, *, scale: float = 1.0, seed: int = 0, **extra) -> MetricResult:
+def mean_result(name: str, per_sample, *, scale: float = 1.0, seed: int = 0,
+                higher_is_better: bool | None = None, **extra) -> MetricResult:
     """A mean-type metric: value = scale * mean(per_sample), with its bootstrap CI on the same scale."""
     x = np.asarray(per_sample, dtype=np.float64)
     lo, hi = bootstrap_ci(x, seed=seed)
-    return MetricResult(name, float(scale * x.mean()), (scale * lo, scale * hi), int(x.size), x, dict(extra))
+    return MetricResult(name, float(scale * x.mean()), (scale * lo, scale * hi), int(x.size), x, dict(extra),
+                        higher_is_better)

@@ -1,18 +1,20 @@
 """VQA accuracy exactly as the official VQAv2 evaluation (GT-Vision-Lab/VQA, vqaEval.py) computes it.
 
-The official rule, per question:
-- the prediction: "\\n" and "\\t" become spaces, then strip(), then processPunctuation, then
-  processDigitArticle (always);
-- the ground-truth answers: left exactly as they are when all of them are the same string;
-  otherwise processPunctuation only (no lower-casing, no digit/article/contraction step);
-- for each ground-truth answer: count the matches among the *other* answers,
-  acc = min(1, matches / 3); the question's accuracy is the mean over its answers;
-- overall / per question type / per answer type = 100 x mean over questions, reported rounded
-  to 2 decimals (the unrounded numbers are kept in `extra`).
-
-Note: some write-ups (and other harnesses) describe the rule as "normalise prediction and answers
-alike, and only when the answers disagree"; the official script does not do that, and the numbers
-differ (e.g. prediction "Yes" against ten "yes" scores 100 officially, 0 under that description).
+Two versions of the official loop exist; `evaluation=` picks one and the result records it:
+- "current" (default): vqaEval.py since commit a013f0043c1e "Fixed processing answers bug"
+  (2021-03-11). Per question: "\n" and "\t" become spaces and strip() is applied to the ten
+  answers and to the prediction; then, ONLY IF the (stripped) answers are not all the same string,
+  processPunctuation and then processDigitArticle are applied to every answer and to the
+  prediction; otherwise the stripped strings are compared as they are ("Yes" against ten "yes"
+  scores 0, "yes " scores 100).
+- "legacy-2017": the loop before that commit (v2.0 release, 2017-10-02), for comparing with older
+  papers: the prediction is always stripped, punctuation- and digit/article-processed; the answers
+  are left untouched when all are the same string, otherwise processPunctuation only (no
+  lower-casing, no digit/article/contraction step, no strip).
+Then, for each ground-truth answer: count the matches among the *other* answers,
+acc = min(1, matches / 3); the question's accuracy is the mean over its answers; overall / per
+question type / per answer type = 100 x mean over questions, reported rounded to 2 decimals (the
+unrounded numbers are kept in `extra`).
 
 The same rule serves VizWiz, OK-VQA and TextVQA with however many answers a question has
 (leave-one-out over the n answers, min(1, m/3), mean over the n).
@@ -21,11 +23,14 @@ Leave-one-out is by position. The official script removes every answer *record* 
 left-out one (`item != gtAnsDatum` on dicts); with the official files each record has its own
 `answer_id`, so this is the same thing.
 
+The official script is Python 2: its regexes (`\d`) match ASCII digits only, which re.ASCII
+reproduces here.
+
 `vqa_accuracy` is vectorised: each distinct string is normalised once, answers become integer ids
 in an [N, K] matrix and the leave-one-out counts are numpy operations. Sums are taken in the
 official order (sequentially, question by question), so it reproduces the official numbers bit for
-bit; `vqa_accuracy_reference` is a line-by-line port of the official loop, kept for tests and the
-benchmark.
+bit; `evals.metrics.vqa_reference` holds line-by-line ports of both official loops, kept for tests
+and the benchmark.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from evals.metrics.result import MetricResult
-from evals.metrics.results_files import read_json, read_results
+from evals.metrics.official_files import read_json, read_results
 
 # ---- The official normalisation tables (facts of vqaEval.py, reproduced verbatim, quirks included:
 # the capitalised keys can never match because processDigitArticle lower-cases first).
@@ -75,13 +80,19 @@ MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "f
 ARTICLES = ("a", "an", "the")
 # Official regexes, verbatim. "(?!<=\d)" is a (buggy) look-ahead, not a look-behind, so in effect a
 # period is removed unless a digit follows it.
-PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII)
+COMMA_STRIP = re.compile(r"(\d)(\,)(\d)", re.ASCII)
 PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 # The official call is periodStrip.sub("", text, re.UNICODE): the flag lands in `count`, so at most
 # re.UNICODE == 32 periods are removed. Reproduced on purpose.
 _PERIOD_STRIP_COUNT = int(re.UNICODE)
 _ANY_PUNCT = re.compile("[" + re.escape("".join(PUNCT) + ".") + "]")
+
+EVALUATIONS = ("current", "legacy-2017")
+EVALUATION_SOURCES = {
+    "current": "GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py @ a013f0043c1e (2021-03-11)",
+    "legacy-2017": "GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py @ a4f1afd59cfd (2017-10-02)",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,10 +122,15 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
+def strip_answer(answer: str) -> str:
+    """The official first step for every string: newlines and tabs become spaces, then strip()."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_prediction(answer: str) -> str:
-    """What the official script does to a predicted answer before comparing it."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
+    """Strip, processPunctuation, processDigitArticle: what the current loop does to every string of a
+    question whose answers disagree, and what the legacy loop does to every prediction."""
+    return process_digit_article(process_punctuation(strip_answer(answer)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,17 +202,17 @@ def _breakdown(acc: np.ndarray, labels: list) -> dict[Any, dict[str, float | int
     return out
 
 
-def vqa_per_question(predictions: Mapping[Hashable, str], annotations: Sequence[Mapping]) -> np.ndarray:
-    """Per-question accuracy in [0, 1] for `annotations` (every one must have a prediction), vectorised."""
-    n = len(annotations)
+def _answer_matrix(annotations: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """(answer counts [N], raw answer ids [N, K] (-1 = padding), valid mask [N, K], raw vocabulary)."""
     try:
         counts = np.array([len(a["answers"]) for a in annotations], dtype=np.int64)
-        # Raw answer strings -> ids: one dict lookup per answer; all string work below is per distinct string.
+        # Raw answer strings -> ids: one dict lookup per answer; all string work is per distinct string.
         raw_vocab: dict[str, int] = {}
         flat = [raw_vocab.setdefault(x["answer"], len(raw_vocab)) for a in annotations for x in a["answers"]]
     except (KeyError, TypeError):
         q = next(a.get("question_id") for a in annotations
-                 if not isinstance(a.get("answers"), list) or not all(isinstance(x, Mapping) and "answer" in x for x in a["answers"]))
+                 if not isinstance(a.get("answers"), list)
+                 or not all(isinstance(x, Mapping) and "answer" in x for x in a["answers"]))
         raise ValueError(f"VQA accuracy: question {q} needs an 'answers' list of {{'answer': ...}} records") from None
     if not counts.all():
         empty = [a["question_id"] for a in annotations if not a["answers"]]
@@ -206,29 +222,60 @@ def vqa_per_question(predictions: Mapping[Hashable, str], annotations: Sequence[
         raise TypeError(f"VQA accuracy: ground-truth answers must be strings, got e.g. {not_str[:3]}")
     k = int(counts.max())
     valid = np.arange(k)[None, :] < counts[:, None]
-    raw = np.full((n, k), -1, dtype=np.int64)
+    raw = np.full((len(annotations), k), -1, dtype=np.int64)
     raw[valid] = flat  # row-major: each row's answers in order
-    # Unanimous: every answer is the same string -> the answers stay untouched.
-    unanimous = np.all((raw == raw[:, :1]) | ~valid, axis=1)
+    return counts, raw, valid, raw_vocab
 
-    # Compared strings share one id space: raw answer strings, their punctuation-processed forms, predictions.
+
+def _unanimous(ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Rows whose valid entries are all one id."""
+    return np.all((ids == ids[:, :1]) | ~valid, axis=1)
+
+
+def _compared_strings(raw: np.ndarray, valid: np.ndarray, raw_vocab: dict[str, int], preds: list[str],
+                      evaluation: str) -> tuple[np.ndarray, np.ndarray]:
+    """(answer ids [N, K], prediction ids [N]) of the strings each version compares, in one id space.
+
+    A prediction string no answer has gets -2: it matches nothing (padding is -1)."""
     final: dict[str, int] = {}
-    as_is = np.array([final.setdefault(s, len(final)) for s in raw_vocab], dtype=np.int64)
-    punct = np.array([final.setdefault(process_punctuation(s), len(final)) for s in raw_vocab], dtype=np.int64)
-    gt = np.where(unanimous[:, None], as_is[raw], punct[raw])
-    gt[~valid] = -1
+
+    def ids(fn) -> np.ndarray:
+        return np.array([final.setdefault(fn(s), len(final)) for s in raw_vocab], dtype=np.int64)
 
     pred_vocab: dict[str, int] = {}
-    pred_raw = np.array([pred_vocab.setdefault(predictions[a["question_id"]], len(pred_vocab)) for a in annotations],
-                        dtype=np.int64)
-    # A normalised prediction no answer has gets -2: it matches nothing (padding is -1).
-    pred_final = np.array([final.get(normalize_prediction(p), -2) for p in pred_vocab], dtype=np.int64)
-    pred = pred_final[pred_raw]
+    pred_raw = np.array([pred_vocab.setdefault(p, len(pred_vocab)) for p in preds], dtype=np.int64)
 
+    def pred_ids(fn) -> np.ndarray:
+        return np.array([final.get(fn(p), -2) for p in pred_vocab], dtype=np.int64)[pred_raw]
+
+    if evaluation == "current":
+        stripped = ids(strip_answer)
+        unanimous = _unanimous(np.where(valid, stripped[raw], -1), valid)  # judged after stripping
+        normed = ids(normalize_prediction)
+        gt = np.where(unanimous[:, None], stripped[raw], normed[raw])
+        pred = np.where(unanimous, pred_ids(strip_answer), pred_ids(normalize_prediction))
+    else:  # legacy-2017: answers untouched when unanimous (raw strings), else punctuation only
+        unanimous = _unanimous(raw, valid)
+        as_is = ids(lambda x: x)
+        punct = ids(process_punctuation)
+        gt = np.where(unanimous[:, None], as_is[raw], punct[raw])
+        pred = pred_ids(normalize_prediction)
+    gt[~valid] = -1
+    return gt, pred
+
+
+def vqa_per_question(predictions: Mapping[Hashable, str], annotations: Sequence[Mapping],
+                     evaluation: str = "current") -> np.ndarray:
+    """Per-question accuracy in [0, 1] for `annotations` (every one must have a prediction), vectorised."""
+    if evaluation not in EVALUATIONS:
+        raise ValueError(f"VQA accuracy: unknown evaluation {evaluation!r} (known: {', '.join(EVALUATIONS)})")
+    counts, raw, valid, raw_vocab = _answer_matrix(annotations)
+    gt, pred = _compared_strings(raw, valid, raw_vocab, [predictions[a["question_id"]] for a in annotations],
+                                 evaluation)
     eq = gt == pred[:, None]
     total = eq.sum(axis=1)
-    acc_sum = np.zeros(n)
-    for j in range(k):  # column by column: the official left-to-right sum over the answers
+    acc_sum = np.zeros(len(annotations))
+    for j in range(raw.shape[1]):  # column by column: the official left-to-right sum over the answers
         others = (total - eq[:, j]).astype(np.float64)
         acc_sum += np.where(valid[:, j], np.minimum(1.0, others / 3), 0.0)
     return acc_sum / counts
@@ -240,6 +287,7 @@ def vqa_accuracy(
     *,
     allow_missing: bool = False,
     seed: int = 0,
+    evaluation: str = "current",
 ) -> MetricResult:
     """Official VQA accuracy (0-100) of predictions {question_id: answer} against annotations in the
     official layout ([{"question_id", "answers": [{"answer", ...}], "question_type", "answer_type"}]).
@@ -247,87 +295,23 @@ def vqa_accuracy(
     value: overall accuracy rounded to 2 decimals as the official script reports it; ci: 95 % bootstrap
     over questions (unrounded, same scale); per_sample: per-question accuracy in [0, 1], in annotation
     order; extra: "unrounded", "per_answer_type" and "per_question_type" ({type: {value, unrounded, n}}),
-    "n_missing" (questions without prediction, left out; only with allow_missing=True).
+    "n_missing" (questions without prediction, left out; only with allow_missing=True), "evaluation"
+    (which official loop, see the module docstring) and "evaluation_source" (its file and commit).
     Empty predicted strings are valid answers. Predicted ids absent from the annotations are an error.
     """
+    if evaluation not in EVALUATIONS:
+        raise ValueError(f"VQA accuracy: unknown evaluation {evaluation!r} (known: {', '.join(EVALUATIONS)})")
     selected = _check(predictions, annotations, allow_missing)
-    acc = vqa_per_question(predictions, selected)
+    acc = vqa_per_question(predictions, selected, evaluation)
     unrounded = 100 * _sequential_sum(acc) / len(acc)
     lo, hi = _bootstrap_mean_ci(acc, seed=seed)
-    extra: dict[str, Any] = {"unrounded": unrounded}
+    extra: dict[str, Any] = {"unrounded": unrounded, "evaluation": evaluation,
+                             "evaluation_source": EVALUATION_SOURCES[evaluation]}
     for key, field in (("per_answer_type", "answer_type"), ("per_question_type", "question_type")):
         if all(field in a for a in selected):
             extra[key] = _breakdown(acc, [a[field] for a in selected])
     extra["n_missing"] = len(annotations) - len(selected)
     return MetricResult("vqa_accuracy", round(unrounded, 2), (100 * lo, 100 * hi), len(acc), acc, extra)
-
-
-# --------------------------------------------------------------------------------------------
-# The straightforward reference: the official loop, line by line
-# --------------------------------------------------------------------------------------------
-
-
-def vqa_accuracy_reference(predictions: Mapping[Hashable, str], annotations: Sequence[Mapping]) -> dict[str, Any]:
-    """A plain port of the official VQAEval.evaluate loop (slow; for tests and the benchmark).
-
-    Returns {"overall", "perQuestionType", "perAnswerType"} rounded as the official script, plus
-    "overall_unrounded" and "accQA" (per-question accuracies in annotation order). Scores every
-    annotation; the caller's annotations are not modified (the official script edits them in place).
-    """
-    acc_qa, acc_ques_type, acc_ans_type = [], {}, {}
-    for ann in annotations:
-        answers = [dict(x) for x in ann["answers"]]
-        res_ans = predictions[ann["question_id"]]
-        res_ans = res_ans.replace("\n", " ")
-        res_ans = res_ans.replace("\t", " ")
-        res_ans = res_ans.strip()
-        res_ans = _official_punctuation(res_ans)
-        res_ans = _official_digit_article(res_ans)
-        gt_acc = []
-        gt_answers = [x["answer"] for x in answers]
-        if len(set(gt_answers)) > 1:
-            for ans_dic in answers:
-                ans_dic["answer"] = _official_punctuation(ans_dic["answer"])
-        for gt_ans_datum in answers:
-            other_gt_ans = [item for item in answers if item != gt_ans_datum]
-            matching_ans = [item for item in other_gt_ans if item["answer"] == res_ans]
-            acc = min(1, float(len(matching_ans)) / 3)
-            gt_acc.append(acc)
-        avg_gt_acc = float(sum(gt_acc)) / len(gt_acc)
-        acc_qa.append(avg_gt_acc)
-        acc_ques_type.setdefault(ann.get("question_type"), []).append(avg_gt_acc)
-        acc_ans_type.setdefault(ann.get("answer_type"), []).append(avg_gt_acc)
-    return {
-        "overall": round(100 * float(sum(acc_qa)) / len(acc_qa), 2),
-        "perQuestionType": {t: round(100 * float(sum(v)) / len(v), 2) for t, v in acc_ques_type.items()},
-        "perAnswerType": {t: round(100 * float(sum(v)) / len(v), 2) for t, v in acc_ans_type.items()},
-        "overall_unrounded": 100 * float(sum(acc_qa)) / len(acc_qa),
-        "accQA": acc_qa,
-    }
-
-
-def _official_punctuation(in_text: str) -> str:
-    out_text = in_text
-    for p in PUNCT:
-        if (p + " " in in_text or " " + p in in_text) or (re.search(COMMA_STRIP, in_text) is not None):
-            out_text = out_text.replace(p, "")
-        else:
-            out_text = out_text.replace(p, " ")
-    out_text = PERIOD_STRIP.sub("", out_text, count=re.UNICODE)  # official passes re.UNICODE as count
-    return out_text
-
-
-def _official_digit_article(in_text: str) -> str:
-    out_text = []
-    temp_text = in_text.lower().split()
-    for word in temp_text:
-        word = MANUAL_MAP.get(word, word)  # official: manualMap.setdefault(word, word), same result
-        if word not in ARTICLES:
-            out_text.append(word)
-    for word_id, word in enumerate(out_text):
-        if word in CONTRACTIONS:
-            out_text[word_id] = CONTRACTIONS[word]
-    return " ".join(out_text)
 
 
 # --------------------------------------------------------------------------------------------

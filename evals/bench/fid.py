@@ -2,7 +2,7 @@
 
 Both run on the same mean/covariance pair, built from synthetic Inception-like features
 (non-negative, correlated, more samples than dimensions so the covariances have full rank).
-`evals.bench_metrics` calls `run_fid_bench()`; `python -m evals.bench_fid` prints it alone.
+`evals.bench.metrics` calls `run_fid_bench()`; `python -m evals.bench.fid` prints it alone.
 """
 
 from __future__ import annotations

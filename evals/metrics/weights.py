@@ -9,9 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cm3leon.errors import Cm3evalError
 
-class WeightsNotFound(FileNotFoundError):
-    """A metric network's weights file is in none of the places it is looked for."""
+
+class WeightsNotFound(Cm3evalError, FileNotFoundError):
+    """A metric network's weights file is in none of the places it is looked for (exit 2: missing input)."""
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,8 @@ class WeightsFile:
     filename: str
     url: str  # where a user downloads it on a connected machine
     env: str  # environment variable naming the file
-    flag: str  # the CLI flag that names the file
+    flag: str  # the `cm3eval score` flag that names the file
+    option: str  # the metric option that names it in a task (`cm3eval run --set OPTION=PATH`)
     not_found: type[WeightsNotFound] = WeightsNotFound
 
     def search_paths(self, explicit: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
@@ -43,7 +46,8 @@ class WeightsFile:
         looked = "; ".join(f"{how}: {path}" for how, path in places)
         raise self.not_found(
             f"{self.what} {self.filename} not found (looked in {looked}). Download {self.url} on a connected "
-            f"machine and pass it with {self.flag}, set ${self.env}, or put it in $TORCH_HOME/hub/checkpoints/.")
+            f"machine and pass it with {self.flag} (cm3eval score) or --set {self.option}=PATH (cm3eval run), "
+            f"set ${self.env}, or put it in $TORCH_HOME/hub/checkpoints/.")
 
 
 def load_state_dict_file(model: nn.Module, path: Path, what: str, layout: str) -> nn.Module:

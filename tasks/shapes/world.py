@@ -81,6 +81,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cm3leon.errors import Cm3evalError
+
+class WorldFolderError(Cm3evalError, FileExistsError):
+    """The world's folder holds something that is not a world (refused rather than deleted)."""
+
+
 # Bump when anything that changes the written bytes changes; ensure_world then regenerates.
 GENERATOR_VERSION = 1
 
@@ -699,7 +705,8 @@ def ensure_world(root: str | os.PathLike, cfg: WorldConfig = WorldConfig(), *, v
     if _is_current(root, cfg, verify):
         return world_paths(root)
     if root.exists() and any(root.iterdir()) and not (root / "world.json").exists():
-        raise FileExistsError(f"{root} is not empty and holds no world.json; refusing to overwrite it")
+        raise WorldFolderError(f"{root} is not empty and holds no world.json; refusing to overwrite it "
+                               "(empty it, or point the cache elsewhere)")
     root.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = root.parent / f".{root.name}.tmp-{tag}"
@@ -717,6 +724,14 @@ def ensure_world(root: str | os.PathLike, cfg: WorldConfig = WorldConfig(), *, v
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return world_paths(root)
+
+
+def demo_world_root(cache_dir: str | os.PathLike) -> Path:
+    """The data root of the built-in demo tasks: EVAL_WORLD in ``cache_dir/shapes``, written there on
+    first use (about 1,400 files, a few seconds) and only checked afterwards (see ensure_world)."""
+    root = Path(cache_dir) / "shapes"
+    ensure_world(root, EVAL_WORLD)
+    return root
 
 
 def world_stats(world: World) -> dict[str, dict[str, int]]:
@@ -741,20 +756,3 @@ def vocabulary(world: World) -> Counter[str]:
             for t in es.turns:
                 words.update(caption_tokens(t.instruction))
     return words
-
-
-if __name__ == "__main__":  # python -m tasks.shapes_world ROOT [--seed N]: write the default world, print stats
-    import argparse
-    import time
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("root")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    t0 = time.perf_counter()
-    w = generate_world(WorldConfig(seed=args.seed))
-    t1 = time.perf_counter()
-    write_world(w, args.root)
-    t2 = time.perf_counter()
-    print(json.dumps(world_stats(w), indent=1))
-    print(f"vocabulary: {len(vocabulary(w))} words; generate {t1 - t0:.2f} s, write {t2 - t1:.2f} s")

@@ -4,7 +4,7 @@ VQA accuracy: the vectorised `vqa_accuracy` against `vqa_accuracy_reference` (th
 line by line) on synthetic VQAv2-style questions whose answers carry the noise the official
 normalisation exists for (case, punctuation, articles, number words, contractions, digit commas),
 with a mix of unanimous and disagreeing answer sets. The two must agree exactly; the command
-fails otherwise. Fréchet distance at d=2048 comes from `evals.bench_fid.run_fid_bench()` when
+fails otherwise. Fréchet distance at d=2048 comes from `evals.bench.fid.run_fid_bench()` when
 that module is installed.
 """
 
@@ -18,7 +18,8 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from evals.metrics.vqa import vqa_accuracy, vqa_accuracy_reference
+from evals.metrics.vqa import vqa_accuracy
+from evals.metrics.vqa_reference import vqa_accuracy_reference
 
 _COLORS = ["red", "blue", "white", "black", "green", "yellow", "brown", "gray", "orange", "pink", "purple", "silver"]
 _OBJECTS = ["dog", "cat", "apple", "tennis racket", "frisbee", "t-shirt", "hot dog", "baseball bat", "skateboard",
@@ -148,11 +149,11 @@ def run_vqa_bench(n_questions: int, seed: int = 0, repeats: int = 3) -> dict[str
 
 def _fid_bench() -> dict[str, Any]:
     try:
-        module = importlib.import_module("evals.bench_fid")
+        module = importlib.import_module("evals.bench.fid")
     except ModuleNotFoundError as e:
-        if e.name != "evals.bench_fid":
+        if e.name != "evals.bench.fid":
             raise
-        return {"skipped": "evals.bench_fid is not installed"}
+        return {"skipped": "evals.bench.fid is not installed"}
     result = module.run_fid_bench()
     return result if isinstance(result, dict) else {"result": result}
 

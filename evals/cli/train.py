@@ -1,8 +1,10 @@
-"""`cm3eval train demo`: rebuild the shipped demo model from scratch with the package's recipe.
+"""`cm3eval train ...`: the training recipe (demo scale), the `train_app` command group.
 
-The shapes world (tasks.shapes_world, default WorldConfig) is generated in memory; its train split
-is turned into cm3leon.train.DemoData and handed to cm3leon.train.train_demo, which resumes from
-OUT/work/ when a previous run was interrupted (--fresh starts over).
+`train demo` rebuilds the shipped demo model from scratch: the shapes world (tasks.shapes, default
+WorldConfig) is generated in memory, its train split turned into cm3leon.train.DemoData
+(tasks.shapes.training) and handed to cm3leon.train.train_demo, which resumes from OUT/work/ when a
+previous run was interrupted (--fresh starts over). `train untrained` writes the untrained baseline.
+torch, cm3leon and tasks load inside the commands, so `cm3eval --help` stays fast.
 """
 
 from __future__ import annotations
@@ -10,14 +12,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from cm3leon.checkpoint import ALIASES
-from cm3leon.train import DemoData, DemoEdit, DemoImage, DemoRecipe
+if TYPE_CHECKING:
+    from cm3leon.train import DemoRecipe
+    from tasks.shapes import World
 
 train_app = typer.Typer(help="The training recipe (demo scale).", no_args_is_help=True)
 
@@ -27,54 +29,43 @@ def _group() -> None:
     """Train models with the package's own recipe."""
 
 
-def majority_answer(answers: list[str], canonical: str) -> str:
-    """The most frequent of the ten annotator answers (ties go to the canonical answer)."""
-    counts = Counter(answers)
-    best = max(counts.values())
-    return canonical if counts.get(canonical) == best else max(counts, key=lambda a: (counts[a], -answers.index(a)))
+def _torch_threads(threads: int) -> int:
+    """--threads 0: 2, or 1 when other processes keep the CPU busy (load average over 0.5)."""
+    if threads > 0:
+        return threads
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return 1 if busy > 0.5 or (os.cpu_count() or 1) < 2 else 2
 
 
-def demo_data(world, split: str = "train") -> DemoData:
-    """A shapes-world split as in-memory training data (images rendered, answers by majority)."""
-    from tasks.shapes_world import render
+def _finish(out: Path, summary: dict, keep_work: bool, total: float) -> None:
+    """Print what ran, drop OUT/work/ unless kept, print the folder's size."""
+    import shutil
 
-    ws, size = world.splits[split], world.config.image_size
-    questions: dict[int, list[tuple[str, str]]] = {}
-    for q in ws.questions:
-        questions.setdefault(q.image_id, []).append((q.question, majority_answer(q.answers, q.answer)))
-    images = [DemoImage(str(im.image_id), render(im.scene, size), list(im.captions), questions.get(im.image_id, []))
-              for im in ws.images]
-    cache = {}
-
-    def rendered(scene):
-        if scene not in cache:
-            cache[scene] = render(scene, size)
-        return cache[scene]
-
-    edits = [DemoEdit(t.instruction, rendered(t.source), rendered(t.target)) for es in ws.edits for t in es.turns]
-    return DemoData(images, edits)
+    typer.echo(f"stages run: {', '.join(summary['stages_run']) or 'none (all done already)'}; "
+               f"seconds per stage: {json.dumps(summary['seconds'])}")
+    if not keep_work:
+        shutil.rmtree(out / "work", ignore_errors=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "work" not in f.relative_to(out).parts)
+    typer.echo(f"wrote {out}: {size / 1e6:.1f} MB (without work/); total time {total / 60:.1f} min")
 
 
-def t2i_extra_scenes(config, n: int) -> list[DemoImage]:
-    """The n train-split scenes after the world's own (config.n_train of them), captions only.
+def _sanity_check(out: Path, world: "World", recipe: "DemoRecipe", eval_n: int) -> None:
+    """quick_eval on the first eval_n val images (not the harness metrics)."""
+    from cm3leon import checkpoint
+    from cm3leon.train import quick_eval
+    from tasks.shapes.training import demo_data
 
-    A split's i-th scene depends on (seed, split, i) alone, so these extend the same train split
-    and never hold a val/test scene (the world reserves those by scene hash)."""
-    import dataclasses
-
-    from tasks.shapes_world import generate_world, render
-
-    if n <= 0:
-        return []
-    big = generate_world(dataclasses.replace(config, n_train=config.n_train + n, n_val=0, n_test=0,
-                                             questions_per_image=0, edit_fraction=0.0))
-    return [DemoImage(str(im.image_id), render(im.scene, config.image_size), list(im.captions))
-            for im in big.splits["train"].images[config.n_train:]]
+    t0 = time.perf_counter()
+    res = quick_eval(checkpoint.load(out), demo_data(world, "val").images, recipe, n=eval_n)
+    res.pop("t2i_images", None)
+    typer.echo("quick val sanity check (not the harness metrics): " + json.dumps(res, indent=1))
+    typer.echo(f"evaluation {time.perf_counter() - t0:.0f} s")
 
 
 @train_app.command("demo")
 def demo(
-    out: Path = typer.Option(ALIASES["demo"], help="checkpoint folder to write (resumes from OUT/work/)"),
+    out: Optional[Path] = typer.Option(None, help="checkpoint folder to write (resumes from OUT/work/); "
+                                                  "default: the shipped demo folder, cm3leon/zoo/shapes-demo"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     steps_scale: float = typer.Option(1.0, help="multiply every stage's step count"),
     seed: int = typer.Option(0, help="training seed (the world is always the default one)"),
@@ -94,12 +85,12 @@ def demo(
     import torch
 
     from cm3leon import checkpoint
-    from cm3leon.train import quick_eval, train_demo
-    from tasks.shapes_world import WorldConfig, generate_world
+    from cm3leon.train import DemoRecipe, train_demo
+    from tasks.shapes import WorldConfig, generate_world
+    from tasks.shapes.training import demo_data, t2i_extra_scenes
 
-    if threads <= 0:
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        threads = 1 if busy > 0.5 or (os.cpu_count() or 1) < 2 else 2
+    out = out or checkpoint.ALIASES["demo"]
+    threads = _torch_threads(threads)
     torch.set_num_threads(threads)
     if device.startswith("cuda") and not torch.cuda.is_available():
         typer.echo("error: --device cuda but torch sees no CUDA device", err=True)
@@ -117,20 +108,9 @@ def demo(
         compile_lm = shutil.which(os.environ.get("CXX", "g++")) is not None
     typer.echo(f"torch.compile for the LM stages: {'on' if compile_lm else 'off'}")
     summary = train_demo(data, recipe, out, device=device, fresh=fresh, compile_forward=compile_lm)
-    total = time.perf_counter() - t0
-    typer.echo(f"stages run: {', '.join(summary['stages_run']) or 'none (all done already)'}; "
-               f"seconds per stage: {json.dumps(summary['seconds'])}")
-    if not keep_work:
-        shutil.rmtree(out / "work", ignore_errors=True)
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "work" not in f.relative_to(out).parts)
-    typer.echo(f"wrote {out}: {size / 1e6:.1f} MB (without work/); total time {total / 60:.1f} min")
+    _finish(out, summary, keep_work, time.perf_counter() - t0)
     if eval_n > 0:
-        bundle = checkpoint.load(out)
-        val = demo_data(world, "val").images
-        res = quick_eval(bundle, val, recipe, n=eval_n)
-        res.pop("t2i_images", None)
-        typer.echo("quick val sanity check (not the harness metrics): " + json.dumps(res, indent=1))
-        typer.echo(f"evaluation {time.perf_counter() - t0 - total:.0f} s")
+        _sanity_check(out, world, recipe, eval_n)
 
 
 @train_app.command("untrained")
@@ -146,11 +126,12 @@ def untrained(
     import torch
 
     from cm3leon import checkpoint
+    from cm3leon.errors import Cm3evalError
     from cm3leon.transformer import Transformer
 
     try:
         bundle = checkpoint.load(source)
-    except (FileNotFoundError, ValueError) as e:
+    except (Cm3evalError, FileNotFoundError, ValueError) as e:
         typer.echo(f"error: --from {source}: {e}", err=True)
         raise typer.Exit(1)
     if out.exists() and any(out.iterdir()):

@@ -1,0 +1,289 @@
+"""`cm3eval run | list | show`: the registry and the engine on the command line.
+
+`run` is three phases: the plan (evals/plan.py: every setting, file and capability checked, no
+model loaded), the engine (one run folder per sweep point, resumable), then the views (the
+run's report.html, a leaderboard across sweep points) and the verdict: exit 0 when every
+requested metric was computed, 1 when a task's failed samples exceed --max-failures (all
+failed always counts), 3 when a requested metric could not be computed, 2 for usage errors and
+missing inputs (raised as Cm3evalError and printed as one line by the root group).
+
+Heavy modules (torch, the engine, the model library, reports) are imported inside the
+commands: this module is imported by `cm3eval --help`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+log = logging.getLogger("cm3eval")
+
+DEVICES_HELP = "cpu or cuda (cuda:N)"
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class PredictorSettings:
+    """What the predictor is built from (the plan's model, the device flags)."""
+
+    model: str
+    device: str
+    dtype: str
+    batch_size: int | None  # None: the predictor picks one from the task's sequence length
+    vq: Path | None = None
+    compile: bool = False
+    tp: int = 1
+    save_candidates: bool = False
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _usage(message: str) -> None:
+    from evals.plan import PlanError
+
+    raise PlanError(message)
+
+
+def check_device(device: str, dtype: str, tp: int) -> None:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        _usage(f"--device {device}: expected {DEVICES_HELP}")
+    if dtype not in DTYPES:
+        _usage(f"--dtype {dtype}: expected {' or '.join(DTYPES)}")
+    if tp < 1:
+        _usage(f"--tp {tp}: expected an integer >= 1")
+
+
+# ----------------------------------------------------------------------------- predictor
+def model_predictor(s: PredictorSettings) -> Any:
+    """A predictor over a cm3leon checkpoint. Flags left at their defaults are not passed, so the
+    loader and predictor keep their own defaults."""
+    import torch
+
+    from cm3leon import checkpoint
+    from evals.predictor import ModelPredictor
+
+    load_kw: dict[str, Any] = {"vq": s.vq} if s.vq is not None else {}
+    bundle = checkpoint.load(s.model, device=s.device, dtype={"float32": torch.float32,
+                                                              "bfloat16": torch.bfloat16}[s.dtype], **load_kw)
+    sampler: dict[str, Any] = {}  # Sampler kwargs (cm3leon/sampling.py)
+    if s.compile:
+        sampler["compile"] = True
+    if s.tp > 1:
+        sampler["tp"] = s.tp
+    return ModelPredictor(bundle, batch_size=s.batch_size, device=s.device, dtype=s.dtype,
+                          save_candidates=s.save_candidates, sampler_options=sampler or None)
+
+
+def make_predictor(settings: PredictorSettings, factory: Callable[..., Any] | None) -> Any:
+    if factory is not None:  # injected by tests through evals.cli.main(..., predictor_factory=...)
+        return factory(model=settings.model, device=settings.device, batch_size=settings.batch_size or 8)
+    return model_predictor(settings)
+
+
+# ----------------------------------------------------------------------------- printing
+def print_results(all_results: dict[str, dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        payload = {run: {name: r.entry for name, r in res.items()} for run, res in all_results.items()}
+        typer.echo(json.dumps(payload, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    sweep = len(all_results) > 1
+    table = Table(title="cm3eval results")
+    for col in (["run"] if sweep else []) + ["task", "metric", "value", "95% CI", "n", "failures"]:
+        table.add_column(col)
+    for run_dir, res in all_results.items():
+        for name, r in res.items():
+            lead = [run_dir] if sweep else []
+            failed = str(getattr(r, "n_failed", len(r.failures)))
+            if not r.metrics:
+                table.add_row(*lead, name, "—", "—", "", str(r.n_samples), failed)
+            for metric, m in r.metrics.items():
+                ci = m.get("ci")
+                value = m.get("value")
+                table.add_row(*lead, name, metric, f"{value:.4g}" if isinstance(value, (int, float)) else str(value),
+                              f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "", str(m.get("n")), failed)
+    console = Console()
+    console.print(table)
+    for line in _notes(all_results):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    for run_dir in all_results:
+        console.print(f"results: {run_dir}/metrics.json", markup=False, highlight=False)
+
+
+def _notes(all_results: dict[str, dict[str, Any]]) -> list[str]:
+    notes = []
+    for res in all_results.values():
+        for name, r in res.items():
+            notes += [f"{name}: {n}" for n in r.entry.get("notes", [])]
+            notes += [f"{name}: sample {f['id']} failed: {f['error']}" for f in r.failures[:5]]
+            if len(r.failures) > 5:
+                notes.append(f"{name}: … {len(r.failures) - 5} more failures in metrics.json")
+    return notes
+
+
+def write_views(run_dirs: list[Path], parent: Path) -> None:
+    """report.html of each run folder, and a leaderboard across sweep points. A finished
+    evaluation is saved already, so a problem here is a warning, never a lost run."""
+    from reports import html as report_html
+
+    for run_dir in run_dirs:
+        try:
+            report_html.write_run_report(Path(run_dir))
+        except Exception as e:  # noqa: BLE001 - any report bug must leave the results usable
+            log.warning("%s/report.html not written: %s: %s", run_dir, type(e).__name__, e)
+    if len(run_dirs) > 1:
+        from reports.leaderboard import collect_runs, leaderboard, write_leaderboard
+
+        try:
+            write_leaderboard(leaderboard(collect_runs(run_dirs)), parent)
+        except Exception as e:  # noqa: BLE001
+            log.warning("leaderboard not written: %s: %s", type(e).__name__, e)
+
+
+def verdict(all_results: dict[str, dict[str, Any]], max_failures: float) -> int:
+    """The exit code from the engine's task results, with one stderr line per reason."""
+    from evals.engine import exit_status
+
+    code, reasons = exit_status([r for res in all_results.values() for r in res.values()], max_failures)
+    for line in reasons:
+        typer.echo(f"{'error' if code else 'note'}: {line}", err=True)
+    return code
+
+
+# ----------------------------------------------------------------------------- commands
+def run(
+    ctx: typer.Context,
+    names: list[str] = typer.Argument(..., metavar="TASK|SUITE...", help="Tasks or suites (cm3eval list)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint folder (native, HF Chameleon/Anole, "
+                                        "Meta's release) or 'demo'; required outside the demo suite."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Dataset root (default: $CM3EVAL_DATA_ROOT; "
+                                             "demo tasks build their own)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N samples."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<model>)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a spec field: key.path=value (repeatable)."),
+    sweep: list[str] = typer.Option([], "--sweep", help="key.path=v1,v2,…: one run folder per value under --out."),
+    retrieval_k: Optional[int] = typer.Option(None, "--retrieval-k", min=0, help="= --set retrieval.k=N (and retrieval.enabled=N>0)"),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="= --set generation.cfg_scale=X"),
+    cdk_alpha: Optional[float] = typer.Option(None, "--cdk-alpha", help="= --set generation.cdk_alpha=X"),
+    candidates: Optional[int] = typer.Option(None, "--candidates", min=1, help="= --set generation.n_candidates=N"),
+    vq: Optional[Path] = typer.Option(None, "--vq", help="VQ-GAN for a checkpoint without a decoder (Meta's "
+                                      "tokenizer/vqgan.ckpt, vqgan.yaml beside it)."),
+    max_failures: str = typer.Option("1%", "--max-failures", help="Failed samples allowed per task before exit 1 "
+                                     "(a percentage, 1%, or a fraction, 0.01)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Samples per forward (does not "
+                                             "change results); default: from the task's sequence length."),
+    device: str = typer.Option("cpu", "--device", help=DEVICES_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the decode step (CUDA graphs on GPU)."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks per model replica (under torchrun)."),
+    save_candidates: bool = typer.Option(False, "--save-candidates", help="Write a PNG for every candidate, "
+                                         "not only the chosen image."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run of a different config."),
+    json_: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Evaluate a model on tasks or suites; re-running the same command resumes."""
+    from evals.plan import RunRequest, build_plan
+
+    _setup_logging()
+    check_device(device, dtype, tp)
+    factory = (ctx.find_root().obj or {}).get("predictor_factory")
+    shorthands = dict(retrieval_k=retrieval_k, cfg_scale=cfg_scale, cdk_alpha=cdk_alpha, candidates=candidates,
+                      limit=limit)
+    plan = build_plan(RunRequest(tuple(names), tuple(set_), tuple(sweep), shorthands, model, data_root, out, vq,
+                                 max_failures, inspect_model=factory is None))
+    code = execute(plan, PredictorSettings(plan.model, device, dtype, batch_size, vq, compile_, tp, save_candidates),
+                   factory, overwrite=overwrite, data_root=data_root, as_json=json_)
+    if code:
+        raise typer.Exit(code)
+
+
+def execute(plan: Any, settings: PredictorSettings, factory: Callable[..., Any] | None, *, overwrite: bool,
+            data_root: Path | None, as_json: bool) -> int:
+    """Load the model once, run every sweep point's tasks, write the views, return the exit code."""
+    from evals import engine
+    from evals.dist import init_distributed
+
+    dist = init_distributed(settings.device)
+    if dist.enabled and settings.device == "cuda":
+        settings = PredictorSettings(**{**settings.__dict__, "device": f"cuda:{dist.local_rank}"})
+    predictor = make_predictor(settings, factory)
+    run_batch = settings.batch_size or getattr(predictor, "batch_size", None) or 8  # one predict() call
+    model_path = Path(plan.checkpoint.path) if plan.checkpoint is not None else None
+    all_results: dict[str, dict[str, Any]] = {}
+    for run_plan in plan.runs:
+        opts = engine.RunOptions(out=run_plan.out, data_root=data_root, batch_size=run_batch, overwrite=overwrite,
+                                 device=settings.device, dtype=settings.dtype, model_name=plan.model,
+                                 model_path=model_path, overrides=run_plan.overrides, argv=list(sys.argv))
+        all_results[str(run_plan.out)] = engine.run(run_plan.specs, predictor, opts, dist)
+    if dist.rank != 0:
+        return 0
+    write_views([r.out for r in plan.runs], plan.runs[0].out.parent if len(plan.runs) > 1 else plan.runs[0].out)
+    print_results(all_results, as_json)
+    return verdict(all_results, plan.max_failures)
+
+
+def list_tasks(json_: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Tasks and suites in the registry."""
+    import tasks
+
+    rows = [(n, tasks.get(n)) for n in tasks.list()]
+    suites = tasks.suites()
+    if json_:
+        typer.echo(json.dumps({"tasks": {n: {"kind": s.kind, "loader": s.dataset.loader, "limit": s.limit,
+                                             "metrics": list(s.metrics), "description": s.description}
+                                         for n, s in rows}, "suites": suites}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tasks")
+    for col in ("task", "kind", "loader", "metrics", "limit", "description"):
+        table.add_column(col, overflow="fold")
+    for n, s in rows:
+        table.add_row(n, s.kind, s.dataset.loader, ", ".join(s.metrics), str(s.limit or "all"), s.description)
+    console = Console()
+    console.print(table)
+    for name, members in suites.items():
+        console.print(f"suite [bold]{name}[/bold]: {', '.join(members)}")
+
+
+def show(
+    name: str = typer.Argument(..., metavar="TASK", help="A task name or a spec file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a spec field: key.path=value (repeatable)."),
+    retrieval_k: Optional[int] = typer.Option(None, "--retrieval-k", min=0),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale"),
+    cdk_alpha: Optional[float] = typer.Option(None, "--cdk-alpha"),
+    candidates: Optional[int] = typer.Option(None, "--candidates", min=1),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1),
+    json_: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Print a task's resolved spec (YAML), overrides applied."""
+    import yaml
+
+    import tasks
+    from evals.plan import collect_overrides, resolve_specs
+
+    overrides = collect_overrides(set_, dict(retrieval_k=retrieval_k, cfg_scale=cfg_scale, cdk_alpha=cdk_alpha,
+                                             candidates=candidates, limit=limit))
+    if name in tasks.suites():
+        _usage(f"{name} is a suite ({', '.join(tasks.suites()[name])}); show takes one task")
+    (spec,) = resolve_specs([name], overrides)
+    if json_:
+        typer.echo(json.dumps(spec.to_dict(), indent=2))
+    else:
+        typer.echo(yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True), nl=False)

@@ -1,0 +1,299 @@
+"""The plan phase: task names + `--set` + `--sweep` -> validated run plans, before any model loads.
+
+Everything a run can know to be wrong without generating a token is checked here, in this
+order, and reported as ONE line naming the setting (exit 2):
+
+1. the names (tasks, suites, spec files) and --model (required outside the demo suite);
+2. each resolved spec (the overrides applied): the schema, the sampler's settings through
+   `SamplingConfig.validate()` (the one validation; tasks/spec.py), the loader's file roles,
+   the metric names and options (`evals.scoring.check_metrics`);
+3. the data root (resolved, existing, holding the annotation files; tasks/loaders.py);
+4. local files: metric weights (`evals.scoring.required_files`), retrieval and reranking
+   encoders (`evals.encoders.required_encoder_files`), a retrieval bank folder;
+5. the checkpoint's capabilities (`cm3leon.checkpoint.inspect`, small files only): a VQ decoder
+   for tasks that output images (or --vq), a dual encoder where "model" is named as one, a
+   bundled bank where `retrieval.bank=model`.
+
+Values from typed command-line options (--cfg-scale 3) enter the spec as the float typer already
+parsed; `--set` strings are typed once, by the field they set.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cm3leon.errors import Cm3evalError
+from cm3leon.sampling import SamplingConfig
+from tasks.loaders import check_data_root, check_spec as check_loader, resolve_data_root
+from tasks.spec import SpecError, TaskSpec, apply_overrides, known_keys, parse_assignments
+
+# typed shorthand options of `run` / `show` -> the spec key they set
+SHORTHANDS = {"retrieval_k": "retrieval.k", "cfg_scale": "generation.cfg_scale",
+              "cdk_alpha": "generation.cdk_alpha", "candidates": "generation.n_candidates", "limit": "limit"}
+DEFAULT_MAX_FAILURES = 0.01
+
+
+class PlanError(Cm3evalError, ValueError):
+    """A run cannot start as asked (usage or missing input); one-line message, exit 2."""
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the command line asks for, before validation."""
+
+    names: tuple[str, ...]
+    sets: tuple[str, ...] = ()
+    sweeps: tuple[str, ...] = ()
+    shorthands: dict[str, Any] = field(default_factory=dict)  # typed values, None = not given
+    model: str | None = None
+    data_root: Path | None = None
+    out: Path | None = None
+    vq: Path | None = None
+    max_failures: str = "1%"
+    inspect_model: bool = True  # False when a test injects the predictor (no checkpoint behind --model)
+
+
+@dataclass
+class TaskPlan:
+    spec: TaskSpec
+    sampling: SamplingConfig  # what the sampler runs with (validated)
+    data_root: Path  # resolved; the demo world's is rendered on first use by the engine
+    files: list[Path]  # the local files the task needs, all present
+
+
+@dataclass
+class RunPlan:
+    point: dict[str, str]  # the sweep point ({} without --sweep)
+    out: Path  # this point's run folder
+    tasks: list[TaskPlan]
+    overrides: dict[str, Any]  # key -> the value it resolved to, typed (for config.json)
+
+    @property
+    def specs(self) -> list[TaskSpec]:
+        return [t.spec for t in self.tasks]
+
+
+@dataclass
+class Plan:
+    model: str
+    runs: list[RunPlan]
+    max_failures: float
+    checkpoint: Any = None  # cm3leon.checkpoint.CheckpointInfo, when one was inspected
+
+
+# ----------------------------------------------------------------------------- parsing
+def collect_overrides(sets: tuple[str, ...] | list[str], shorthands: dict[str, Any]) -> dict[str, Any]:
+    """`--set` strings (typed later by their field) plus the typed shorthand options."""
+    overrides: dict[str, Any] = parse_assignments(list(sets))
+    for opt, key in SHORTHANDS.items():
+        if shorthands.get(opt) is not None:
+            overrides[key] = shorthands[opt]
+    k = shorthands.get("retrieval_k")
+    if k is not None and "retrieval.enabled" not in overrides:
+        # --retrieval-k 2 on a task whose spec has retrieval off would otherwise change nothing, silently
+        overrides["retrieval.enabled"] = k > 0
+    return overrides
+
+
+def parse_sweep(items: tuple[str, ...] | list[str]) -> list[dict[str, str]]:
+    """`--sweep k=v1,v2 --sweep j=a,b` -> the cartesian product as override dicts."""
+    axes = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        vals = [v for v in values.split(",") if v != ""]
+        if not sep or not key.strip() or not vals:
+            raise PlanError(f"--sweep {item}: expected key.path=v1,v2,...")
+        axes.append([(key.strip(), v) for v in vals])
+    return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
+
+
+def sweep_dir(out: Path, point: dict[str, str]) -> Path:
+    if not point:
+        return out
+    return out / ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+
+
+def parse_max_failures(text: str) -> float:
+    """"1%" or a fraction "0.01" -> 0.01."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise PlanError(f"--max-failures {text}: expected a percentage (1%) or a fraction in [0, 1] (0.01)")
+    return value
+
+
+def resolve_model(task_names: list[str], model: str | None) -> str:
+    """--model as given; only the demo suite may leave it out (it defaults to the shipped demo model)."""
+    if model:
+        return model
+    import tasks
+
+    demo = set(tasks.suites().get("demo", []))
+    outside = [n for n in task_names if n not in demo]
+    if outside:
+        shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
+        raise PlanError(f"--model is required for {shown}: pass --model PATH (a checkpoint folder: native, "
+                        "HF Chameleon/Anole, or Meta's release); only the demo suite defaults to --model demo")
+    return "demo"
+
+
+# ----------------------------------------------------------------------------- specs
+def check_spec(spec: TaskSpec, src: str) -> TaskSpec:
+    """The checks above the task layer: the loader's roles and the metric table (the schema and
+    the sampler's settings were checked when the spec was built)."""
+    from evals.scoring import check_metrics
+
+    check_loader(spec, src)
+    check_metrics(spec, src)
+    return spec
+
+
+def resolve_specs(names: list[str] | tuple[str, ...], overrides: dict[str, Any], label: str = "--set") -> list[TaskSpec]:
+    """Registry specs with the overrides each one knows applied. A key no task knows is an error
+    (metric options and dataset files exist only in some tasks of a suite)."""
+    import tasks
+
+    specs = [tasks.get(n) for n in tasks.expand(list(names))]
+    used: set[str] = set()
+    out = []
+    for spec in specs:
+        keys = set(known_keys(spec))
+        mine = {k: v for k, v in overrides.items() if k in keys or not k.startswith("metrics.")}
+        src = f"task {spec.name} with {label} overrides"
+        resolved = apply_overrides(spec, mine, src)
+        used |= set(mine)
+        out.append(check_spec(resolved, src))
+    unused = [k for k in overrides if k not in used]
+    if unused:
+        apply_overrides(specs[0], {unused[0]: overrides[unused[0]]})  # raises with the close matches
+    return out
+
+
+def typed_value(specs: list[TaskSpec], key: str) -> Any:
+    """The value an override resolved to (typed), from the first spec that has the key."""
+    for spec in specs:
+        node: Any = spec.to_dict()
+        try:
+            for part in key.split("."):
+                node = node[part]
+            return node
+        except (KeyError, TypeError):
+            continue
+    return None
+
+
+def sampling_of(spec: TaskSpec) -> SamplingConfig:
+    sampling = spec.sampling_config()
+    try:
+        sampling.validate()
+    except ValueError as e:  # the spec validated its generation block; this is the per-kind view of it
+        raise SpecError(f"task {spec.name}: generation: {e}") from None
+    return sampling
+
+
+# ----------------------------------------------------------------------------- the whole plan
+def build_plan(req: RunRequest) -> Plan:
+    """Validated run plans for every sweep point, or the first problem as a one-line error."""
+    import tasks
+
+    names = tasks.expand(list(req.names))
+    model = resolve_model(names, req.model)
+    max_failures = parse_max_failures(req.max_failures)
+    overrides = collect_overrides(req.sets, req.shorthands)
+    points = parse_sweep(req.sweeps)
+    info = None
+    if req.inspect_model:
+        from cm3leon.checkpoint import inspect
+
+        info = inspect(model, vq=req.vq)
+    out = req.out or Path("runs") / (Path(model).name if model != "demo" else "demo")
+    runs = []
+    for point in points:
+        ov = {**overrides, **point}
+        label = "--set" if not point else "--set/--sweep (" + ", ".join(f"{k}={v}" for k, v in point.items()) + ")"
+        specs = resolve_specs(names, ov, label)
+        plans = [plan_task(spec, req.data_root, info) for spec in specs]
+        runs.append(RunPlan(point, sweep_dir(Path(out), point), plans, {k: typed_value(specs, k) for k in ov}))
+    return Plan(model, runs, max_failures, info)
+
+
+def plan_task(spec: TaskSpec, data_root: Path | None, info: Any) -> TaskPlan:
+    sampling = sampling_of(spec)
+    root = resolve_data_root(spec, data_root, build=False)
+    if not (spec.dataset.builtin and data_root is None):  # the demo world is rendered, not provided
+        check_data_root(spec, root)
+        if spec.prompt.k_shot:
+            check_data_root(spec, root, support=True)
+    files = local_files(spec)
+    if info is not None:
+        check_capabilities(spec, info)
+    return TaskPlan(spec, sampling, root, files)
+
+
+# ----------------------------------------------------------------------------- files and capabilities
+def _uses_retrieval(spec: TaskSpec) -> bool:
+    return spec.retrieval.enabled and spec.retrieval.k > 0
+
+
+def _reranks(spec: TaskSpec) -> bool:
+    g = spec.generation
+    return spec.output_modality == "image" and g.rerank and g.n_candidates > 1
+
+
+def _wanted_files(spec: TaskSpec) -> list[tuple[Path, str, str]]:
+    """(path, what, how to get it) of every local file the task will open besides the model."""
+    from evals.encoders import required_encoder_files
+    from evals.scoring import required_files
+
+    wanted = [(Path(f.path), f.what, f.how_to_get) for f in required_files(spec)]
+    encoders = []
+    if _uses_retrieval(spec):
+        encoders.append((spec.retrieval.encoder, "--set retrieval.encoder=NAME"))
+    if _reranks(spec) and spec.generation.scorer != "lm":
+        encoders.append((spec.generation.scorer, "--set generation.scorer=NAME (or lm)"))
+    for name, flag in encoders:
+        for path, what in required_encoder_files(name):
+            wanted.append((path, what, f"give the file in {flag}"))
+    return wanted
+
+
+def local_files(spec: TaskSpec) -> list[Path]:
+    """The files the task needs, all present; else a PlanError naming the first missing one."""
+    present = []
+    for path, what, how in _wanted_files(spec):
+        if path is None or not Path(path).exists():
+            raise PlanError(f"{spec.name}: {what} not found: {path}; {how}")
+        present.append(Path(path))
+    bank = spec.retrieval.bank
+    if _uses_retrieval(spec) and bank != "model" and not Path(bank).expanduser().is_dir():
+        raise PlanError(f"{spec.name}: retrieval.bank {bank}: no such folder; build one with `cm3eval bank build "
+                        "--out DIR` and pass --set retrieval.bank=DIR, or turn retrieval off with --retrieval-k 0")
+    return present
+
+
+def check_capabilities(spec: TaskSpec, info: Any) -> None:
+    """What the task needs from the checkpoint, from `cm3leon.checkpoint.inspect` (no weights read)."""
+    if spec.output_modality == "image":
+        info.require_vq_decoder(f"task {spec.name} decodes images")
+    no_encoder = f"{info.path} has no dual encoder (Chameleon/Anole folders have none)"
+    if _uses_retrieval(spec):
+        if spec.retrieval.bank == "model" and not info.has_bank:
+            raise PlanError(f"{spec.name}: retrieval.bank=model but {info.path} ships no bank/; build one with "
+                            "`cm3eval bank build` and pass --set retrieval.bank=DIR, or turn retrieval off "
+                            "with --retrieval-k 0")
+        if spec.retrieval.encoder == "model" and not info.has_encoder:
+            raise PlanError(f"{spec.name}: retrieval.encoder=model but {no_encoder}; pass --set "
+                            "retrieval.encoder=open_clip:ARCH:PATH (the encoder the bank was built with)")
+    if _reranks(spec) and spec.generation.scorer == "model" and not info.has_encoder:
+        raise PlanError(f"{spec.name}: generation.scorer=model but {no_encoder}; pass --set "
+                        "generation.scorer=open_clip:ViT-B-32:PATH, or generation.scorer=lm")
+    for metric, opts in spec.metrics.items():
+        if opts.get("encoder") == "model" and not info.has_encoder:
+            raise PlanError(f"{spec.name}: metrics.{metric}.encoder=model but {no_encoder}; pass --set "
+                            f"metrics.{metric}.encoder=open_clip:ARCH:PATH")

@@ -1,0 +1,341 @@
+"""The real predictor: task samples -> cm3leon generation requests -> predictions.
+
+It only encodes, retrieves, generates and decodes; what the model is shown (the per-kind,
+per-family prompt layouts) is tasks/prompts.py, and the layouts themselves are
+cm3leon/families.py. Every request carries the sample's own seed, so outputs do not depend on
+batch size or sharding (the sampler draws counter-based randoms).
+
+Outputs: text tasks give the decoded text (every special the family bans is barred from
+decoding); image tasks give the chosen image, every candidate's VQ codes (`extra.codes`, so a
+report can decode the candidates it shows) and, only with `save_candidates`, every candidate
+as an image. Set-up failures that regenerating cannot fix (no VQ decoder, no encoder, no bank)
+raise `PredictorSetupError`, a Cm3evalError the engine treats as fatal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from cm3leon.document import Document, DocumentCodec
+from cm3leon.errors import Cm3evalError
+from cm3leon.sampling import (GenerationRequest, Sampler, SamplingConfig, auto_batch_size,
+                              continuation_logprobs, rerank)
+from evals.engine import Batch, Item
+from tasks import prompts
+from tasks.spec import TaskSpec
+
+# an estimate of one text part's tokens, for sizing batches before the prompts exist
+TEXT_PART_TOKENS = 64
+
+
+class PredictorSetupError(Cm3evalError):
+    """The predictor cannot serve this task at all (a missing decoder, encoder or bank): fatal for
+    the run, never retried sample by sample."""
+
+
+def sampling_config(spec: TaskSpec) -> SamplingConfig:
+    g = spec.generation
+    return SamplingConfig(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, greedy=g.greedy,
+                          cfg_scale=g.cfg_scale, image_cfg_scale=g.image_cfg_scale if spec.kind == "edit" else None,
+                          cdk_alpha=g.cdk_alpha, cdk_k=g.cdk_k, mix_cdk_fraction=g.mix_cdk_fraction,
+                          n_candidates=g.n_candidates if spec.output_modality == "image" else 1)
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    for s in stops:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text.strip()
+
+
+_AUTO_TAKES_SEQ_LEN = "seq_len" in inspect.signature(auto_batch_size).parameters
+
+
+def kv_batch_size(cfg: Any, device: str, dtype: torch.dtype, *, streams: int, seq_len: int) -> int:
+    """Samples per sampler batch for rows of `seq_len` positions and `streams` rows per sample."""
+    if _AUTO_TAKES_SEQ_LEN:
+        return auto_batch_size(cfg, device, dtype, streams=streams, seq_len=seq_len)
+    # the sampler sizes rows of cfg.max_seq_len: hand it a view whose length is this task's
+    return auto_batch_size(dataclasses.replace(cfg, max_seq_len=max(1, seq_len)), device, dtype, streams=streams)
+
+
+def estimated_seq_len(cfg: Any, spec: TaskSpec) -> int:
+    """Positions one stream of this task needs, before its prompts exist: bos, each context
+    document (retrieved + shots) and the query image as image_seq_len codes + boi/eoi, a text
+    allowance per text part, and the generation budget."""
+    image = cfg.image_seq_len + 2
+    docs = spec.prompt.k_shot + (spec.retrieval.k if spec.retrieval.enabled else 0)
+    query_images = 0 if spec.kind == "t2i" else 1
+    prompt = 2 + (docs + query_images) * image + (docs + 1) * TEXT_PART_TOKENS
+    budget = cfg.image_seq_len if spec.output_modality == "image" else spec.generation.max_new_tokens
+    return min(cfg.max_seq_len, prompt + budget)
+
+
+def task_batch_size(cfg: Any, spec: TaskSpec, device: str, dtype: torch.dtype) -> int:
+    """Samples per batch for a task: as many as the KV-cache budget holds for the task's real
+    sequence (prompt, retrieved documents, shots, image codes) and stream count, divided by
+    the candidates each sample decodes."""
+    sampling = sampling_config(spec)
+    rows = kv_batch_size(cfg, device, dtype, streams=prompts.stream_count(spec.kind, sampling),
+                         seq_len=estimated_seq_len(cfg, spec))
+    return max(1, rows // sampling.n_candidates)
+
+
+class ModelPredictor:
+    """Predictor over a cm3leon ModelBundle (cm3leon.checkpoint.load)."""
+
+    CODE_CACHE_SIZE = 4096
+
+    def __init__(self, bundle: Any, *, batch_size: int | None = None, device: str = "cpu", dtype: str = "float32",
+                 save_candidates: bool = False, family: str | None = None,
+                 sampler_options: dict[str, Any] | None = None) -> None:
+        """`batch_size`: samples per sampler batch (None: sized per task from its real sequence
+        length and stream count); `sampler_options`: extra Sampler kwargs (e.g. compile)."""
+        from evals.encoders import EncoderCache
+
+        self.bundle = bundle
+        self.cfg = bundle.config
+        self.codec = DocumentCodec(bundle.tokenizer, bundle.vq, bundle.config, bundle.image_resolution, family=family)
+        self.family = self.codec.family
+        self.sampler = Sampler(bundle.model, bundle.config, text_barred=self.codec.text_barred(),
+                               **(sampler_options or {}))
+        self.device = device
+        self.dtype = bundle.model.tok_embeddings.weight.dtype
+        self.user_batch_size = batch_size
+        # the engine's default chunk when it does not ask per task (batch_size_for)
+        self.batch_size = batch_size or auto_batch_size(bundle.config, device, self.dtype)
+        self.save_candidates = save_candidates
+        self.encoder = bundle.encoder
+        self.encoders = EncoderCache(model_bundle=bundle, device=device)
+        self.fingerprint = bundle.fingerprint or self._weights_hash()
+        self._retrievers: dict[tuple, Any] = {}
+        self._codes: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # image content -> VQ codes (LRU)
+
+    def _weights_hash(self) -> str:
+        h = hashlib.sha256()
+        for k, v in sorted(self.bundle.model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # --- what a task needs, checked once before any sample is generated
+    def check_ready(self, spec: TaskSpec) -> None:
+        vq = self.bundle.vq
+        if spec.kind != "t2i" and vq is None:
+            raise PredictorSetupError(f"{spec.name}: the checkpoint has no VQ image tokenizer to encode input "
+                                      "images; pass --vq PATH (Meta's tokenizer/vqgan.ckpt)")
+        if spec.output_modality == "image" and (vq is None or not getattr(vq, "has_decoder", True)):
+            raise PredictorSetupError(f"{spec.name}: decoding images needs a VQ decoder and the checkpoint has "
+                                      "none (transformers' conversion drops it); pass --vq PATH "
+                                      "(Meta's tokenizer/vqgan.ckpt + vqgan.yaml)")
+
+    def batch_size_for(self, spec: TaskSpec) -> int:
+        """Samples per predict() call for this task (the engine's chunk); see task_batch_size."""
+        if self.user_batch_size:
+            return self.user_batch_size
+        return task_batch_size(self.cfg, spec, self.device, self.dtype)
+
+    def _sampler_batch(self, spec: TaskSpec, built: list[prompts.Prompt], sampling: SamplingConfig) -> int:
+        if self.user_batch_size:
+            return self.user_batch_size
+        budget = self.cfg.image_seq_len if spec.output_modality == "image" else spec.generation.max_new_tokens
+        longest = max(len(s) for p in built for s in p.streams)
+        return kv_batch_size(self.cfg, self.device, self.dtype, streams=len(built[0].streams),
+                             seq_len=longest + budget)
+
+    # --- identities that change results besides the weights
+    def task_fingerprint(self, spec: TaskSpec) -> dict[str, str]:
+        out: dict[str, str] = {"family": self.family.name}
+        r = spec.retrieval
+        if r.enabled and r.k > 0:
+            out["bank"] = self._bank_fingerprint(r.bank)
+            out["retrieval_encoder"] = str(self._retrieval_encoder(spec).fingerprint())
+        if spec.generation.rerank and spec.generation.n_candidates > 1 and spec.generation.scorer != "lm":
+            out["scorer"] = str(self._scorer(spec.generation.scorer).fingerprint())  # "lm" is the model itself
+        return out
+
+    def _bank_dir(self, bank: str) -> Path:
+        if bank == "model":
+            if self.bundle.bank_dir is None:
+                raise PredictorSetupError("retrieval.bank=model but the checkpoint ships no bank/; give a bank "
+                                          "folder (--set retrieval.bank=PATH, built by `cm3eval bank build`) or "
+                                          "turn retrieval off (--retrieval-k 0)")
+            return Path(self.bundle.bank_dir)
+        path = Path(bank).expanduser()
+        if not path.is_dir():
+            raise PredictorSetupError(f"retrieval bank folder not found: {path} (build one with `cm3eval bank build`)")
+        return path
+
+    def _bank_fingerprint(self, bank: str) -> str:
+        from cm3leon.checkpoint import fingerprint_folder
+
+        return fingerprint_folder(self._bank_dir(bank))
+
+    def _retrieval_encoder(self, spec: TaskSpec) -> Any:
+        name = getattr(spec.retrieval, "encoder", None) or "model"
+        return self._resolve(name, "--set retrieval.encoder=...")
+
+    def _scorer(self, name: str) -> Any:
+        return self._resolve(name, "--set generation.scorer=...")
+
+    def _resolve(self, name: str, flag: str) -> Any:
+        try:
+            return self.encoders.get(name, flag=flag)
+        except Cm3evalError:
+            raise
+        except (OSError, ValueError) as e:  # an encoder that cannot load is a set-up fault, not a sample's
+            raise PredictorSetupError(f"encoder {name!r}: {e}") from None
+
+    def _retriever(self, spec: TaskSpec):
+        r = spec.retrieval
+        key = (r.bank, getattr(r, "encoder", None), r.max_similarity, r.prefer_multimodal, r.k)
+        if key not in self._retrievers:
+            from cm3leon.retrieval import MemoryBank, Retriever, SelectionConfig
+
+            bank = MemoryBank.load(self._bank_dir(r.bank))
+            self._retrievers[key] = Retriever(bank, self._retrieval_encoder(spec), SelectionConfig(
+                k=r.k, max_similarity=r.max_similarity, prefer_multimodal=r.prefer_multimodal))
+        return self._retrievers[key]
+
+    # --- retrieval: one search for the whole batch, in the task's direction
+    def _retrieved_batch(self, spec: TaskSpec, items: list[Item]) -> list[tuple[list[Document], list[dict[str, Any]]]]:
+        r = spec.retrieval
+        if not r.enabled or r.k <= 0:
+            return [([], []) for _ in items]
+        from cm3leon.retrieval import RetrievalDoc
+
+        queries, exclude = [], []
+        for it in items:
+            s = it.sample
+            text = s.text if spec.kind in ("t2i", "vqa", "edit") else None
+            image = it.images.get("image")  # t2i queries are text only: the image is what we generate
+            queries.append(RetrievalDoc(id=s.id, text=text or None, image=image))
+            # never prefix the query's own document (its id, or its image under the bank's image root)
+            exclude.append({s.id} | ({s.image} if s.image else set()))
+        out = []
+        for docs in self._retriever(spec).augment_batch(queries, r.k, exclude=exclude):
+            built = [prompts.retrieved_document(spec.kind, d.text, d.image) for d in docs]
+            records = [{"id": d.id, "text": d.text, "image": d.image_path, "score": d.meta.get("score")} for d in docs]
+            out.append((built, records))
+        return out
+
+    # --- images -> VQ codes, once per distinct image
+    @staticmethod
+    def _image_key(im: Image.Image) -> bytes:
+        return hashlib.sha1(im.tobytes()).digest() + repr((im.mode, im.size)).encode()
+
+    def _codes_for(self, images: list[Image.Image]) -> list[torch.Tensor]:
+        """VQ codes per image; the ones not cached are encoded together in one batch."""
+        keys = [self._image_key(im) for im in images]
+        todo = {k: im for k, im in zip(keys, images) if k not in self._codes}
+        fresh = dict(zip(todo, self.codec.image_codes(list(todo.values())))) if todo else {}
+        out = [fresh[k] if k in fresh else self._codes[k] for k in keys]
+        for k in keys:
+            if k in fresh:
+                self._codes[k] = fresh[k]
+            self._codes.move_to_end(k)
+        while len(self._codes) > self.CODE_CACHE_SIZE:
+            self._codes.popitem(last=False)
+        return out
+
+    def _with_codes(self, doc: Document) -> Document:
+        """The document with its PIL images replaced by their (cached) codes."""
+        ims = [p for p in doc.parts if isinstance(p, Image.Image)]
+        if not ims:
+            return doc
+        codes = iter(self._codes_for(ims))
+        return Document([next(codes) if isinstance(p, Image.Image) else p for p in doc.parts])
+
+    def _item_codes(self, item: Item) -> dict[str, Any]:
+        return {k: self._codes_for([im])[0] if isinstance(im, Image.Image) else im for k, im in item.images.items()}
+
+    def _request(self, spec: TaskSpec, item: Item, sampling: SamplingConfig,
+                 retrieved: tuple[list[Document], list[dict[str, Any]]]) -> tuple[GenerationRequest, str, list]:
+        """(request, the query text, retrieval records) of one sample."""
+        s, p = item.sample, spec.prompt
+        docs, rec = retrieved
+        images = self._item_codes(item)
+        shots = prompts.shot_documents(spec.kind, p.template, p.shot_template, s.shots, images, self.family)
+        context = [self._with_codes(d) for d in docs] + shots
+        built = prompts.build(self.codec, spec.kind, p.template, s.text, seed=s.seed, sampling=sampling,
+                              max_new_tokens=spec.generation.max_new_tokens, image=images.get("image"),
+                              context=context)
+        return built.request, built.text, rec
+
+    def _rerank_score_fn(self, spec: TaskSpec, texts: list[str], images: list[list[Image.Image]] | None):
+        """score_fn(request index, candidate codes) -> one score per candidate, higher is better."""
+        if spec.generation.scorer == "lm":
+            if spec.kind != "t2i":
+                raise PredictorSetupError(f"generation.scorer=lm scores log p(caption | image) and needs a t2i "
+                                          f"task, not {spec.kind}")
+
+            def lm_score(i: int, codes: list[list[int]]) -> list[float]:
+                prompts_ = [self.codec.image_to_text_prompt(torch.as_tensor(c, dtype=torch.long)) for c in codes]
+                caption = self.bundle.tokenizer.encode(texts[i]) + [self.cfg.eos_id]
+                return continuation_logprobs(self.bundle.model, prompts_, caption, pad_id=self.cfg.pad_id)
+
+            return lm_score
+        scorer = self._scorer(spec.generation.scorer)
+
+        def clip_score(i: int, _codes) -> list[float]:
+            t = scorer.encode_text([texts[i]]).float()
+            v = scorer.encode_image(images[i]).float()
+            return (v @ t[0]).tolist()
+
+        return clip_score
+
+    # --- the predictor protocol
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> list[dict[str, Any]]:
+        spec = batch.task
+        self.check_ready(spec)
+        sampling = sampling_config(spec)
+        retrieved = self._retrieved_batch(spec, batch.items)
+        # every image of the batch through the VQ in one call (cached: VQA repeats images)
+        self._codes_for([im for it in batch.items for k, im in it.images.items()
+                         if (k == "image" or k.startswith("shot:")) and isinstance(im, Image.Image)]
+                        + [p for docs, _ in retrieved for d in docs for p in d.parts if isinstance(p, Image.Image)])
+        built = [self._request(spec, it, sampling, r) for it, r in zip(batch.items, retrieved)]
+        sized = [prompts.Prompt(req, text) for req, text, _ in built]
+        gens = self.sampler.generate([b[0] for b in built], sampling,
+                                     batch_size=self._sampler_batch(spec, sized, sampling))
+        if spec.output_modality == "text":
+            return [self._text_output(spec, text, rec, gen) for (_, text, rec), gen in zip(built, gens)]
+        return self._image_outputs(spec, built, gens)
+
+    def _text_output(self, spec: TaskSpec, text: str, rec: list, gen) -> dict[str, Any]:
+        raw = self.bundle.tokenizer.decode(gen.output)
+        return {"prediction": cut_at_stop(raw, spec.prompt.stop), "prompt": text, "retrieved": rec,
+                "extra": {"finished": bool(gen.finished[gen.best]) if gen.finished else None}}
+
+    def _image_outputs(self, spec: TaskSpec, built: list, gens: list) -> list[dict[str, Any]]:
+        g = spec.generation
+        texts = [b[1] for b in built]
+        reranked = g.rerank and g.n_candidates > 1
+        clip_rerank = reranked and g.scorer != "lm"
+        # decode every candidate only when something looks at all of them (a CLIP reranker, or
+        # --save-candidates); otherwise only the chosen one: 8 candidates are 8x the VQ decoding
+        decode_all = clip_rerank or (self.save_candidates and g.n_candidates > 1)
+        images = [self.codec.decode_images(gen.candidates) for gen in gens] if decode_all else None
+        if reranked:
+            gens = rerank(gens, self._rerank_score_fn(spec, texts, images))
+        chosen = [imgs[gen.best] for imgs, gen in zip(images, gens)] if images is not None else \
+            self.codec.decode_images([gen.output for gen in gens])
+        outs = []
+        for i, ((_, text, rec), gen) in enumerate(zip(built, gens)):
+            out: dict[str, Any] = {"prompt": text, "images": {"output": chosen[i]}, "retrieved": rec,
+                                   "best": gen.best, "extra": {"codes": [list(map(int, c)) for c in gen.candidates]}}
+            if len(gen.candidates) > 1:
+                out["scores"] = gen.scores
+                if self.save_candidates:
+                    out["candidates"] = images[i]
+            outs.append(out)
+        return outs

@@ -1,0 +1,209 @@
+"""Provenance: what produced a run (versions, git hash) and content fingerprints (config hash,
+model files, input images), so a resume can tell when something underneath it changed.
+
+Content fingerprints read every byte once: a model folder is hashed file by file in full (a
+negated tensor in the middle of a 14 GB file changes it), and so is every input image. A
+digest cache keyed by (path, size, mtime, ctime, inode) keeps a resume from re-reading them;
+ctime cannot be set back by `touch`, so an in-place rewrite is always seen.
+
+The cache lives in tasks.cache.cache_dir("digests.sqlite"): $CM3EVAL_CACHE, else
+$XDG_CACHE_HOME/cm3eval, else ~/.cache/cm3eval — the one cache variable of the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import sqlite3
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+from tasks.cache import cache_dir
+
+log = logging.getLogger("cm3eval")
+
+PACKAGE = "cm3eval"
+_CHUNK = 1 << 22
+
+
+# ----------------------------------------------------------------------------- versions
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(PACKAGE)
+    except Exception:  # not installed (a source checkout): read pyproject.toml
+        try:
+            import tomllib
+
+            pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+            return str(tomllib.loads(pyproject.read_text())["project"]["version"]) + "+src"
+        except Exception:
+            return "unknown"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {PACKAGE: package_version(), "python": platform.python_version()}
+    for dist_name in ("torch", "numpy", "pillow", "pycocotools", "pycocoevalcap", "scipy", "tokenizers"):
+        try:
+            out[dist_name] = version(dist_name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def git_hash() -> str | None:
+    here = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------- config hash
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def config_hash(hashed: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(hashed).encode()).hexdigest()[:16]
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def diff_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'key (old -> new)' for every flattened key whose value differs."""
+    a, b = flatten(old), flatten(new)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if canonical_json(a.get(k)) != canonical_json(b.get(k)):
+            out.append(f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})")
+    return out
+
+
+# ----------------------------------------------------------------------------- content digests
+class DigestCache:
+    """sha256 of whole files, remembered by (path, size, mtime, ctime, inode) in a small SQLite file.
+    A cache that cannot be opened (read-only home) only costs time: digests are computed anyway."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or cache_dir() / "digests.sqlite"
+        self._db: sqlite3.Connection | None = None
+        self._pending = 0
+        self._lock = threading.Lock()
+        self.hashed_bytes = 0  # bytes actually read (the tests check that a resume reads none)
+
+    def _conn(self) -> sqlite3.Connection | None:
+        if self._db is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+                db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, stamp TEXT, sha256 TEXT)")
+                self._db = db
+            except (OSError, sqlite3.Error) as e:
+                log.debug("digest cache %s unavailable (%s); hashing without it", self.path, e)
+                return None
+        return self._db
+
+    def digest(self, path: Path) -> str:
+        path = Path(path).resolve()
+        st = path.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+        with self._lock:
+            db = self._conn()
+            if db is not None:
+                try:
+                    row = db.execute("SELECT stamp, sha256 FROM digests WHERE path=?", (str(path),)).fetchone()
+                except sqlite3.Error:
+                    row = None
+                if row is not None and row[0] == stamp:
+                    return str(row[1])
+        sha = _sha256_file(path)
+        self.hashed_bytes += st.st_size
+        with self._lock:
+            db = self._conn()
+            if db is not None:
+                try:
+                    db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?)", (str(path), stamp, sha))
+                    self._pending += 1
+                    if self._pending >= 256:
+                        self.flush()
+                except sqlite3.Error as e:
+                    log.debug("digest cache write failed: %s", e)
+        return sha
+
+    def flush(self) -> None:
+        if self._db is not None and self._pending:
+            try:
+                self._db.commit()
+            except sqlite3.Error as e:
+                log.debug("digest cache commit failed: %s", e)
+            self._pending = 0
+
+    def close(self) -> None:
+        self.flush()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_default_cache: DigestCache | None = None
+
+
+def digest_cache() -> DigestCache:
+    """The process's cache (re-created when $CM3EVAL_CACHE changes, as tests do)."""
+    global _default_cache
+    want = cache_dir() / "digests.sqlite"
+    if _default_cache is None or _default_cache.path != want:
+        if _default_cache is not None:
+            _default_cache.close()
+        _default_cache = DigestCache(want)
+    return _default_cache
+
+
+def file_digest(path: Path) -> str:
+    """16 hex digits of the file's sha256 (whole content; cached)."""
+    return digest_cache().digest(Path(path))[:16]
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """{relative path: file_digest} of every file under folder (hidden temp files excluded), so a
+    refused resume can name the file that changed."""
+    folder = Path(folder)
+    out: dict[str, str] = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = f.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        out[rel.as_posix()] = file_digest(f)
+    digest_cache().flush()
+    return out

@@ -1,0 +1,60 @@
+"""What one sample line holds: the sample, its inputs' digests, and the predictor's output
+(images saved as PNG files beside the lines, before the line that names them is written)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from evals import runs
+from evals.protocol import Item
+from tasks.loaders import Sample
+from tasks.spec import TaskSpec
+
+THUMBNAIL = 256  # input/target images are copied into the run as PNG thumbnails for the report
+
+
+def base_record(spec: TaskSpec, s: Sample, inputs: dict[str, str | None] | None) -> dict[str, Any]:
+    return {"id": s.id, "index": s.index, "seed": s.seed, "kind": spec.kind, "prompt": s.text,
+            "prediction": None, "references": s.references, "images": {}, "candidates": [], "scores": None,
+            "best": 0, "failure": None, "retrieved": [], "per_sample": {},
+            "input": {"text": s.text, "image": s.image, "target": s.target}, "meta": s.meta,
+            "shots": [x.id for x in s.shots], "input_files": inputs}
+
+
+def failure_record(spec: TaskSpec, s: Sample, inputs: dict[str, str | None] | None, error: str,
+                   stage: str) -> dict[str, Any]:
+    """stage "data": the inputs are unreadable (final until they change); "predict": retried."""
+    rec = base_record(spec, s, inputs)
+    rec["failure"], rec["failure_stage"] = error, stage
+    return rec
+
+
+def output_record(spec: TaskSpec, task_dir: Path, item: Item, inputs: dict[str, str | None] | None,
+                  out: dict[str, Any]) -> dict[str, Any]:
+    s = item.sample
+    rec = base_record(spec, s, inputs)
+    stem = f"{s.index:07d}-{re.sub(r'[^A-Za-z0-9._-]', '_', s.id)[:60]}"
+    img_dir = Path(task_dir) / runs.IMAGES
+    paths: dict[str, str] = {}
+    for role, img in (out.get("images") or {}).items():
+        name = f"{stem}-{re.sub(r'[^A-Za-z0-9_-]', '_', role)}.png"
+        runs.save_png(img, img_dir / name)
+        paths[role] = f"{runs.IMAGES}/{name}"
+    # thumbnails of the input and the ground truth, for the report (source → edited → target)
+    for role, img in (("input", item.images.get("image")), ("target", item.report_images.get("target"))):
+        if img is not None:
+            runs.save_png(img, img_dir / f"{stem}-{role}.png", THUMBNAIL)
+            paths[role] = f"{runs.IMAGES}/{stem}-{role}.png"
+    cands = []
+    for j, img in enumerate(out.get("candidates") or []):
+        name = f"{stem}-cand{j:02d}.png"
+        runs.save_png(img, img_dir / name)
+        cands.append(f"{runs.IMAGES}/{name}")
+    rec.update(prompt=out.get("prompt", s.text), prediction=out.get("prediction"), images=paths,
+               candidates=cands, scores=out.get("scores"), best=int(out.get("best") or 0),
+               retrieved=out.get("retrieved") or [])
+    if out.get("extra"):
+        rec["extra"] = out["extra"]
+    return rec

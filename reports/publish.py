@@ -1,0 +1,114 @@
+"""Writing the leaderboard in its formats: CSV, Markdown, LaTeX (booktabs) and HTML.
+
+Every string cell is escaped for its format (reports.format): Markdown carries no raw HTML
+or link syntax of a model or run name, LaTeX no unescaped specials, CSV no cell a
+spreadsheet would run as a formula; HTML goes through the autoescaping templates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from evals import runs
+from reports.format import csv_cell, latex_cell, md_cell
+from reports.leaderboard import display_table, pivot
+
+FORMATS = ("csv", "md", "html", "tex")
+INTRO = ("Measured rows come from the run folders; published rows are copied from papers "
+         "(reports/baselines.csv) and were not measured here. Measured CIDEr is shown x100 (the papers' scale).")
+DAGGER = ("† measured under another protocol than the published rows beside it (fewer samples, another split, "
+          "resolution, number of candidates, retrieved documents or shots); see the row's notes.")
+
+
+def _md_table(headers: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
+    if not rows:
+        return "_(none)_"
+    align = ["---:" if i in numeric else "---" for i in range(len(headers))]
+    lines = ["| " + " | ".join(md_cell(h) for h in headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pivot_rows(lb: pd.DataFrame) -> tuple[list[str], list[list[Any]]]:
+    p = pivot(lb, marks=True)
+    if p.empty:
+        return [], []
+    headers = ["source", "model", *map(str, p.columns)]
+    return headers, [[src, entry, *vals] for (src, entry), vals in zip(p.index, p.values.tolist())]
+
+
+def _long_rows(lb: pd.DataFrame, source: str) -> tuple[list[str], list[list[Any]]]:
+    table = display_table(lb)
+    sub = table[table["source"] == source].drop(columns=["source"])
+    if source == "published":
+        sub = sub.drop(columns=["run", "95% CI", "n"])
+    return list(sub.columns), sub.values.tolist()
+
+
+def _has_dagger(lb: pd.DataFrame) -> bool:
+    return "comparable" in lb.columns and any(v is False for v in lb["comparable"])
+
+
+def to_markdown(lb: pd.DataFrame) -> str:
+    headers, rows = _pivot_rows(lb)
+    parts = ["# Leaderboard", "", INTRO, "", _md_table(headers, rows, set(range(2, len(headers)))), ""]
+    for source in ("measured", "published"):
+        h, r = _long_rows(lb, source)
+        parts += [f"## {source.capitalize()}", "", _md_table(h, r, {h.index("value")} if r else set()), ""]
+    if _has_dagger(lb):
+        parts += [DAGGER, ""]
+    return "\n".join(parts)
+
+
+def _latex_table(headers: list[str], rows: list[list[Any]], numeric: set[int], caption: str) -> list[str]:
+    spec = "".join("r" if i in numeric else "l" for i in range(len(headers)))
+    out = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_cell(caption)}}}", rf"\begin{{tabular}}{{{spec}}}",
+           r"\toprule", " & ".join(latex_cell(h) for h in headers) + r" \\", r"\midrule"]
+    out += [" & ".join(latex_cell(c).replace("†", r"$^\dagger$") for c in row) + r" \\" for row in rows]
+    out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return out
+
+
+def to_latex(lb: pd.DataFrame) -> str:
+    """booktabs tables (\\usepackage{booktabs}): the overview, then measured and published rows."""
+    lines = ["% cm3eval leaderboard; needs \\usepackage{booktabs}", f"% {INTRO}"]
+    if _has_dagger(lb):
+        lines.append(f"% {DAGGER}")
+    headers, rows = _pivot_rows(lb)
+    if rows:
+        lines += _latex_table(headers, rows, set(range(2, len(headers))), "Leaderboard (measured and published)")
+    for source in ("measured", "published"):
+        h, r = _long_rows(lb, source)
+        if r:
+            lines += _latex_table(h, r, {h.index("value")}, f"{source.capitalize()} rows")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(lb: pd.DataFrame) -> str:
+    safe = lb.copy()
+    for c in safe.columns:
+        if safe[c].dtype == object or str(safe[c].dtype).startswith(("string", "str")):
+            safe[c] = pd.Series([csv_cell(v) for v in safe[c]], index=safe.index, dtype=object)
+    return safe.to_csv(index=False)
+
+
+def write_leaderboard(lb: pd.DataFrame, out_dir: Path | str, formats: Iterable[str] = ("csv", "md", "html")
+                      ) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in formats:
+        if f not in FORMATS:
+            raise ValueError(f"unknown leaderboard format {f!r} ({', '.join(FORMATS)})")
+        if f == "html":
+            from reports.html import render_leaderboard_html
+            text = render_leaderboard_html(lb)
+        else:
+            text = {"csv": to_csv, "md": to_markdown, "tex": to_latex}[f](lb)
+        path = out_dir / f"leaderboard.{f}"
+        runs.atomic_write_bytes(path, text.encode("utf-8"))
+        written.append(path)
+    return written
