@@ -180,8 +180,8 @@ class StepPlan:
     modality: str
     sampling: SamplingConfig
     columns: torch.Tensor | None  # image mode: the image token ids (ascending) the step works on
-    allowed: torch.Tensor | None  # text mode: [V] bool, tokens text may emit
-    stop_ids: torch.Tensor  # text ends on any of these
+    barred: torch.Tensor | None  # text mode: [V] bool, tokens text may not emit
+    is_stop: torch.Tensor  # [V] bool: text ends on any of these
     any_cdk: bool
     prefilter: int | None  # text top-p: candidates kept before the nucleus, None = full sort
     pad_id: int
@@ -205,12 +205,14 @@ class DecodeState:
     budget: int
 
 
-def _record_non_finite(state: DecodeState) -> torch.Tensor:
-    """Note each row's first non-finite step on the device; return logits safe to sample from."""
-    bad = ~torch.isfinite(state.logits).all(-1)
+def _record_non_finite(state: DecodeState) -> None:
+    """Note each row's first non-finite step on the device (raised after the batch).
+
+    One sum per row: NaN or ±inf anywhere makes it non-finite (as would finite logits summing past
+    float32's range, ~1e34 each, which are broken too). The broken rows are not cleaned up: every
+    sampling path keeps its indices in range whatever the values, and their tokens are discarded."""
+    bad = ~torch.isfinite(state.logits.sum(-1))
     state.bad_step.copy_(torch.where(bad & (state.bad_step < 0), state.step, state.bad_step))
-    # broken rows (raised after the batch) sample from zeros, so every index stays in range
-    return torch.where(bad[:, None], torch.zeros_like(state.logits), state.logits)
 
 
 def _choose(logits: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.Tensor:
@@ -223,11 +225,11 @@ def _choose(logits: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.T
     uncond = per_stream[1] if plan.n_streams > 1 else None
     image_cond = per_stream[2] if plan.n_streams > 2 else None
     guided = apply_guidance(cond, uncond, s.cfg_scale, image_cond, s.image_cfg_scale)
-    if plan.allowed is not None:
-        guided = guided.masked_fill(~plan.allowed, float("-inf"))
+    if plan.barred is not None:
+        guided = guided.masked_fill(plan.barred, float("-inf"))
     if plan.any_cdk:
         # CD-K: the expert is the (guided) conditional stream, the amateur the unconditional one
-        amateur = uncond if plan.allowed is None else uncond.masked_fill(~plan.allowed, float("-inf"))
+        amateur = uncond if plan.barred is None else uncond.masked_fill(plan.barred, float("-inf"))
         contrast = cdk_scores(guided, amateur, s.cdk_alpha, s.cdk_k)
         guided = torch.where(state.cdk_rows[:, None], contrast, guided)
     if s.greedy:
@@ -245,15 +247,15 @@ def _choose(logits: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.T
 
 def _record(nxt: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.Tensor:
     """Write this step's tokens; update done / stopped; return the tokens to feed (pad when done)."""
-    nxt = torch.where(state.done, torch.full_like(nxt, plan.pad_id), nxt)
-    col = state.step.expand(nxt.shape[0])[:, None]
-    state.out.scatter_(1, col, torch.where(state.done, state.out.gather(1, col).squeeze(1), nxt)[:, None])
+    # a done row's column stays -1 (each column is written once, at its step)
+    state.out.index_copy_(1, state.step, torch.where(state.done, -1, nxt)[:, None])
+    fed = torch.where(state.done, plan.pad_id, nxt)
     if plan.modality == "text":
-        hit_stop = torch.isin(nxt, plan.stop_ids) & ~state.done
+        hit_stop = plan.is_stop[nxt] & ~state.done
         state.stopped.logical_or_(hit_stop)
         state.done.logical_or_(hit_stop)
     state.done.logical_or_((state.step + 1) >= state.limits)
-    return nxt
+    return fed
 
 
 def decode_step(model: Transformer, state: DecodeState, plan: StepPlan, kv_len: int | None) -> None:
@@ -261,7 +263,8 @@ def decode_step(model: Transformer, state: DecodeState, plan: StepPlan, kv_len: 
 
     `kv_len=None` only records (the last step needs no forward). Static shapes throughout, no host
     reads: this is the function torch.compile captures."""
-    nxt = _record(_choose(_record_non_finite(state), state, plan), state, plan)
+    _record_non_finite(state)
+    nxt = _record(_choose(state.logits, state, plan), state, plan)
     if kv_len is not None:
         state.logits = model.step_tensors(nxt.repeat(plan.n_streams), state.cache, kv_len).float()
     state.step.add_(1)
@@ -336,9 +339,11 @@ class Sampler:
                 and sampling.top_p is not None and sampling.top_p < 1.0 and self.top_p_prefilter < vocab):
             prefilter = self.top_p_prefilter
         image = modality == "image"
+        is_stop = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        is_stop[self.stop_ids] = True
         return StepPlan(n_streams=n_streams, modality=modality, sampling=sampling,
                         columns=self.image_columns if image else None,
-                        allowed=None if image else self.text_allowed, stop_ids=self.stop_ids,
+                        barred=None if image else ~self.text_allowed, is_stop=is_stop,
                         any_cdk=any_cdk and sampling.cdk_alpha is not None, prefilter=prefilter,
                         pad_id=self.cfg.pad_id)
 

@@ -9,8 +9,10 @@ the target device in the target dtype. Headers are read (and checked) before any
 from __future__ import annotations
 
 import json
+import mmap
 import pickle
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -48,6 +50,7 @@ _MAX_HEADER = 100 << 20  # a 100 MB JSON header would describe millions of tenso
 class TensorInfo:
     dtype: str  # safetensors name ("BF16", "F32", "I64", ...)
     shape: tuple[int, ...]
+    offsets: tuple[int, int] = (0, 0)  # byte range inside the file's data section
 
     @property
     def numel(self) -> int:
@@ -67,6 +70,7 @@ class SafetensorsHeader:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
     nbytes: int = 0  # file size
+    data_start: int = 0  # where the data section begins (8 + header length)
 
 
 def read_header(path: str | Path) -> SafetensorsHeader:
@@ -82,10 +86,14 @@ def read_header(path: str | Path) -> SafetensorsHeader:
                 raise ValueError(f"header length {n} does not fit a {size}-byte file")
             raw = json.loads(f.read(n))
         meta = raw.pop("__metadata__", None) or {}
-        tensors = {k: TensorInfo(str(v["dtype"]), tuple(int(d) for d in v["shape"])) for k, v in raw.items()}
-    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+        tensors = {k: TensorInfo(str(v["dtype"]), tuple(int(d) for d in v["shape"]),
+                                 (int(v["data_offsets"][0]), int(v["data_offsets"][1]))) for k, v in raw.items()}
+        for name, info in tensors.items():
+            if info.offsets[1] > size - 8 - n or info.offsets[0] > info.offsets[1]:
+                raise ValueError(f"tensor {name} lies past the end of the file")
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(e)})") from None
-    return SafetensorsHeader(path, tensors, dict(meta), size)
+    return SafetensorsHeader(path, tensors, dict(meta), size, 8 + n)
 
 
 def read_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -140,15 +148,37 @@ def read_sharded_safetensors(folder: Path, single: str, index: str) -> dict[str,
 
 
 def iter_safetensors(path: Path, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) one at a time from a memory-mapped safetensors file (CPU, the file's dtype)."""
-    from safetensors import SafetensorError, safe_open
-
+    """(name, tensor) one at a time, each a zero-copy view of the memory-mapped file (CPU, the file's
+    dtype). Each view keeps the map alive; its pages are released from this process's RSS once the
+    caller asks for the next one (they refault from the file if the view is used again), so reading
+    a shard costs about one tensor of resident memory."""
+    header = read_header(path)
+    names = list(header.tensors) if names is None else list(names)
+    with path.open("rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if header.nbytes > 0 else None
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in (list(f.keys()) if names is None else names):
-                yield name, f.get_tensor(name)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(e)})") from None
+        for name in names:
+            info = header.tensors[name]
+            if info.dtype not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} has dtype {info.dtype}, which cannot be loaded")
+            start, end = header.data_start + info.offsets[0], header.data_start + info.offsets[1]
+            dtype = SAFETENSORS_DTYPES[info.dtype]
+            if end - start != info.numel * torch.empty((), dtype=dtype).element_size():
+                raise CheckpointError(f"{path}: tensor {name}: {end - start} bytes for shape {info.shape} {info.dtype}")
+            with warnings.catch_warnings():  # a read-only map: the view is never written
+                warnings.simplefilter("ignore", UserWarning)
+                view = torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=start) if info.numel else \
+                    torch.empty(0, dtype=dtype)
+            yield name, view.view(info.shape)
+            del view
+            page = mmap.PAGESIZE
+            lo = start - start % page
+            if end > lo and hasattr(mmap, "MADV_DONTNEED"):
+                mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)  # drop the consumed pages from RSS
+    finally:
+        # never mm.close(): torch.frombuffer keeps a reference to the map, not a buffer export, so
+        # closing would leave live views dangling; the map is unmapped when its last view dies
+        del mm
 
 
 # ----------------------------------------------------------------------------- torch files
@@ -189,6 +219,9 @@ def check_against(model_shapes: dict[str, tuple[int, ...]], found: dict[str, Ten
                                   f"{tuple(model_shapes[name])}")
 
 
+_FINITE_CHUNK = 1 << 24  # elements per isfinite() slice: a 16 MB mask at most
+
+
 def copy_checked(dst: torch.Tensor, value: torch.Tensor, name: str, source: str) -> None:
     """dst.copy_(value) (dtype cast + device move in one step) after refusing NaN/Inf and integer values."""
     if not value.is_floating_point():
@@ -197,9 +230,11 @@ def copy_checked(dst: torch.Tensor, value: torch.Tensor, name: str, source: str)
         raise CheckpointError(f"{source}: tensor {name} has shape {tuple(value.shape)}, the config expects {tuple(dst.shape)}")
     with torch.no_grad():
         dst.copy_(value)
-        # checked on the destination (the GPU when there is one), so the host never holds a mask
-        if not bool(torch.isfinite(dst).all()):
-            raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf")
+        # checked on the destination (the GPU when there is one), in slices so no full-size mask exists
+        flat = dst.reshape(-1)
+        for i in range(0, flat.numel(), _FINITE_CHUNK):
+            if not bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()):
+                raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf")
 
 
 def stream_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: str,

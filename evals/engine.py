@@ -39,7 +39,7 @@ from evals.records import failure_record, output_record
 from evals.provenance import (PACKAGE, config_hash, diff_keys, file_digest, folder_digests,
                               git_hash, package_version, versions)
 from tasks.cache import cache_dir
-from tasks.images import open_image
+from tasks.images import confined, open_image
 from tasks.loaders import DataError, Dataset, Sample, load_dataset
 from tasks.spec import COSMETIC_FIELDS, TaskSpec
 
@@ -184,8 +184,8 @@ def input_files(root: Path, s: Sample) -> dict[str, str | None]:
         if rel is None or rel in out:
             continue
         try:
-            out[rel] = file_digest(root / rel)
-        except OSError:
+            out[rel] = file_digest(confined(root, rel))  # never read a file outside the data root
+        except (OSError, DataError):
             out[rel] = None
     return out
 

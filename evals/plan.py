@@ -230,7 +230,7 @@ def plan_task(spec: TaskSpec, data_root: Path | None, info: Any) -> TaskPlan:
         check_data_root(spec, root)
         if spec.prompt.k_shot:
             check_data_root(spec, root, support=True)
-    files = local_files(spec)
+    files = local_files(spec, root)
     if info is not None:
         check_capabilities(spec, info)
     return TaskPlan(spec, sampling, root, files)
@@ -246,12 +246,13 @@ def _reranks(spec: TaskSpec) -> bool:
     return spec.output_modality == "image" and g.rerank and g.n_candidates > 1
 
 
-def _wanted_files(spec: TaskSpec) -> list[tuple[Path, str, str]]:
+def _wanted_files(spec: TaskSpec, root: Path) -> list[tuple[Path, str, str]]:
     """(path, what, how to get it) of every local file the task will open besides the model."""
     from evals.encoders import required_encoder_files
     from evals.scoring import required_files
 
-    wanted = [(Path(f.path), f.what, f.how_to_get) for f in required_files(spec)]
+    wanted = [(root / f.path if f.under_data_root else Path(f.path), f.what, f.how_to_get)
+              for f in required_files(spec)]
     encoders = []
     if _uses_retrieval(spec):
         encoders.append((spec.retrieval.encoder, "--set retrieval.encoder=NAME"))
@@ -263,10 +264,10 @@ def _wanted_files(spec: TaskSpec) -> list[tuple[Path, str, str]]:
     return wanted
 
 
-def local_files(spec: TaskSpec) -> list[Path]:
+def local_files(spec: TaskSpec, root: Path) -> list[Path]:
     """The files the task needs, all present; else a PlanError naming the first missing one."""
     present = []
-    for path, what, how in _wanted_files(spec):
+    for path, what, how in _wanted_files(spec, root):
         if path is None or not Path(path).exists():
             raise PlanError(f"{spec.name}: {what} not found: {path}; {how}")
         present.append(Path(path))

@@ -14,9 +14,7 @@ raise `PredictorSetupError`, a Cm3evalError the engine treats as fatal.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import inspect
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -56,15 +54,9 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return text.strip()
 
 
-_AUTO_TAKES_SEQ_LEN = "seq_len" in inspect.signature(auto_batch_size).parameters
-
-
-def kv_batch_size(cfg: Any, device: str, dtype: torch.dtype, *, streams: int, seq_len: int) -> int:
+def kv_batch_size(cfg: Any, device: str, dtype: torch.dtype, *, streams: int, seq_len: int, tp: int = 1) -> int:
     """Samples per sampler batch for rows of `seq_len` positions and `streams` rows per sample."""
-    if _AUTO_TAKES_SEQ_LEN:
-        return auto_batch_size(cfg, device, dtype, streams=streams, seq_len=seq_len)
-    # the sampler sizes rows of cfg.max_seq_len: hand it a view whose length is this task's
-    return auto_batch_size(dataclasses.replace(cfg, max_seq_len=max(1, seq_len)), device, dtype, streams=streams)
+    return auto_batch_size(cfg, device, dtype, streams=streams, seq_len=max(1, seq_len), tp=tp)
 
 
 def estimated_seq_len(cfg: Any, spec: TaskSpec) -> int:
@@ -79,13 +71,13 @@ def estimated_seq_len(cfg: Any, spec: TaskSpec) -> int:
     return min(cfg.max_seq_len, prompt + budget)
 
 
-def task_batch_size(cfg: Any, spec: TaskSpec, device: str, dtype: torch.dtype) -> int:
+def task_batch_size(cfg: Any, spec: TaskSpec, device: str, dtype: torch.dtype, tp: int = 1) -> int:
     """Samples per batch for a task: as many as the KV-cache budget holds for the task's real
     sequence (prompt, retrieved documents, shots, image codes) and stream count, divided by
     the candidates each sample decodes."""
     sampling = sampling_config(spec)
     rows = kv_batch_size(cfg, device, dtype, streams=prompts.stream_count(spec.kind, sampling),
-                         seq_len=estimated_seq_len(cfg, spec))
+                         seq_len=estimated_seq_len(cfg, spec), tp=tp)
     return max(1, rows // sampling.n_candidates)
 
 
@@ -98,15 +90,22 @@ class ModelPredictor:
                  save_candidates: bool = False, family: str | None = None,
                  sampler_options: dict[str, Any] | None = None) -> None:
         """`batch_size`: samples per sampler batch (None: sized per task from its real sequence
-        length and stream count); `sampler_options`: extra Sampler kwargs (e.g. compile)."""
+        length and stream count); `sampler_options`: Sampler kwargs (e.g. compile), plus `tp`:
+        split the decoder over that many ranks (cm3leon.tensor_parallel, under torchrun)."""
         from evals.encoders import EncoderCache
 
         self.bundle = bundle
         self.cfg = bundle.config
         self.codec = DocumentCodec(bundle.tokenizer, bundle.vq, bundle.config, bundle.image_resolution, family=family)
         self.family = self.codec.family
-        self.sampler = Sampler(bundle.model, bundle.config, text_barred=self.codec.text_barred(),
-                               **(sampler_options or {}))
+        options = dict(sampler_options or {})
+        self.tp = int(options.pop("tp", 1) or 1)  # tensor-parallel ranks per model copy
+        self.fingerprint = bundle.fingerprint or self._weights_hash()  # before any split of the weights
+        if self.tp > 1:
+            from cm3leon import tensor_parallel
+
+            tensor_parallel.parallelize(bundle.model, tensor_parallel.layout(self.tp, device).mesh["tp"])
+        self.sampler = Sampler(bundle.model, bundle.config, text_barred=self.codec.text_barred(), **options)
         self.device = device
         self.dtype = bundle.model.tok_embeddings.weight.dtype
         self.user_batch_size = batch_size
@@ -115,7 +114,6 @@ class ModelPredictor:
         self.save_candidates = save_candidates
         self.encoder = bundle.encoder
         self.encoders = EncoderCache(model_bundle=bundle, device=device)
-        self.fingerprint = bundle.fingerprint or self._weights_hash()
         self._retrievers: dict[tuple, Any] = {}
         self._codes: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # image content -> VQ codes (LRU)
 
@@ -141,7 +139,7 @@ class ModelPredictor:
         """Samples per predict() call for this task (the engine's chunk); see task_batch_size."""
         if self.user_batch_size:
             return self.user_batch_size
-        return task_batch_size(self.cfg, spec, self.device, self.dtype)
+        return task_batch_size(self.cfg, spec, self.device, self.dtype, self.tp)
 
     def _sampler_batch(self, spec: TaskSpec, built: list[prompts.Prompt], sampling: SamplingConfig) -> int:
         if self.user_batch_size:
@@ -149,7 +147,7 @@ class ModelPredictor:
         budget = self.cfg.image_seq_len if spec.output_modality == "image" else spec.generation.max_new_tokens
         longest = max(len(s) for p in built for s in p.streams)
         return kv_batch_size(self.cfg, self.device, self.dtype, streams=len(built[0].streams),
-                             seq_len=longest + budget)
+                             seq_len=longest + budget, tp=self.tp)
 
     # --- identities that change results besides the weights
     def task_fingerprint(self, spec: TaskSpec) -> dict[str, str]:

@@ -10,25 +10,23 @@ Every measured row carries its protocol (columns split, n_samples, candidates, k
 resolution, task_version); a measured row that does not match the published protocol of
 its task/metric gets comparable=False and a footnote naming what differs.
 
-Works on pandas 2.x and 3.x: string keys are built value by value (pandas 3 keeps missing
-values missing through astype(str)), and no chained assignment is relied on.
+Works on pandas 2.x and 3.x (no astype(str) on columns that may hold missing values, no
+chained assignment).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
-from reports import protocol
 from reports.errors import ReportError
-from reports.format import canonical_metric, finite, fmt, fmt_ci, is_missing, recorded_direction
-from reports.rundata import load_metrics, load_task_config
+from reports.format import canonical_metric, fmt, fmt_ci, is_missing
+from reports.runtable import (  # noqa: F401 - re-exported: the leaderboard's public names
+    FIXED_COLUMNS, LEADERBOARD_COLUMNS, Sweep, collect_runs, find_sweeps, flatten, model_info, settings_columns,
+)
 
 __all__ = ["ReportError", "BASELINES_CSV", "collect_runs", "leaderboard", "load_baselines", "pivot",
            "find_sweeps", "model_info", "flatten", "display_table", "entry_label", "settings_columns"]
@@ -40,7 +38,6 @@ PROTOCOL_COLUMNS = ["split", "n", "resolution", "candidates", "k", "shots"]  # i
 # Measured metric -> factor that puts it on the published scale. pycocoevalcap returns
 # CIDEr as ~1.2; papers print 120.
 DISPLAY_SCALE = {"CIDEr": 100.0}
-
 
 
 # ---------------------------------------------------------------- baselines

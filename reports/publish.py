@@ -95,6 +95,30 @@ def to_csv(lb: pd.DataFrame) -> str:
     return safe.to_csv(index=False)
 
 
+def render_leaderboard_html(lb: pd.DataFrame) -> str:
+    """The leaderboard() table (or a collect_runs() frame) as a page: overview, plots, long tables."""
+    import json
+
+    from reports import html
+    from reports.leaderboard import leaderboard
+
+    if "source" not in lb.columns:
+        lb = leaderboard(lb, baselines=False)
+    headers, rows = _pivot_rows(lb)
+    overview = {"headers": headers, "rows": rows, "classes": [r[0] for r in rows],
+                "num_cols": set(range(2, len(headers)))} if rows else None
+    parts = []
+    for source in ("measured", "published"):
+        h, r = _long_rows(lb, source)
+        if r:
+            parts.append({"source": source, "headers": h, "rows": r, "classes": [source] * len(r),
+                          "num_cols": {h.index("value")}})
+    data = json.loads(lb.to_json(orient="records"))
+    return html.render_page("leaderboard.html.j2", title="cm3eval leaderboard", data=data, intro=INTRO,
+                            overview=overview, charts=html.charts(lb), parts=parts,
+                            dagger=DAGGER if _has_dagger(lb) else "")
+
+
 def write_leaderboard(lb: pd.DataFrame, out_dir: Path | str, formats: Iterable[str] = ("csv", "md", "html")
                       ) -> list[Path]:
     out_dir = Path(out_dir)
@@ -104,7 +128,6 @@ def write_leaderboard(lb: pd.DataFrame, out_dir: Path | str, formats: Iterable[s
         if f not in FORMATS:
             raise ValueError(f"unknown leaderboard format {f!r} ({', '.join(FORMATS)})")
         if f == "html":
-            from reports.html import render_leaderboard_html
             text = render_leaderboard_html(lb)
         else:
             text = {"csv": to_csv, "md": to_markdown, "tex": to_latex}[f](lb)

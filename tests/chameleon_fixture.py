@@ -69,19 +69,21 @@ def _save_shards(state: dict[str, torch.Tensor], out: Path, n_shards: int) -> No
     """HF's sharded layout: model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
     from safetensors.torch import save_file
 
-    keys = list(state)
+    # as real checkpoints are cut: embeddings first, the head last, the layers (then the VQ) between
     total = sum(t.numel() * t.element_size() for t in state.values())
-    per, shards, cur, size = total / n_shards, [], [], 0
-    for k in keys:
-        cur.append(k)
-        size += state[k].numel() * state[k].element_size()
-        if size >= per * (len(shards) + 1) and len(shards) < n_shards - 1:
-            shards.append(cur)
-            cur = []
-    shards.append(cur)
-    while len(shards) < n_shards:  # split the largest shard's key list until there are n
-        big = max(range(len(shards)), key=lambda i: len(shards[i]))
-        shards[big:big + 1] = [shards[big][: len(shards[big]) // 2], shards[big][len(shards[big]) // 2:]]
+    first = [k for k in state if "embed_tokens" in k]
+    last = [k for k in state if k.startswith(("lm_head", "model.norm"))]
+    middle = [k for k in state if k not in first and k not in last]
+    groups: dict[str, list[str]] = {}
+    for k in middle:  # one group per layer, one for the VQ
+        groups.setdefault(".".join(k.split(".")[:3]) if ".layers." in k else "vq", []).append(k)
+    parts = list(groups.values())
+    n_mid = n_shards - 2
+    assert len(parts) >= n_mid, "too few layer groups for the shard count"
+    per = -(-len(parts) // n_mid)
+    mids = [[k for g in parts[i:i + per] for k in g] for i in range(0, len(parts), per)]
+    shards = [first] + mids + [last]
+    assert len(shards) == n_shards and all(shards), [len(x) for x in shards]
     weight_map = {}
     for i, names in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{n_shards:05d}.safetensors"

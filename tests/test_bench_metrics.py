@@ -9,7 +9,7 @@ import types
 import typer
 from typer.testing import CliRunner
 
-from evals import bench_metrics
+from evals.bench import metrics as bench_metrics
 
 
 def _app():
@@ -30,24 +30,24 @@ def test_json_output_small_n():
 
 
 def test_fid_part_is_included_when_the_module_exists(monkeypatch):
-    fake = types.ModuleType("evals.bench_fid")
+    fake = types.ModuleType("evals.bench.fid")
     fake.run_fid_bench = lambda: {"fd_speedup": 3.0, "dim": 2048}
-    monkeypatch.setitem(sys.modules, "evals.bench_fid", fake)
+    monkeypatch.setitem(sys.modules, "evals.bench.fid", fake)
     out = CliRunner().invoke(_app(), ["--json", "--n-questions", "300"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["fid"] == {"fd_speedup": 3.0, "dim": 2048}
 
 
 def test_fid_part_skipped_with_a_note_when_absent(monkeypatch):
-    monkeypatch.setitem(sys.modules, "evals.bench_fid", None)  # import raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "evals.bench.fid", None)  # import raises ModuleNotFoundError
     assert "skipped" in bench_metrics._fid_bench()
 
 
 def test_mismatch_fails_the_command(monkeypatch):
     real = bench_metrics.vqa_accuracy
 
-    def off_by_one(preds, anns):
-        r = real(preds, anns)
+    def off_by_one(preds, anns, **kw):
+        r = real(preds, anns, **kw)
         r.per_sample = r.per_sample.copy()
         r.per_sample[0] += 1e-9
         return r

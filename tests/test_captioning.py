@@ -330,7 +330,7 @@ def test_input_errors_name_the_ids():
 
 
 def _cli():
-    from evals.score_text import caption
+    from evals.cli.score import caption
 
     app = typer.Typer()
     app.command()(caption)

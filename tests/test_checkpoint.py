@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models
 
 from cm3leon import checkpoint, vq as vq_lib
 from cm3leon.config import ModelConfig
+from cm3leon.errors import Cm3evalError
 from cm3leon.text import TextTokenizer
 from cm3leon.transformer import Transformer
 
@@ -146,3 +147,222 @@ def test_unknown_folder_and_demo_alias_errors(tmp_path):
     (tmp_path / "x" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="unknown checkpoint format"):
         checkpoint.load(tmp_path / "x")
+
+
+# ----------------------------------------------------------------------------- the real Chameleon layout
+from chameleon_fixture import EOT_ID, HF_IMAGE_ID, N_SHARDS, VOCAB_SIZE, meta_release, meta_vq  # noqa: E402,F401
+
+
+def _logits(bundle, tokens):
+    with torch.no_grad():
+        return bundle.model(tokens)
+
+
+def test_fixture_has_the_real_vocabulary_and_shards(hf_folder):
+    index = json.loads((hf_folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == N_SHARDS == len(list(hf_folder.glob("model-*.safetensors")))
+    assert not any(".decoder." in k for k in index["weight_map"])  # as transformers' conversion leaves it
+    tok = TextTokenizer.from_file(hf_folder / "tokenizer.json")
+    assert tok.vocab_size == VOCAB_SIZE == 65536
+    ids = {n: tok.token_to_id(n) for n in ("<s>", "<pad>", "</s>", "<eoss>", "<racm3:break>", "<reserved08706>", "<image>")}
+    assert ids == {"<s>": 0, "<pad>": 1, "</s>": 2, "<eoss>": 8196, "<racm3:break>": 8197,
+                   "<reserved08706>": EOT_ID, "<image>": HF_IMAGE_ID}
+    assert sorted(tok.image_token_ids()) == list(range(4, 8196))
+
+
+def test_bos_comes_from_the_vocabulary_with_a_warning_naming_both(hf_folder):
+    with pytest.warns(checkpoint.CheckpointWarning, match=r"bos_token_id=1 disagrees with the tokenizer's <s>=0"):
+        info = checkpoint.inspect(hf_folder)
+    assert (info.config.bos_id, info.config.eos_id, info.config.pad_id) == (0, 2, 1)
+    assert (info.config.boi_id, info.config.eoi_id) == (8197, 8196)
+
+
+def test_inspect_reads_no_tensor_data(hf_folder, monkeypatch):
+    import cm3leon.weights as w
+
+    def no_data(*a, **k):
+        raise AssertionError("inspect read tensor data")
+
+    monkeypatch.setattr(w, "iter_safetensors", no_data)
+    monkeypatch.setattr(w, "read_safetensors", no_data)
+    monkeypatch.setattr(torch, "load", no_data)
+    info = checkpoint.inspect(hf_folder)
+    assert (info.layout, info.family, info.dtype) == ("hf", "chameleon", "F32")
+    assert len(info.files) == N_SHARDS and info.largest_file_bytes == max(f.stat().st_size for f in info.files)
+    assert info.has_vq_encoder and not info.has_vq_decoder and not info.has_encoder and not info.has_bank
+    hf = _hf_model(hf_folder)
+    n_hf = sum(p.numel() for n, p in hf.named_parameters() if "vqmodel" not in n)
+    assert info.n_params == n_hf
+
+
+def test_missing_decoder_is_refused_before_loading_naming_the_flag(hf_folder, meta_vq):
+    info = checkpoint.inspect(hf_folder)
+    with pytest.raises(checkpoint.MissingVQDecoderError, match=r"no VQ decoder .*pass --vq PATH \(Meta's tokenizer/vqgan\.ckpt"):
+        info.require_vq_decoder()
+    assert checkpoint.MissingVQDecoderError.exit_code == 2
+    with_vq = checkpoint.inspect(hf_folder, vq=meta_vq)
+    with_vq.require_vq_decoder()
+    assert with_vq.has_vq_decoder and with_vq.vq_source == meta_vq
+    with pytest.raises(FileNotFoundError, match=r"--vq: VQ-GAN checkpoint not found: .*nothere\.ckpt"):
+        checkpoint.inspect(hf_folder, vq=meta_vq.parent / "nothere.ckpt")
+    lone = meta_vq.parent.parent / "lone" / "vqgan.ckpt"  # a checkpoint without its YAML beside it
+    lone.parent.mkdir(exist_ok=True)
+    lone.write_bytes(meta_vq.read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"--vq: VQ-GAN config not found: .*lone/vqgan\.yaml"):
+        checkpoint.inspect(hf_folder, vq=lone)
+
+
+def test_vq_flag_attaches_metas_decoder(hf_folder, meta_vq):
+    bundle = checkpoint.load(hf_folder, vq=meta_vq)
+    hf = _hf_model(hf_folder)
+    assert bundle.vq.has_decoder and bundle.info.has_vq_decoder
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        ref = hf.model.vqmodel.encode(pixels, return_dict=True).image_tokens.view(2, -1)
+    codes = bundle.vq.encode(pixels)
+    assert torch.equal(codes, ref)  # the attached tokenizer is the model's own
+    image = bundle.vq.decode(codes)
+    assert image.shape == (2, 3, 32, 32) and torch.isfinite(image).all()
+    # Meta's checkpoint had loss.* tensors: dropped, and the decoder equals the file's
+    sd = torch.load(meta_vq, weights_only=True)["state_dict"]
+    assert torch.equal(bundle.vq.state_dict()["decoder.conv_out.weight"], sd["decoder.conv_out.weight"])
+
+
+def test_a_vq_from_another_tokenizer_is_refused(hf_folder, meta_vq, tmp_path):
+    import shutil
+
+    sd = torch.load(meta_vq, weights_only=True)
+    sd["state_dict"]["quantize.embedding.weight"] = torch.randn_like(sd["state_dict"]["quantize.embedding.weight"])
+    torch.save(sd, tmp_path / "vqgan.ckpt")
+    shutil.copy(meta_vq.with_suffix(".yaml"), tmp_path / "vqgan.yaml")
+    with pytest.raises(checkpoint.CheckpointError, match="codebook differs from the checkpoint's own VQ tokenizer"):
+        checkpoint.load(hf_folder, vq=tmp_path)  # a folder holding vqgan.ckpt + vqgan.yaml
+
+
+def test_hf_folder_carrying_the_decoder_works_as_it_is(hf_folder, meta_vq, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "with-decoder"
+    shutil.copytree(hf_folder, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    shard = load_file(str(folder / last))
+    dec = {f"model.vqmodel.{k}": v for k, v in torch.load(meta_vq, weights_only=True)["state_dict"].items()
+           if k.startswith("decoder.")}
+    save_file({**shard, **dec}, str(folder / last), metadata={"format": "pt"})
+    index["weight_map"].update({k: last for k in dec})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert checkpoint.inspect(folder).has_vq_decoder
+    bundle = checkpoint.load(folder)
+    ref = checkpoint.load(hf_folder, vq=meta_vq)
+    codes = torch.randint(0, N_CODES, (1, 64), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(bundle.vq.decode(codes), ref.vq.decode(codes))
+
+
+def test_metas_original_release_loads_with_the_same_weights(hf_folder, meta_release, meta_vq):
+    info = checkpoint.inspect(meta_release)
+    assert (info.layout, info.family, info.has_vq_decoder) == ("meta", "chameleon", True)
+    meta = checkpoint.load(meta_release)
+    hf = checkpoint.load(hf_folder, vq=meta_vq)
+    assert meta.config.image_token_ids == hf.config.image_token_ids and meta.config.bos_id == 0
+    assert meta.config.d_ff == hf.config.d_ff and meta.image_resolution == 32
+    tokens, valid = _mixed_batch(hf.config)
+    with torch.no_grad():
+        assert torch.equal(meta.model(tokens, valid), hf.model(tokens, valid))
+    codes = torch.randint(0, N_CODES, (1, 64), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(meta.vq.decode(codes), hf.vq.decode(codes))
+    # the model folder inside the release works too
+    assert checkpoint.inspect(meta_release / "models" / "7b").layout == "meta"
+
+
+def test_convert_writes_a_native_folder_that_decodes(hf_folder, meta_vq, tmp_path):
+    from typer.testing import CliRunner
+    import typer
+
+    from evals.cli.convert import convert
+
+    app = typer.Typer()
+    app.command()(convert)
+    out = tmp_path / "native"
+    res = CliRunner().invoke(app, [str(hf_folder), "--out", str(out), "--vq", str(meta_vq), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert summary["vq_decoder"] and summary["family"] == "chameleon" and summary["layout"] == "hf"
+    native = checkpoint.load(out)
+    src = checkpoint.load(hf_folder, vq=meta_vq)
+    assert checkpoint.inspect(out).layout == "native" and native.family == "chameleon"
+    tokens, valid = _mixed_batch(src.config)
+    with torch.no_grad():
+        assert torch.equal(native.model(tokens, valid), src.model(tokens, valid))
+    codes = torch.randint(0, N_CODES, (1, 64), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(native.vq.decode(codes), src.vq.decode(codes))
+    res = CliRunner().invoke(app, [str(hf_folder), "--out", str(out)])
+    assert res.exit_code != 0 and "not an empty folder" in str(res.exception or res.output)
+
+
+# ----------------------------------------------------------------------------- checks before allocation
+def _edit_hf_config(src: Path, dst: Path, **changes) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("vocab_size", 1e12, r"vocab_size=1000000000000"), ("num_hidden_layers", 1_000_000, r"n_layers=1000000 is outside"),
+    ("hidden_size", 1 << 40, r"d_model=\d+ is outside"), ("intermediate_size", "big", r"d_ff='big' is not an integer")])
+def test_absurd_config_sizes_are_one_line_errors_before_allocation(hf_folder, tmp_path, field, value, msg):
+    import time
+    import resource
+
+    folder = _edit_hf_config(hf_folder, tmp_path / "bad", **{field: value})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    for fn in (checkpoint.inspect, checkpoint.load):
+        with pytest.raises(checkpoint.CheckpointError, match=msg) as e:
+            fn(folder)
+        assert "\n" not in str(e.value) and isinstance(e.value, Cm3evalError)
+    assert time.perf_counter() - t0 < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing big was allocated
+
+
+def test_config_disagreeing_with_the_weights_shapes_names_the_shard(hf_folder, tmp_path):
+    folder = _edit_hf_config(hf_folder, tmp_path / "wide", intermediate_size=512)
+    with pytest.raises(checkpoint.CheckpointError, match=r"model-0000\d-of-00005\.safetensors: tensor layers\.0\.feed_forward\.w\d"
+                                                         r"\.weight has shape \(\d+, \d+\), the config expects \(\d+, \d+\)"):
+        checkpoint.load(folder)
+
+
+def test_integer_and_nonfinite_weights_are_refused(native_bundle, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = checkpoint.save(native_bundle, tmp_path / "m")
+    state = load_file(str(folder / "model.safetensors"))
+    good = dict(state)
+    state["norm.weight"] = torch.ones_like(state["norm.weight"], dtype=torch.int64)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"tensor norm\.weight is I64; decoder weights must be floating point"):
+        checkpoint.load(folder)
+    bad = dict(good)
+    bad["norm.weight"] = good["norm.weight"].clone()
+    bad["norm.weight"][3] = float("nan")
+    save_file(bad, str(folder / "model.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"tensor norm\.weight holds NaN or Inf"):
+        checkpoint.load(folder)
+
+
+def test_public_api_is_importable_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, cm3leon; assert 'torch' not in sys.modules; b = cm3leon.load('demo'); "
+            "assert isinstance(b.config, cm3leon.ModelConfig); print(sorted(cm3leon.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1000:]
+    for name in ("load", "save", "ModelConfig", "Sampler", "SamplingConfig", "GenerationRequest", "DocumentCodec"):
+        assert name in out.stdout

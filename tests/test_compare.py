@@ -145,7 +145,9 @@ def test_missing_metric_and_markdown(tmp_path, base_scores):
     md = to_markdown(vs, "base|<b>", b)
     assert "base\\|&lt;b&gt;" in md and "<b>" not in md
     assert md.count("\n| ") == 1 + len(vs)  # header + one row per verdict
-    assert CliRunner().invoke(_app(), ["compare", str(a), str(b)]).exit_code == 0
+    # A metric missing on one side fails the comparison unless it is allowed.
+    assert CliRunner().invoke(_app(), ["compare", str(a), str(b)]).exit_code == 1
+    assert CliRunner().invoke(_app(), ["compare", str(a), str(b), "--allow-missing"]).exit_code == 0
 
 
 def test_tolerance_parsing_and_bad_input(tmp_path, base_scores):
@@ -164,7 +166,7 @@ def test_tolerance_parsing_and_bad_input(tmp_path, base_scores):
     assert r.exit_code == 2 and "broken/metrics.json: malformed JSON" in r.output
     with open(a / "vqav2" / "samples" / "rank-00000.jsonl", "a") as f:
         f.write("{bad}\n")
-    with pytest.raises(ReportError, match=r"rank-00000\.jsonl:\d+: malformed JSON line"):
+    with pytest.raises(ReportError, match=r"rank-00000\.jsonl:\d+: malformed sample line"):
         compare_runs(a, a)
 
 
@@ -176,3 +178,40 @@ def test_mounted_in_the_cm3eval_app(tmp_path, base_scores):
     a, b = make_run(tmp_path, "a", base_scores), make_run(tmp_path, "b", new)
     assert CliRunner().invoke(app, ["compare", str(a), str(a)]).exit_code == 0
     assert CliRunner().invoke(app, ["compare", str(a), str(b)]).exit_code == 1
+
+
+def _concrete(pattern: str) -> str:
+    """A result name matching a metric table pattern ("FD-*" -> "FD-demo", "t2i_R@*" -> "t2i_R@1")."""
+    return pattern.replace("FD-*", "FD-demo").replace("*", "1")
+
+
+def test_directions_of_every_registered_metric(tmp_path):
+    """The metric table declares each result's direction; a run records it; compare follows it
+    (made 50 % worse in the declared direction -> regression, better -> improvement)."""
+    from evals.scoring import METRICS
+
+    declared = {_concrete(p): (key, hib) for key, d in METRICS.items() for p, hib in d.outputs}
+    for name in ("FID", "FD-demo", "L1", "L2 (MSE)", "t2i_rank"):
+        assert declared[name][1] is False, name
+    for name in ("CIDEr", "accuracy", "CLIP-I", "BLEU-4", "DINO", "CLIPScore", "t2i_R@1", "CLIP-T"):
+        assert declared[name][1] is True, name
+
+    def run(name: str, factor: float) -> Path:
+        tasks = {}
+        for metric, (key, hib) in declared.items():
+            worse = factor if not hib else 1 / factor  # factor > 1: worse in the metric's own direction
+            entry = {"value": 10.0 * worse, "ci": None, "n": 100,
+                     "higher_is_better": METRICS[key].higher_is_better(metric)}
+            tasks.setdefault(key, {"metrics": {}, "failures": [], "n_samples": 100})["metrics"][metric] = entry
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"run": {}, "tasks": tasks}))
+        return tmp_path / name
+
+    base, worse, better = run("base", 1.0), run("worse", 1.5), run("better", 1 / 1.5)
+    got = {v.metric: v for v in compare_runs(base, worse) if v.metric != "failures"}
+    assert set(got) == set(declared)
+    for metric, (_, hib) in declared.items():
+        assert got[metric].higher_is_better is hib and got[metric].verdict == "regression", metric
+    assert {v.verdict for v in compare_runs(base, better) if v.metric != "failures"} == {"improvement"}
+    r = CliRunner().invoke(_app(), ["compare", str(base), str(worse)])
+    assert r.exit_code == 1 and "❌ regression" in r.output

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cm3leon.config import ModelConfig
-from cm3leon.document import Document, DocumentCodec, cm3_mask, cm3_unmask
+from cm3leon.document import Document, DocumentCodec, Special, Text, cm3_mask, cm3_unmask
 from cm3leon.text import TextTokenizer
 from cm3leon.vq import VQConfig, VQModel, preprocess
 
@@ -126,35 +126,35 @@ def test_pil_images_go_through_the_vq(tok, cfg):
         DocumentCodec(tok, vq, cfg, resolution=32)
 
 
-def test_chameleon_style_layout(tok):
-    # Chameleon: <racm3:break> both begins images and is the break; no separate separator is written
-    f = tok.model_config_fields()
-    f["break_id"] = f["boi_id"]
-    cham = ModelConfig(**f, image_seq_len=N, d_model=32, n_layers=1, n_heads=2)
-    tok_view = _RoleOverride(tok, {"break": f["boi_id"]})
-    codec = DocumentCodec(tok_view, None, cham)
-    bos, eos, boi, eoi, mask = f["bos_id"], f["eos_id"], f["boi_id"], f["eoi_id"], f["mask_id"]
+def test_chameleon_layout(tmp_path):
+    # Chameleon (real vocabulary ids): <racm3:break> begins images and no separator is written;
+    # the user turn ends with <reserved08706> (8710) and the unconditional stream is <s> <racm3:break>
+    # (issue 13: the first edition wrote [bos, 8710, boi], using the end of turn as a "mask").
+    from chameleon_vocab import BOI, BOS, EOI, EOT, text_tokenizer
+
+    ctok = text_tokenizer(tmp_path)
+    cham = ModelConfig(**ctok.model_config_fields(), image_seq_len=N, d_model=32, n_layers=1, n_heads=2)
+    codec = DocumentCodec(ctok, None, cham)
     c = torch.tensor([1, 2, 3, 4])
     t = codec.codes_to_tokens(c)
-    assert codec.text_to_image_prompt("a cat") == [bos, *tok.encode("a cat"), boi]
-    assert codec.image_to_text_prompt(c) == [bos, boi, *t, eoi]
-    assert codec.uncond_image_prompt() == [bos, mask, boi]
+    assert codec.text_to_image_prompt("a cat") == [BOS, *ctok.encode("a cat"), EOT, BOI]
+    assert codec.image_to_text_prompt(c) == [BOS, BOI, *t, EOI, EOT]
+    assert codec.uncond_image_prompt() == [BOS, BOI]
     doc = Document(["a cat", c, "sleeps"])
+    assert codec.encode(doc) == [BOS, *ctok.encode("a cat"), BOI, *t, EOI, *ctok.encode("sleeps"), cham.eos_id]
     assert codec.parse(codec.encode(doc)) == doc
 
 
-class _RoleOverride:
-    """A tokenizer view with some role ids changed (to pose as a Chameleon-style vocabulary)."""
-
-    def __init__(self, tok, roles):
-        self._tok, self._roles = tok, roles
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-    @property
-    def special_ids(self):
-        return {**self._tok.special_ids, **self._roles}
+def test_text_parts_with_specials(codec, tok):
+    bos, eos, boi, eoi, brk, mask, _ = _ids(tok)
+    part = Text(("Question: what?", Special("break"), "red"))
+    assert codec.text_ids(part) == [*tok.encode("Question: what?"), brk, *tok.encode("red")]
+    assert codec.encode(Document([part]), eos=False) == [bos, *codec.text_ids(part)]
+    assert Document([part]).texts == ["Question: what?red"] and Document([part]).images == []
+    assert Document([part]) == Document([Text(("Question: what?", Special("break"), "red"))])
+    assert not Text(("",)) and Text((Special("eot"),))
+    with pytest.raises(TypeError, match="expected str or Special"):
+        Text((3,))
 
 
 def _training_doc(codec, tok, seed):

@@ -269,7 +269,7 @@ def edit_dirs(tmp_path) -> Path:
 
 
 def _cli():
-    from evals.score_edit import edit
+    from evals.cli.score import edit
 
     app = typer.Typer()
     app.command()(edit)
@@ -298,7 +298,7 @@ def test_score_edit_pixels_only(edit_dirs, tmp_path_factory):
 
 def test_score_edit_with_encoder_and_dino(edit_dirs, dino_file, monkeypatch):
     fake = types.ModuleType("cm3leon.encoder")
-    fake.load_encoder = lambda spec: TinyEncoder() if spec == "tiny:" else (_ for _ in ()).throw(ValueError("bad"))
+    fake.load_encoder = lambda spec, device="cpu": TinyEncoder() if spec == "tiny:" else (_ for _ in ()).throw(ValueError("bad"))
     monkeypatch.setitem(sys.modules, "cm3leon.encoder", fake)
     r = _run(["--source", str(edit_dirs / "source"), "--generated", str(edit_dirs / "generated"),
               "--target", str(edit_dirs / "target"), "--captions", str(edit_dirs / "captions.json"),

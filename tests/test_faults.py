@@ -143,17 +143,20 @@ def _env(**extra) -> dict:
 def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, root):
     out = tmp_path / "run"
     args = ["run", "vqav2", "--model", "echo", "--data-root", str(root), "--batch-size", "1", "--out", str(out)]
-    first = _echo_cli(args, _env(CM3EVAL_TEST_DELAY="0.3", CM3EVAL_TEST_LOG=str(tmp_path / "first.log")))
+    # 1.5 s per sample: the first run is still going when the second has finished starting up
+    first = _echo_cli(args, _env(CM3EVAL_TEST_DELAY="1.5", CM3EVAL_TEST_LOG=str(tmp_path / "first.log")))
     try:
         samples = out / "vqav2" / "samples" / "rank-00000.jsonl"
         deadline = time.time() + 120
-        while time.time() < deadline and (not samples.exists() or samples.read_text().count("\n") < 1):
+        while time.time() < deadline and first.poll() is None and (
+                not samples.exists() or samples.read_text().count("\n") < 1):
             time.sleep(0.05)
-        assert first.poll() is None, "the first run ended before the second could start"
+        assert first.poll() is None, f"the first run ended before the second could start: {first.communicate()}"
         # the hole: a second run with a smaller --limit used to swap the samples file under the first
         second = subprocess.run([sys.executable, "-c", fixtures.ECHO_MAIN, *args, "--limit", "2"], cwd=REPO,
                                 env=_env(CM3EVAL_TEST_LOG=str(tmp_path / "second.log")), capture_output=True,
                                 text=True, timeout=120)
+        assert first.poll() is None, "the first run ended before the second took the lock: no test"
         assert second.returncode == 2, second.stderr
         err = second.stderr.strip()
         assert err.startswith("error: ") and "\n" not in err, err
@@ -265,8 +268,8 @@ def test_a_full_disk_stops_with_one_line_and_the_same_command_completes(tmp_path
 def test_a_full_disk_is_one_line_and_exit_2_on_the_command_line(tmp_path, root, monkeypatch, capsys):
     from evals.cli import main
 
-    monkeypatch.setattr(runs, "_os_write", _Disk(30_000))
-    args = ["run", "magicbrush-edit", "--model", "echo", "--data-root", str(root), "--out", str(tmp_path / "o")]
+    monkeypatch.setattr(runs, "_os_write", _Disk(6_000))
+    args = ["run", "vqav2", "--model", "echo", "--data-root", str(root), "--out", str(tmp_path / "o")]
     capsys.readouterr()
     code = main(args, predictor_factory=fixtures.make_echo)
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]

@@ -462,10 +462,10 @@ def test_compute_fid_other_feature_space_and_errors(tmp_path):
 def test_score_fid_cli(weights_file, image_sets, tmp_path):
     import typer
 
-    from evals import cli
-    from evals.score_fid import fid
+    from evals.cli import app as root
+    from evals.cli.score import fid
 
-    assert ("evals.score_fid", "fid", cli.score_app, "fid") in cli._COMMANDS
+    assert "fid" in typer.main.get_command(root).commands["score"].commands  # mounted as `cm3eval score fid`
     app = typer.Typer()
     app.command()(fid)
     real, fake = image_sets

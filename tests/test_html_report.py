@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from reports import cli as reports_cli
 from reports.html import render_run_report, script_json, write_run_report
-from reports.leaderboard import ReportError
+from reports.errors import ReportError
 
 EVIL = "<script>alert(1)</script>"
 QUOTED_NAME = "we\"ird 'name' <x>.png"

@@ -12,10 +12,10 @@ import typer
 from typer.testing import CliRunner
 
 from reports import cli as reports_cli
-from reports.leaderboard import (
-    ReportError, canonical_metric, collect_runs, find_sweeps, leaderboard, load_baselines, lower_is_better,
-    model_info, pivot, to_markdown, write_leaderboard,
-)
+from reports.errors import ReportError
+from reports.format import canonical_metric
+from reports.leaderboard import collect_runs, find_sweeps, leaderboard, load_baselines, model_info, pivot
+from reports.publish import to_markdown, write_leaderboard
 
 
 def make_run(root: Path, name: str, model: str, tasks: dict[str, dict]) -> Path:
@@ -108,11 +108,17 @@ def test_published_rows_kept_apart_and_cider_scaled(runs):
     assert leaderboard(collect_runs(runs), baselines=False).source.eq("measured").all()
 
 
-def test_directions():
-    for m in ("FID", "FD-demo", "FD_clip", "KID", "L1", "L2"):
-        assert lower_is_better(m), m
-    for m in ("CIDEr", "accuracy", "CLIP-I", "BLEU-4", "DINO"):
-        assert not lower_is_better(m), m
+def test_directions_are_read_from_the_runs_never_from_names(tmp_path):
+    """Best-first order follows "higher_is_better" as metrics.json records it (the direction of
+    every registered metric is tested in test_compare.py against the metric table)."""
+    run = make_run(tmp_path, "a", "m", {"t": {"metrics": {"FID-like": (5.0, None, None, 10)}}})
+    run2 = make_run(tmp_path, "b", "m", {"t": {"metrics": {"FID-like": (9.0, None, None, 10)}}})
+    for r in (run, run2):
+        data = json.loads((r / "metrics.json").read_text())
+        data["tasks"]["t"]["metrics"]["FID-like"]["higher_is_better"] = True
+        (r / "metrics.json").write_text(json.dumps(data))
+    lb = leaderboard(collect_runs([run, run2]), baselines=False)
+    assert lb.value.tolist() == [9.0, 5.0] and lb.higher_is_better.tolist() == [True, True]
 
 
 def test_sweeps(runs, tmp_path):
@@ -177,7 +183,7 @@ def test_cli_leaderboard(runs, tmp_path):
     app.command("report")(reports_cli.report)
     r = CliRunner().invoke(app, ["leaderboard", *map(str, runs), "--out", str(tmp_path / "lb"), "--format", "all"])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "lb").iterdir()) == ["leaderboard.csv", "leaderboard.html", "leaderboard.md"]
+    assert sorted(p.name for p in (tmp_path / "lb").iterdir()) == ["leaderboard.csv", "leaderboard.html", "leaderboard.md", "leaderboard.tex"]
     r = CliRunner().invoke(app, ["leaderboard", str(runs[0]), "--no-baselines", "--json"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)

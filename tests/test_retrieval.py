@@ -360,3 +360,41 @@ def test_bank_cli_jsonl_errors(native, tmp_path):
     bank = MemoryBank.load(tmp_path / "c")
     assert bank.record(1) == {"id": "2", "text": "world", "image": None, "image_base": None, "has_text": True,
                               "has_image": False, "meta": {"source": "x"}}
+
+
+def _coco_train_root(root: Path, n: int = 6) -> Path:
+    """COCO's official layout: annotations/captions_train2014.json + train2014/*.jpg (two captions per image)."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2014").mkdir()
+    images, anns = [], []
+    for i in range(n):
+        name = f"COCO_train2014_{i:012d}.jpg"
+        Image.new("RGB", (40 + 4 * i, 32), (40 * i, 255 - 40 * i, 90)).save(root / "train2014" / name)
+        images.append({"id": i, "file_name": name, "width": 40 + 4 * i, "height": 32})
+        anns += [{"id": 10 * i + j, "image_id": i, "caption": f" shape {i} picture {j} "} for j in range(2)]
+    (root / "annotations" / "captions_train2014.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    return root
+
+
+def test_bank_build_from_the_official_coco_layout_with_an_hf_clip_folder(tmp_path):
+    from evals.cli.bank import bank_app
+    from test_encoder import _tiny_hf_clip
+
+    root = _coco_train_root(tmp_path / "coco")
+    _tiny_hf_clip(tmp_path / "clip")
+    runner = CliRunner()
+    res = runner.invoke(bank_app, ["build", "--coco-root", str(root), "--encoder", str(tmp_path / "clip"),
+                                   "--out", str(tmp_path / "bank"), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert summary["count"] == 12 and summary["dim"] == 24 and summary["encoder"].startswith("hf-clip:")
+    bank = MemoryBank.load(tmp_path / "bank")
+    rec = bank.record(3)
+    assert rec["id"] == "11" and rec["text"] == "shape 1 picture 1" and rec["image"] == "COCO_train2014_000000000001.jpg"
+    assert bank.doc(3).image.size == (44, 32)  # images resolve under train2014/
+    # --limit, and one line naming the missing file and the official layout
+    res = runner.invoke(bank_app, ["build", "--coco-root", str(root), "--split", "val2014", "--encoder",
+                                   str(tmp_path / "clip"), "--out", str(tmp_path / "b2")])
+    assert res.exit_code == 2 and "captions_val2014.json" in res.output and "official layout" in res.output
+    res = runner.invoke(bank_app, ["build", "--encoder", str(tmp_path / "clip"), "--out", str(tmp_path / "b3")])
+    assert res.exit_code == 2 and "--coco-root" in res.output

@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Sequence
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -25,12 +24,10 @@ from cm3leon.errors import Cm3evalError
 from evals.cli import report
 from evals.cli.bank import bank_app
 from evals.cli.bench import bench_app
+from evals.cli.convert import convert
 from evals.cli.run import list_tasks, run, show
+from evals.cli.score import score_app
 from evals.cli.train import train_app
-from evals.cli.score import caption as score_caption
-from evals.cli.score import edit as score_edit
-from evals.cli.score import fid as score_fid
-from evals.cli.score import vqa as score_vqa
 
 PredictorFactory = Callable[..., Any]
 
@@ -38,7 +35,7 @@ PredictorFactory = Callable[..., Any]
 class _RootGroup(TyperGroup):
     """The one place a Cm3evalError becomes a one-line message and an exit code."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except Cm3evalError as e:
@@ -70,15 +67,15 @@ def main(argv: Sequence[str] | None = None, *, predictor_factory: PredictorFacto
     --model is then the factory's business (no checkpoint is inspected or loaded)."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        rv = app(args=args, prog_name="cm3eval", standalone_mode=False,
-                 obj={"predictor_factory": predictor_factory})
-    except click.exceptions.Abort:  # Ctrl-C at a prompt
-        typer.echo("aborted", err=True)
-        return 130
-    except click.ClickException as e:  # usage errors: click's own message, exit 2
-        e.show()
-        return e.exit_code
-    return rv if isinstance(rv, int) else 0
+        # standalone mode: typer formats its own usage errors (exit 2) and ends every command,
+        # successful or not, with SystemExit carrying the code
+        app(args=args, prog_name="cm3eval", standalone_mode=True, obj={"predictor_factory": predictor_factory})
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return int(e.code or 0)
+        typer.echo(str(e.code), err=True)  # sys.exit("message"): an error
+        return 1
+    return 0
 
 
 def cli() -> None:

@@ -10,7 +10,7 @@ import typer
 
 from evals.bench.retrieval import command as retrieval
 from evals.bench.metrics import command as metrics
-from evals.bench_sampler import command as sampler
+from evals.bench.sampler import command as sampler
 
 bench_app = typer.Typer(help="Speed benchmarks, measured side by side with references.", no_args_is_help=True)
 bench_app.command("sampler")(sampler)

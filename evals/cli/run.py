@@ -138,18 +138,19 @@ def _notes(all_results: dict[str, dict[str, Any]]) -> list[str]:
 
 def write_views(run_dirs: list[Path], parent: Path) -> None:
     """report.html of each run folder, and a leaderboard across sweep points. A finished
-    evaluation is saved already, so a problem here is a warning, never a lost run."""
-    from reports import html as report_html
-
+    evaluation is saved already, so a problem here (a report bug, a missing optional
+    dependency) is a warning, never a lost run or a traceback."""
     for run_dir in run_dirs:
         try:
+            from reports import html as report_html
+
             report_html.write_run_report(Path(run_dir))
         except Exception as e:  # noqa: BLE001 - any report bug must leave the results usable
             log.warning("%s/report.html not written: %s: %s", run_dir, type(e).__name__, e)
     if len(run_dirs) > 1:
-        from reports.leaderboard import collect_runs, leaderboard, write_leaderboard
-
         try:
+            from reports.leaderboard import collect_runs, leaderboard, write_leaderboard
+
             write_leaderboard(leaderboard(collect_runs(run_dirs)), parent)
         except Exception as e:  # noqa: BLE001
             log.warning("leaderboard not written: %s: %s", type(e).__name__, e)

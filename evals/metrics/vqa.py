@@ -23,7 +23,7 @@ Leave-one-out is by position. The official script removes every answer *record* 
 left-out one (`item != gtAnsDatum` on dicts); with the official files each record has its own
 `answer_id`, so this is the same thing.
 
-The official script is Python 2: its regexes (`\d`) match ASCII digits only, which re.ASCII
+The official script is Python 2: its regexes (`\\d`) match ASCII digits only, which re.ASCII
 reproduces here.
 
 `vqa_accuracy` is vectorised: each distinct string is normalised once, answers become integer ids
