@@ -31,13 +31,12 @@ import torch
 from . import vq as vq_lib
 from .config import ModelConfig
 from .errors import Cm3evalError
-from .layouts import (HF_INDEX, HF_WEIGHTS, MetaRelease, WeightPlan, chameleon_image_token_ids,  # noqa: F401
+from .layouts import (MetaRelease, WeightPlan, chameleon_image_token_ids,  # noqa: F401  (re-exported names)
                       chameleon_state_dict_from_hf, find_meta_release, hf_weight_plan, meta_config, meta_weight_plan,
-                      model_config_from_hf, torch_dtype_name, unpermute_rows)
+                      model_config_from_hf, unpermute_rows)
 from .text import TextTokenizer
 from .transformer import Transformer, rope_tables
-from .weights import (CheckpointError, CheckpointNotFoundError, TensorInfo, check_against, read_header,
-                      stream_into)
+from .weights import CheckpointError, CheckpointNotFoundError, check_against, iter_safetensors, read_header, stream_into
 
 NATIVE_FORMAT = "cm3eval-native"
 ZOO = Path(__file__).parent / "zoo"
@@ -219,8 +218,6 @@ def _native_plan(path: Path, meta: dict[str, Any]) -> _Plan:
     found = dict(header.tensors)
 
     def stream(_cfg: ModelConfig):
-        from .weights import iter_safetensors
-
         return iter_safetensors(header.path)
 
     vq_file = path / vq_lib.VQ_FILENAME

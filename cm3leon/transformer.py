@@ -223,6 +223,11 @@ class Transformer(nn.Module):
     def _positions(valid: torch.Tensor) -> torch.Tensor:
         return (valid.long().cumsum(-1) - 1).clamp_min(0)
 
+    def _additive(self, mask: torch.Tensor) -> torch.Tensor:
+        """Bool mask -> SDPA's additive form (0 / -inf), made once per forward rather than by SDPA
+        in every layer; the same values SDPA would make, so the same attention."""
+        return torch.where(mask, 0.0, float("-inf")).to(self.tok_embeddings.weight.dtype)
+
     @staticmethod
     def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
         T = valid.shape[1]
@@ -242,7 +247,7 @@ class Transformer(nn.Module):
         positions = self._positions(valid)
         self._check_position(int(positions.max()))  # one sync per forward, never per decode step
         h = self._embed(tokens, positions)
-        rope, mask = self._rope(positions), self._prefill_mask(valid)
+        rope, mask = self._rope(positions), self._additive(self._prefill_mask(valid))
         for layer in self.layers:
             h = layer(h, rope, mask)
         return self._head(h)
@@ -287,7 +292,7 @@ class Transformer(nn.Module):
         rope = self._rope(positions)
         cache.valid[:, :T] = valid
         # queries see the causal prefix of real tokens, over the T filled slots only
-        mask = self._prefill_mask(valid)
+        mask = self._additive(self._prefill_mask(valid))
         slots = slice(0, T)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, (cache.k[i], cache.v[i]), slots, T)
@@ -327,7 +332,7 @@ class Transformer(nn.Module):
         h = self._embed(tokens[:, None], positions)
         rope = self._rope(positions)
         cache.valid.index_fill_(1, cache.slot, True)
-        mask = cache.valid[:, None, None, :kv_len]  # [B, 1, 1, S]: real tokens so far, this one included
+        mask = self._additive(cache.valid[:, None, None, :kv_len])  # [B, 1, 1, S]: real tokens so far, this one included
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, (cache.k[i], cache.v[i]), cache.slot, kv_len)
         cache.next_pos.add_(1)

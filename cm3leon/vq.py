@@ -29,13 +29,28 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from .errors import Cm3evalError
 from .weights import load_strict, read_safetensors, torch_load_weights
+
+
+class VQError(Cm3evalError, ValueError):
+    """A VQ-GAN config or weights file that cannot be used (one line: file and why)."""
+
+
+class VQNotFoundError(Cm3evalError, FileNotFoundError):
+    """A VQ-GAN file that is not where it was looked for."""
+
+
+class NoVQDecoderError(Cm3evalError, RuntimeError):
+    """Decoding was asked of VQ weights that carry no decoder."""
 
 VQ_FILENAME = "vq.safetensors"
 _NATIVE_FORMAT = "cm3eval-vq/1"
 
 
 # ----------------------------------------------------------------------------- config
+_VQ_BOUNDS = {"resolution": 1 << 14, "in_channels": 64, "out_channels": 64, "base_channels": 4096,
+              "num_res_blocks": 64, "latent_channels": 1 << 14, "embed_dim": 1 << 14, "num_embeddings": 1 << 20}
 
 
 @dataclass
@@ -62,7 +77,14 @@ class VQConfig:
         self.validate()
 
     def validate(self) -> None:
-        problems = []
+        # sane bounds first: a vq_config saying base_channels=1e6 would otherwise allocate before failing
+        problems = [f"{name}={getattr(self, name)!r} is outside the sane range 1..{hi}"
+                    for name, hi in _VQ_BOUNDS.items()
+                    if not isinstance(getattr(self, name), int) or not 1 <= getattr(self, name) <= hi]
+        if len(self.channel_multiplier) > 12 or any(not 1 <= m <= 64 for m in self.channel_multiplier):
+            problems.append(f"channel_multiplier={self.channel_multiplier} is outside the sane range (<= 12 levels of 1..64)")
+        if problems:
+            raise VQError("invalid VQConfig: " + "; ".join(problems))
         if not self.channel_multiplier:
             problems.append("channel_multiplier is empty")
         if self.double_latent:
@@ -80,7 +102,7 @@ class VQConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if problems:
-            raise ValueError("invalid VQConfig: " + "; ".join(problems))
+            raise VQError("invalid VQConfig: " + "; ".join(problems))
 
     @property
     def downsample_factor(self) -> int:
@@ -102,7 +124,7 @@ class VQConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown VQConfig field(s) {unknown}")
+            raise VQError(f"{source}: unknown VQConfig field(s) {unknown}")
         return cls(**data)
 
     @classmethod
@@ -114,7 +136,7 @@ class VQConfig:
         try:
             return cls(**args)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from None
+            raise VQError(f"{source}: {e}") from None
 
     @classmethod
     def from_taming_yaml(cls, path: str | Path) -> "VQConfig":
@@ -123,21 +145,21 @@ class VQConfig:
         try:
             data = yaml.safe_load(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(
+            raise VQNotFoundError(
                 f"VQ-GAN config not found: {path} (Meta's Chameleon release ships it as tokenizer/vqgan.yaml)") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise VQError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         try:
             params = data["model"]["params"]
             dd = dict(params["ddconfig"])
             n_embed, embed_dim = int(params["n_embed"]), int(params["embed_dim"])
         except (KeyError, TypeError):
-            raise ValueError(f"{path}: expected model.params.{{ddconfig,n_embed,embed_dim}} (taming VQModel YAML)") from None
+            raise VQError(f"{path}: expected model.params.{{ddconfig,n_embed,embed_dim}} (taming VQModel YAML)") from None
         # options of taming's Encoder/Decoder that change the network; only their defaults are implemented
         defaults = {"resamp_with_conv": True, "give_pre_end": False, "tanh_out": False, "use_linear_attn": False}
         for key, want in defaults.items():
             if key in dd and dd.pop(key) != want:
-                raise ValueError(f"{path}: ddconfig.{key} other than {want} is not supported")
+                raise VQError(f"{path}: ddconfig.{key} other than {want} is not supported")
         rename = {"ch": "base_channels", "ch_mult": "channel_multiplier", "z_channels": "latent_channels",
                   "double_z": "double_latent", "out_ch": "out_channels"}
         direct = {"resolution", "in_channels", "num_res_blocks", "attn_resolutions", "dropout", "attn_type"}
@@ -148,7 +170,7 @@ class VQConfig:
             elif key in direct:
                 args[key] = value
             else:
-                raise ValueError(f"{path}: unknown ddconfig key {key!r}")
+                raise VQError(f"{path}: unknown ddconfig key {key!r}")
         args.update(num_embeddings=n_embed, embed_dim=embed_dim)
         for key in ("beta", "legacy"):  # not in Meta's YAML (taming hard-codes them) but honoured if present
             if key in params:
@@ -156,7 +178,7 @@ class VQConfig:
         try:
             return cls(**args)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise VQError(f"{path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- network
@@ -355,9 +377,9 @@ class VQModel(nn.Module):
     def _check_pixels(self, pixels: torch.Tensor) -> None:
         f = self.config.downsample_factor
         if pixels.ndim != 4 or pixels.shape[1] != self.config.in_channels:
-            raise ValueError(f"VQ encode expects pixels [B,{self.config.in_channels},H,W], got {tuple(pixels.shape)}")
+            raise VQError(f"VQ encode expects pixels [B,{self.config.in_channels},H,W], got {tuple(pixels.shape)}")
         if pixels.shape[2] % f or pixels.shape[3] % f:
-            raise ValueError(f"VQ encode: image size {tuple(pixels.shape[2:])} is not divisible by the downsample factor {f}")
+            raise VQError(f"VQ encode: image size {tuple(pixels.shape[2:])} is not divisible by the downsample factor {f}")
 
     def _latents(self, pixels: torch.Tensor) -> torch.Tensor:
         self._check_pixels(pixels)
@@ -371,9 +393,9 @@ class VQModel(nn.Module):
 
     def decode_latents(self, zq: torch.Tensor) -> torch.Tensor:
         if self.decoder is None:
-            raise RuntimeError(
+            raise NoVQDecoderError(
                 f"VQ weights from {self.source} have no decoder (transformers' Chameleon conversion drops it); "
-                "load Meta's original vqgan.ckpt with cm3leon.vq.load_taming_checkpoint to decode images")
+                "attach Meta's original vqgan.ckpt to decode images (--vq PATH, or cm3leon.load(..., vq=PATH))")
         return self.decoder(self.post_quant_conv(zq))
 
     @torch.no_grad()
@@ -382,18 +404,18 @@ class VQModel(nn.Module):
         if codes.ndim == 1:
             codes = codes[None]
         if codes.ndim != 2 or codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"VQ decode expects integer codes [B, h*w], got {codes.dtype} {tuple(codes.shape)}")
+            raise VQError(f"VQ decode expects integer codes [B, h*w], got {codes.dtype} {tuple(codes.shape)}")
         n = codes.shape[1]
         if shape is None:
             side = math.isqrt(n)
             if side * side != n:
-                raise ValueError(f"VQ decode: {n} codes do not form a square grid; pass shape=(h, w)")
+                raise VQError(f"VQ decode: {n} codes do not form a square grid; pass shape=(h, w)")
             shape = (side, side)
         if shape[0] * shape[1] != n:
-            raise ValueError(f"VQ decode: shape {shape} does not hold {n} codes")
+            raise VQError(f"VQ decode: shape {shape} does not hold {n} codes")
         K = self.config.num_embeddings
         if n and (int(codes.min()) < 0 or int(codes.max()) >= K):
-            raise ValueError(f"VQ decode: codes must lie in [0, {K}), got [{int(codes.min())}, {int(codes.max())}]")
+            raise VQError(f"VQ decode: codes must lie in [0, {K}), got [{int(codes.min())}, {int(codes.max())}]")
         codes = codes.long().to(self.quantize.embedding.weight.device)
         out = self.decode_latents(self.quantize.lookup(codes, *shape))
         return out.clamp(-1.0, 1.0)
@@ -434,7 +456,7 @@ def preprocess(images: Iterable[Image.Image] | Image.Image, resolution: int) -> 
             raise TypeError(f"preprocess expects PIL images, got {type(img).__name__}")
         img = _whiten(img)
         if min(img.size) == 0:
-            raise ValueError(f"preprocess: empty image of size {img.size}")
+            raise VQError(f"preprocess: empty image of size {img.size}")
         scale = resolution / min(img.size)
         size = (max(resolution, round(scale * img.width)), max(resolution, round(scale * img.height)))
         if size != img.size:
@@ -453,7 +475,7 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     if pixels.ndim == 3:
         pixels = pixels[None]
     if pixels.ndim != 4 or pixels.shape[1] != 3:
-        raise ValueError(f"to_pil expects [B,3,H,W] pixels, got {tuple(pixels.shape)}")
+        raise VQError(f"to_pil expects [B,3,H,W] pixels, got {tuple(pixels.shape)}")
     arr = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).numpy(), "RGB") for a in arr]
 
@@ -467,15 +489,15 @@ def load_taming_checkpoint(ckpt_path: str | Path, config: VQConfig | str | Path)
     if not isinstance(config, VQConfig):
         config = VQConfig.from_taming_yaml(config)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise VQNotFoundError(
             f"VQ-GAN checkpoint not found: {path} (Meta's Chameleon release ships it as tokenizer/vqgan.ckpt; "
             "request access at https://ai.meta.com/resources/models-and-libraries/chameleon-downloads/)")
     ckpt = torch_load_weights(path)
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+        raise VQError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     sd = ckpt.get("state_dict", ckpt)  # Lightning nests the weights; a bare state dict is accepted too
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a dict of tensors")
+        raise VQError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a dict of tensors")
     sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
     return VQModel(config).load_weights(sd, str(path)).eval()
 
@@ -490,7 +512,7 @@ def hf_vq_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
             return {k[len(prefix):]: v for k, v in hf_state_dict.items() if k.startswith(prefix)}
     if any(k.startswith("encoder.") for k in hf_state_dict):  # already a bare VQ state dict
         return dict(hf_state_dict)
-    raise ValueError("no VQ tensors found: expected keys under 'model.vqmodel.' (transformers' Chameleon layout)")
+    raise VQError("no VQ tensors found: expected keys under 'model.vqmodel.' (transformers' Chameleon layout)")
 
 
 def load_hf_vq(hf_state_dict: dict[str, torch.Tensor], config: VQConfig, source: str) -> VQModel:
@@ -522,16 +544,16 @@ def load_native(path: str | Path, device: torch.device | str = "cpu") -> VQModel
     """Read a `vq.safetensors` written by save_native (path is the file or its folder)."""
     path = _native_path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise VQNotFoundError(
             f"VQ weights not found: {path} (write one with cm3leon.vq.save_native, e.g. after "
             "load_taming_checkpoint on Meta's vqgan.ckpt, or train the demo tokenizer with `cm3eval train`)")
     sd, meta = read_safetensors(path, device=str(device))
     if meta.get("format") != _NATIVE_FORMAT or "config" not in meta:
-        raise ValueError(f"{path}: no cm3eval VQ metadata (format={meta.get('format')!r}); write it with save_native")
+        raise VQError(f"{path}: no cm3eval VQ metadata (format={meta.get('format')!r}); write it with save_native")
     try:
         config = VQConfig.from_dict(json.loads(meta["config"]), source=str(path))
         with_decoder = bool(json.loads(meta.get("has_decoder", "true")))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: VQ config metadata is not valid JSON ({e})") from None
+        raise VQError(f"{path}: VQ config metadata is not valid JSON ({e})") from None
     model = VQModel(config, with_decoder=with_decoder).to(device)
     return model.load_weights(sd, str(path)).eval()

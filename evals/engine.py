@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
-import os
 import shutil
 import sys
 import time
@@ -38,9 +37,8 @@ from evals.protocol import Batch, Item, Predictor, check_output
 from evals.records import failure_record, output_record
 from evals.provenance import (PACKAGE, config_hash, diff_keys, file_digest, folder_digests,
                               git_hash, package_version, versions)
-from tasks.cache import cache_dir
 from tasks.images import confined, open_image
-from tasks.loaders import DataError, Dataset, Sample, load_dataset
+from tasks.loaders import DataError, Dataset, Sample, load_dataset, resolve_data_root
 from tasks.spec import COSMETIC_FIELDS, TaskSpec
 
 log = logging.getLogger("cm3eval")
@@ -106,24 +104,6 @@ def exit_status(results: Iterable[TaskResult], max_failures: float = 0.01) -> tu
             reasons.append(f"{r.name}: metric {key} not computed: {why}")
             code = code or 3
     return code, reasons
-
-
-# ----------------------------------------------------------------------------- data roots
-def resolve_data_root(spec: TaskSpec, data_root: Path | None) -> Path:
-    if data_root is not None:
-        return Path(data_root).expanduser()
-    if spec.dataset.builtin == "shapes":
-        return _shapes_root()
-    env = os.environ.get("CM3EVAL_DATA_ROOT")
-    if env:
-        return Path(env).expanduser()
-    raise DataError(f"{spec.name}: no data root; pass --data-root DIR (or set CM3EVAL_DATA_ROOT)")
-
-
-def _shapes_root() -> Path:
-    from tasks.shapes import demo_world_root  # the demo world (written into the cache on first use)
-
-    return demo_world_root(cache_dir())
 
 
 # ----------------------------------------------------------------------------- selection and shots
@@ -217,6 +197,20 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def _shared_error(e: BaseException, prefix: str = "") -> tuple[str, int]:
+    """(one-line message, exit code) of an error, to send to the other ranks."""
+    msg = str(e) if isinstance(e, Cm3evalError) else _one_line(e)
+    return prefix + msg, int(getattr(e, "exit_code", RunError.exit_code))
+
+
+def _raise_shared(err: tuple[str, int] | None) -> None:
+    """Raise a rank's error on every rank, keeping its exit code."""
+    if err:
+        e = RunError(err[0])
+        e.exit_code = err[1]
+        raise e
+
+
 class Engine:
     def __init__(self, predictor: Predictor, options: RunOptions, dist: Dist | None = None,
                  model_files: dict[str, str] | None = None) -> None:
@@ -289,17 +283,11 @@ class Engine:
         if self.dist.rank == 0:
             try:
                 value = fn()
-            except Cm3evalError as e:
-                if not self.dist.enabled:
-                    raise
-                err = str(e)
             except Exception as e:
                 if not self.dist.enabled:
                     raise
-                err = _one_line(e)
-        err = self.dist.broadcast(err)
-        if err:
-            raise RunError(err)
+                err = _shared_error(e)
+        _raise_shared(self.dist.broadcast(err))
         return value
 
     # --- one task
@@ -314,10 +302,8 @@ class Engine:
         except (Cm3evalError, OSError) as e:
             if not self.dist.enabled:
                 raise
-            err = f"rank {self.dist.rank}: {e}"
-        err = self.dist.first_error(err)  # doubles as the barrier: every rank has finished its shard
-        if err:
-            raise RunError(err)
+            err = _shared_error(e, f"rank {self.dist.rank}: ")
+        _raise_shared(self.dist.first_error(err))  # doubles as the barrier: every rank has finished its shard
         return self._on_rank0(lambda: self._finish(plan))
 
     def _predict_shard(self, plan: TaskPlan) -> None:
@@ -473,12 +459,8 @@ def _metric_json(m: Any) -> dict[str, Any]:
 
 def _missing_metrics(spec: TaskSpec, scored: Any, metrics: dict[str, dict]) -> dict[str, str]:
     """Requested metric keys (spec.metrics) that produced no number, with the reason."""
-    unavailable = dict(getattr(scored, "unavailable", None) or {})
-    for note in scored.notes:  # "KEY: not computed: WHY" (the scoring table's note format)
-        key, sep, why = note.partition(": not computed: ")
-        if sep and key in spec.metrics:
-            unavailable.setdefault(key, why)
-    if not metrics and not unavailable:
+    unavailable = dict(scored.unavailable)
+    if not metrics and not unavailable:  # nothing scored at all (e.g. every sample failed)
         why = scored.notes[0] if scored.notes else "no metric value was produced"
         unavailable = {key: why for key in spec.metrics}
     for name, m in metrics.items():

@@ -53,6 +53,7 @@ class RunRequest:
     out: Path | None = None
     vq: Path | None = None
     max_failures: str = "1%"
+    tp: int = 1  # tensor-parallel ranks per model copy (under torchrun)
     inspect_model: bool = True  # False when a test injects the predictor (no checkpoint behind --model)
 
 
@@ -212,6 +213,8 @@ def build_plan(req: RunRequest) -> Plan:
         from cm3leon.checkpoint import inspect
 
         info = inspect(model, vq=req.vq)
+    if req.tp > 1:
+        check_tensor_parallel(req.tp, info)
     out = req.out or Path("runs") / (Path(model).name if model != "demo" else "demo")
     runs = []
     for point in points:
@@ -234,6 +237,25 @@ def plan_task(spec: TaskSpec, data_root: Path | None, info: Any) -> TaskPlan:
     if info is not None:
         check_capabilities(spec, info)
     return TaskPlan(spec, sampling, root, files)
+
+
+def check_tensor_parallel(tp: int, info: Any) -> None:
+    """--tp N: the world must be a multiple of N and the model's heads and MLP divisible by it
+    (from config.json, before loading), and the engine must shard samples by data-parallel group."""
+    import os
+
+    from cm3leon.tensor_parallel import check_tp
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < tp:
+        raise PlanError(f"--tp {tp}: needs {tp} ranks per model copy; run under torchrun --nproc_per_node "
+                        f"{tp} (or a multiple), WORLD_SIZE is {world}")
+    if info is not None:
+        check_tp(info.config, tp, world)
+    # The ranks of one model copy must see the same samples in lockstep; the engine's Dist
+    # shards by global rank, so until it shards by data-parallel group a TP run would mix shards.
+    raise PlanError(f"--tp {tp}: the engine does not shard samples by data-parallel group yet "
+                    "(evals/dist.py); run without --tp")
 
 
 # ----------------------------------------------------------------------------- files and capabilities

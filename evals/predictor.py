@@ -26,7 +26,7 @@ from cm3leon.document import Document, DocumentCodec
 from cm3leon.errors import Cm3evalError
 from cm3leon.sampling import (GenerationRequest, Sampler, SamplingConfig, auto_batch_size,
                               continuation_logprobs, rerank)
-from evals.engine import Batch, Item
+from evals.protocol import Batch, Item
 from tasks import prompts
 from tasks.spec import TaskSpec
 

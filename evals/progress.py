@@ -1,6 +1,6 @@
 """Progress of one task's predict loop: a rich bar on a terminal, plain log lines elsewhere.
 
-Plain lines (CI logs, `| tee`, nohup) say when a task starts and ends and, in between, every
+Both go to stderr (stdout carries only results). Plain lines (CI logs, `| tee`, nohup) say when a task starts and ends and, in between, every
 ~5 % of its samples: done/total, samples/s over this run (resumed samples excluded) and ETA,
 so a long run never looks hung.
 
@@ -18,8 +18,14 @@ from typing import Any, TextIO
 MODES = ("auto", "rich", "plain", "off")
 
 
-def resolve_mode(progress: bool | str | None, stream: TextIO | None = None) -> str:
-    """None/"auto": rich on a terminal, plain lines otherwise; True: rich; False: off."""
+def _tty(stream: Any) -> bool:
+    return bool(getattr(stream, "isatty", None)) and stream.isatty()
+
+
+def resolve_mode(progress: bool | str | None) -> str:
+    """None/"auto": rich when stdout and stderr are both terminals, plain lines otherwise (CI logs,
+    `| tee`, `2> log`); True: rich; False: off. Either way it is drawn on stderr, so stdout
+    carries only results (`--json`)."""
     if progress is True:
         return "rich"
     if progress is False:
@@ -28,8 +34,7 @@ def resolve_mode(progress: bool | str | None, stream: TextIO | None = None) -> s
     if mode not in MODES:
         raise ValueError(f"progress={mode!r}: expected one of {', '.join(MODES)}")
     if mode == "auto":
-        s = stream or sys.stderr
-        return "rich" if hasattr(s, "isatty") and s.isatty() else "plain"
+        return "rich" if _tty(sys.stdout) and _tty(sys.stderr) else "plain"
     return mode
 
 
@@ -85,6 +90,7 @@ class RichProgress:
     """A rich bar: description, bar, done/total, samples/s (this run only), ETA."""
 
     def __init__(self, total: int, done: int, label: str) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         class _Rate(TextColumn):
@@ -99,7 +105,8 @@ class RichProgress:
                 return Text(f"{rate:.2f} samples/s")
 
         self._prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                              TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+                              TextColumn("ETA"), TimeRemainingColumn(), transient=False,
+                              console=Console(stderr=True))
         self._args = (label, total, done)
 
     def __enter__(self) -> "RichProgress":

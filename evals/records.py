@@ -38,23 +38,23 @@ def output_record(spec: TaskSpec, task_dir: Path, item: Item, inputs: dict[str, 
     stem = f"{s.index:07d}-{re.sub(r'[^A-Za-z0-9._-]', '_', s.id)[:60]}"
     img_dir = Path(task_dir) / runs.IMAGES
     paths: dict[str, str] = {}
+    sizes: dict[str, int] = {}  # a resume stats the files against these (a truncated PNG is regenerated)
+
+    def save(img: Any, name: str, max_side: int | None = None) -> str:
+        rel = f"{runs.IMAGES}/{name}"
+        sizes[rel] = runs.save_png(img, img_dir / name, max_side)
+        return rel
+
     for role, img in (out.get("images") or {}).items():
-        name = f"{stem}-{re.sub(r'[^A-Za-z0-9_-]', '_', role)}.png"
-        runs.save_png(img, img_dir / name)
-        paths[role] = f"{runs.IMAGES}/{name}"
+        paths[role] = save(img, f"{stem}-{re.sub(r'[^A-Za-z0-9_-]', '_', role)}.png")
     # thumbnails of the input and the ground truth, for the report (source → edited → target)
     for role, img in (("input", item.images.get("image")), ("target", item.report_images.get("target"))):
         if img is not None:
-            runs.save_png(img, img_dir / f"{stem}-{role}.png", THUMBNAIL)
-            paths[role] = f"{runs.IMAGES}/{stem}-{role}.png"
-    cands = []
-    for j, img in enumerate(out.get("candidates") or []):
-        name = f"{stem}-cand{j:02d}.png"
-        runs.save_png(img, img_dir / name)
-        cands.append(f"{runs.IMAGES}/{name}")
+            paths[role] = save(img, f"{stem}-{role}.png", THUMBNAIL)
+    cands = [save(img, f"{stem}-cand{j:02d}.png") for j, img in enumerate(out.get("candidates") or [])]
     rec.update(prompt=out.get("prompt", s.text), prediction=out.get("prediction"), images=paths,
                candidates=cands, scores=out.get("scores"), best=int(out.get("best") or 0),
-               retrieved=out.get("retrieved") or [])
+               retrieved=out.get("retrieved") or [], image_bytes=sizes)
     if out.get("extra"):
         rec["extra"] = out["extra"]
     return rec

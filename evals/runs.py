@@ -303,8 +303,9 @@ def rewrite_samples(task_dir: Path, records: dict[str, dict[str, Any]]) -> Path:
     return target
 
 
-def save_png(img: Image.Image, path: Path, max_side: int | None = None) -> None:
-    """PNG via temp file + rename, so a kill never leaves a half-written image under its name."""
+def save_png(img: Image.Image, path: Path, max_side: int | None = None) -> int:
+    """PNG via temp file + rename, so a kill never leaves a half-written image under its name.
+    Returns its size in bytes (the sample line records it; see unreadable_images)."""
     if max_side is not None and max(img.size) > max_side:
         img = img.copy()
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
@@ -313,16 +314,24 @@ def save_png(img: Image.Image, path: Path, max_side: int | None = None) -> None:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+    return buf.tell()
 
 
 def unreadable_images(task_dir: Path, rec: dict[str, Any]) -> list[str]:
-    """The image files of a sample line that are missing or damaged (checked by PIL's verify:
-    chunk structure and CRCs, no pixel decoding, so a resume stays cheap)."""
+    """The image files of a sample line that are missing or damaged. Lines record each file's
+    size ("image_bytes"), so a resume only stats them (a truncated file has another size); lines
+    without sizes get PIL's verify (chunk structure and CRCs, no pixel decoding)."""
     rels = list((rec.get("images") or {}).values()) + list(rec.get("candidates") or [])
+    sizes = rec.get("image_bytes")
     bad = []
     for rel in rels:
+        path = Path(task_dir) / rel
         try:
-            with Image.open(Path(task_dir) / rel) as im:
+            if isinstance(sizes, dict) and rel in sizes:
+                if path.stat().st_size != sizes[rel]:
+                    bad.append(str(rel))
+                continue
+            with Image.open(path) as im:
                 im.verify()
         except Exception:  # noqa: BLE001 - any decoder complaint means: regenerate
             bad.append(str(rel))

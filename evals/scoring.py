@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from evals import scoring_inputs as inputs
+from evals.metrics.captioning import METRIC_NAMES as _CAPTION_NAMES
 from evals.metrics.errors import MetricUnavailable
 from evals.metrics.result import MetricResult
 from evals.scoring_inputs import Context
@@ -213,8 +214,6 @@ class MetricDef:
             return directions.pop()
         raise KeyError(f"metric table: {result_name!r} is not a declared output ({[p for p, _ in self.outputs]})")
 
-
-_CAPTION_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
 METRICS: dict[str, MetricDef] = {
     "fid": MetricDef(_fid, ("t2i",), {"feature_space": "inception", "protocol": "pytorch-fid", "resolution": 256,

@@ -296,7 +296,8 @@ def compare(base_dir: Path | str, new_dir: Path | str, tolerances: dict[str, flo
             cmp.verdicts += _absent_task(task, be, ne)
             continue
         t = _Task(cmp, task, be, ne, opts)
-        names = list(be.get("metrics") or {}) + [m for m in ne.get("metrics") or {} if m not in (be.get("metrics") or {})]
+        base_names = list(be.get("metrics") or {})
+        names = base_names + [m for m in ne.get("metrics") or {} if m not in base_names]
         cmp.verdicts += [t.metric(m) for m in names]
         cmp.verdicts.append(t.failures())
     return cmp

@@ -172,11 +172,18 @@ def _no_metrics_reason(entry: dict[str, Any]) -> str:
     """Why a task has no metrics, as metrics.json recorded it (never a bare "No metrics.")."""
     if entry.get("metrics"):
         return ""
-    reasons = [str(x) for x in entry.get("notes") or [] if x]
+    reasons = [f"{k}: {why}" for k, why in _missing(entry)]
+    reasons += [str(x) for x in entry.get("notes") or [] if x and not any(str(x) in r for r in reasons)]
     for key in ("reason", "metrics_error", "error"):
         if entry.get(key):
             reasons.append(str(entry[key]))
     return "; ".join(reasons) or "metrics.json records no metric and no reason for this task"
+
+
+def _missing(entry: dict[str, Any]) -> list[tuple[str, str]]:
+    """Requested metrics that produced no number, with the reason the engine recorded."""
+    missing = entry.get("missing_metrics")
+    return [(str(k), str(v)) for k, v in missing.items()] if isinstance(missing, dict) else []
 
 
 def _failures(entry: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, str]:
@@ -202,13 +209,15 @@ def _extremes(entry: dict[str, Any], samples: list[dict[str, Any]], k: int
     hib = recorded_direction(entry["metrics"][metric])
     if hib is None:
         return [], f"No best/worst samples: metrics.json does not record whether higher {metric} is better."
-    scored = [s for s in samples if not s.get("failure") and finite((s.get("per_sample") or {}).get(metric)) is not None]
+    scored = [s for s in samples
+              if not s.get("failure") and finite((s.get("per_sample") or {}).get(metric)) is not None]
     if len(scored) < 2:
         return [], ""
     ranked = sorted(scored, key=lambda s: float(s["per_sample"][metric]), reverse=hib)
     k = min(k, len(ranked) // 2)
     way = "highest" if hib else "lowest"
-    return [(f"Best samples by {metric} ({way} first)", ranked[:k]), (f"Worst samples by {metric}", ranked[::-1][:k])], ""
+    return [(f"Best samples by {metric} ({way} first)", ranked[:k]),
+            (f"Worst samples by {metric}", ranked[::-1][:k])], ""
 
 
 def _task_view(run_dir: Path, i: int, task: str, entry: dict[str, Any], emb: ImageEmbedder, max_samples: int,
@@ -241,6 +250,7 @@ def _task_view(run_dir: Path, i: int, task: str, entry: dict[str, Any], emb: Ima
     return {"name": task, "slug": f"task-{i}", "info": info,
             "metric_headers": ["metric", "value", "95% CI", "n", "better", "scale"],
             "metric_rows": _task_metric_rows(entry), "no_metrics": _no_metrics_reason(entry),
+            "not_computed": _missing(entry) if entry.get("metrics") else [],
             "failures": list(fails.items())[:MAX_FAILURES_SHOWN], "n_failures": len(fails),
             "extremes": [(h, [card(s) for s in group]) for h, group in extremes], "extremes_note": note,
             "cards": [card(s) for s in shown],

@@ -28,8 +28,9 @@ from reports.runtable import (  # noqa: F401 - re-exported: the leaderboard's pu
     FIXED_COLUMNS, LEADERBOARD_COLUMNS, Sweep, collect_runs, find_sweeps, flatten, model_info, settings_columns,
 )
 
-__all__ = ["ReportError", "BASELINES_CSV", "collect_runs", "leaderboard", "load_baselines", "pivot",
-           "find_sweeps", "model_info", "flatten", "display_table", "entry_label", "settings_columns"]
+__all__ = ["ReportError", "BASELINES_CSV", "FIXED_COLUMNS", "LEADERBOARD_COLUMNS", "Sweep", "collect_runs",
+           "leaderboard", "load_baselines", "pivot", "find_sweeps", "model_info", "flatten", "display_table",
+           "entry_label", "settings_columns", "protocol_gaps"]
 
 BASELINES_CSV = Path(__file__).with_name("baselines.csv")
 BASELINE_COLUMNS = ["model", "task", "metric", "value", "source", "notes"]
@@ -89,6 +90,13 @@ def _protocol_text(r: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _whole(v: Any) -> Any:
+    """30000.0 (a number column with gaps is float) -> 30000, so values read the same."""
+    if hasattr(v, "item") and not isinstance(v, str):
+        v = v.item()
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 def protocol_gaps(row: dict[str, Any], published: pd.DataFrame) -> list[str]:
     """What in a measured row's protocol differs from the published rows of its task/metric:
     another split or resolution, fewer samples, or a candidates/k/shots value no paper row used.
@@ -99,11 +107,11 @@ def protocol_gaps(row: dict[str, Any], published: pd.DataFrame) -> list[str]:
               ("candidates", "candidates", "{} candidates (published: {})"),
               ("k", "k", "k={} retrieved (published: {})"), ("shots", "shots", "{}-shot (published: {})"))
     for pub_col, col, text in checks:
-        known = sorted({v for v in published[pub_col] if not is_missing(v)}, key=str)
-        mine = row.get(col)
+        known = sorted({_whole(v) for v in published[pub_col] if not is_missing(v)}, key=str)
+        mine = None if is_missing(row.get(col)) else _whole(row.get(col))
         if not known:
             continue
-        if is_missing(mine):
+        if mine is None:
             gaps.append(text.format("not recorded", "/".join(map(str, known))))
         elif pub_col == "n":
             if int(mine) < min(known):
@@ -162,8 +170,11 @@ def leaderboard(df: pd.DataFrame, baselines: bool = True, baselines_path: Path =
         pub["comparable"] = None
         pub["protocol"] = [_protocol_text(r) for r in pub.to_dict("records")]
         parts.append(pub)
-    frames = [p.astype(object) if p is not measured else p for p in parts if not p.empty] or [measured]
+    # object columns on both sides: concat then never drops all-NA columns' dtypes (pandas 2 warns)
+    frames = [p.astype(object) for p in parts if not p.empty] or [measured.astype(object)]
     out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
+    if "n" in out:
+        out["n"] = pd.to_numeric(out["n"], errors="coerce").astype("Int64")
     lead = ["source", "model", "run", "task", "metric", "value", "ci_low", "ci_high", "n"]
     out = out[[c for c in lead if c in out] + [c for c in out.columns if c not in lead]]
     for c in ("task", "metric", "run", "model"):

@@ -150,7 +150,10 @@ def _vqa_badge(s: dict[str, Any]) -> dict[str, str] | None:
         acc = min(1.0, sum(_norm(r) == pred for r in refs) / 3.0)
     if acc is None:
         return None
-    cls, word = ("ok", "correct") if acc >= 0.999 else (("bad", "incorrect") if acc <= 0 else ("partial", "partly correct"))
+    if acc >= 0.999:
+        cls, word = "ok", "correct"
+    else:
+        cls, word = ("bad", "incorrect") if acc <= 0 else ("partial", "partly correct")
     return {"cls": cls, "word": f"{word} ({acc * 100:.0f}%{', estimated' if estimated else ''})"}
 
 

@@ -1,4 +1,7 @@
-"""Task registry: `tasks.list()`, `tasks.get(name)`, `tasks.suites()` (see tasks/registry.py)."""
+"""WHAT to evaluate: the task registry (`tasks.list()`, `tasks.get(name)`, `tasks.suites()`;
+tasks/registry.py), the spec schema (tasks/spec.py), the loaders for the official layouts and the
+data roots (tasks/loaders.py), the one image opener (tasks/images.py), the one cache folder
+(tasks/cache.py), and the demo world (tasks/shapes/). Imports only cm3leon."""
 
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ from typing import Any, Union
 import yaml
 
 from cm3leon.errors import Cm3evalError
+from cm3leon.families import ROLE_PLACEHOLDERS
 from cm3leon.sampling import SamplingConfig
 
 from .yamlio import YAMLLimitError, safe_load
@@ -312,10 +313,13 @@ def _check_template(template: str, allowed: set[str], where: str, src: str) -> N
         names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as e:
         raise SpecError(f"{src}: {where}: not a valid template ({e})") from None
-    bad = sorted(n for n in names if n not in allowed)
+    # {eot}, {boi}, ...: special tokens named by role (cm3leon/families.py), encoded to the
+    # checkpoint family's ids; the family check (does this family have the role) is the prompt's
+    bad = sorted(n for n in names if n not in allowed and n not in ROLE_PLACEHOLDERS)
     if bad:
         ok = ", ".join("{" + a + "}" for a in sorted(allowed)) or "no placeholders"
-        raise SpecError(f"{src}: {where}: unknown placeholder {{{bad[0]}}} (allowed here: {ok})")
+        raise SpecError(f"{src}: {where}: unknown placeholder {{{bad[0]}}} (allowed here: {ok}, "
+                        f"and the special roles {', '.join('{' + r + '}' for r in sorted(ROLE_PLACEHOLDERS))})")
 
 
 def _check_sampling(gen: GenerationSpec, src: str) -> None:

@@ -99,7 +99,7 @@ def tokenizer_hash(path: Path) -> str:
 def main() -> None:
     """Build the golden streams with the OLD predictor (first on sys.path)."""
     from cm3leon import checkpoint
-    from evals.engine import Item
+    from evals.protocol import Item
     from evals.predict import ModelPredictor, sampling_config
 
     bundle = checkpoint.load("demo")

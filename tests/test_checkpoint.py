@@ -366,3 +366,29 @@ def test_public_api_is_importable_lazily():
     assert out.returncode == 0, out.stderr[-1000:]
     for name in ("load", "save", "ModelConfig", "Sampler", "SamplingConfig", "GenerationRequest", "DocumentCodec"):
         assert name in out.stdout
+
+
+def test_metas_model_parallel_shards_merge_to_the_same_model(hf_folder, meta_release, tmp_path):
+    """Chameleon-30B's layout: consolidated.00/.01.pth, each holding half of every split tensor."""
+    import shutil
+
+    root = tmp_path / "mp"
+    shutil.copytree(meta_release, root)
+    model_dir = root / "models" / "7b"
+    full = torch.load(model_dir / "consolidated.pth", weights_only=True)
+    (model_dir / "consolidated.pth").unlink()
+    split_dim = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
+    shards: list[dict[str, torch.Tensor]] = [{}, {}]
+    for k, v in full.items():
+        leaf = k.split(".")[-2]
+        dim = 1 if k == "tok_embeddings.weight" else 0 if k == "output.weight" else split_dim.get(leaf)
+        for i in range(2):
+            shards[i][k] = v.chunk(2, dim=dim)[i].clone() if dim is not None else v.clone()
+    for i, sd in enumerate(shards):
+        torch.save(sd, model_dir / f"consolidated.{i:02d}.pth")
+    merged = checkpoint.load(root)
+    ref = checkpoint.load(meta_release)
+    tokens, valid = _mixed_batch(ref.config)
+    with torch.no_grad():
+        assert torch.equal(merged.model(tokens, valid), ref.model(tokens, valid))
+    assert len(checkpoint.inspect(root).files) == 2

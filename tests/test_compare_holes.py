@@ -108,7 +108,8 @@ def test_missing_metrics_fail_unless_allowed(tmp_path):
 
 def test_nan_null_and_absent_task_fail(tmp_path):
     a = write_run(tmp_path, "a", {"t": {"metrics": {"acc": m(50.0, True)}}, "u": {"metrics": {"acc": m(1.0, True)}}})
-    nan = write_run(tmp_path, "nan", {"t": {"metrics": {"acc": m(None, True)}}, "u": {"metrics": {"acc": m(1.0, True)}}})
+    nan = write_run(tmp_path, "nan", {"t": {"metrics": {"acc": m(None, True)}},
+                                      "u": {"metrics": {"acc": m(1.0, True)}}})
     no_task = write_run(tmp_path, "notask", {"t": {"metrics": {"acc": m(50.0, True)}}})
     assert compare(str(a), str(nan))[0] == 1
     assert verdicts(str(a), str(nan))[("t", "acc")] == "missing"

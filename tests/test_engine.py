@@ -156,6 +156,25 @@ def test_progress_without_a_terminal_is_plain_log_lines(tmp_path, root, capsys):
     assert "\x1b" not in "".join(got) and "\r" not in "".join(got)  # no terminal control codes
 
 
+def test_progress_mode_follows_the_terminals(monkeypatch):
+    import io
+
+    from evals.progress import resolve_mode
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Tty())
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert resolve_mode(None) == "rich" and resolve_mode("auto") == "rich"
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # `cm3eval run ... | tee log`
+    assert resolve_mode(None) == "plain"
+    assert (resolve_mode(True), resolve_mode(False), resolve_mode("plain")) == ("rich", "off", "plain")
+    with pytest.raises(ValueError, match="progress='bar'"):
+        resolve_mode("bar")
+
+
 def test_plain_progress_logs_about_every_five_percent(capsys):
     from evals.progress import PlainProgress
 

@@ -73,7 +73,8 @@ def test_real_predictor_end_to_end_on_a_tiny_model(tmp_path, shapes_root, tiny_m
     res = _real_run(["shapes-fid", "shapes-vqa", "shapes-edit", *common, "--batch-size", "3",
                      "--set", "metrics.fid.feature_space=model", "--set", "metrics.rank_accuracy.encoder=model",
                      "--set", "metrics.clip_i.encoder=model", "--set", "metrics.clip_t.encoder=model",
-                     "--candidates", "2", "--set", "generation.rerank=true"], monkeypatch, capsys)[str(out)]
+                     "--candidates", "2", "--set", "generation.rerank=true", "--save-candidates"],
+                    monkeypatch, capsys)[str(out)]
     fid = res["shapes-fid"]["metrics"]
     assert "FD-native" in fid and "FID" not in fid and "t2i_R@1" in fid  # an encoder's space is never "FID"
     assert 0 <= res["shapes-vqa"]["metrics"]["accuracy"]["value"] <= 100
@@ -143,7 +144,7 @@ def test_real_predictor_with_retrieval_and_shots(tmp_path, shapes_root, tiny_mod
                      # a random encoder puts everything close together: keep the diversity filter out of the way
                      "--set", "retrieval.max_similarity=1.0",
                      "--set", "metrics.fid.feature_space=model", "--set", "metrics.rank_accuracy.encoder=model"],
-                    monkeypatch)[str(out)]
+                    monkeypatch, capsys)[str(out)]
     assert not res["shapes-fid"]["failures"] and not res["shapes-vqa"]["failures"]
     for task in ("shapes-fid", "shapes-vqa"):
         for r in lines(out / task):

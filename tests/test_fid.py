@@ -491,3 +491,19 @@ def test_score_fid_cli(weights_file, image_sets, tmp_path):
     assert res3.exit_code == 2 and WEIGHTS_FILENAME in res3.output
     res4 = CliRunner().invoke(app, [str(tmp_path / "gen"), "--weights", str(weights_file)])
     assert res4.exit_code != 0 and "exactly one of REF_DIR or --ref-stats" in res4.output
+
+
+def test_the_split_modules_are_the_public_api(tmp_path, monkeypatch):
+    """fid.py re-exports its seams (stats, resize, features); one square crop; one cache variable."""
+    from evals.metrics import fid_features, fid_resize, fid_stats
+
+    assert M.FeatureStats is fid_stats.FeatureStats and M.frechet_distance is fid_stats.frechet_distance
+    assert M.preprocess is fid_resize.preprocess and M.square_resize is fid_resize.square_resize
+    assert M.Extractor is fid_features.Extractor and M.inception_extractor is fid_features.inception_extractor
+    img = Image.new("RGB", (40, 20), (10, 20, 30))
+    assert fid_resize.square_resize(img, 16).size == (16, 16)
+    monkeypatch.setenv("CM3EVAL_CACHE", str(tmp_path / "c"))
+    assert M.default_cache_dir() == tmp_path / "c" / "fid-stats"
+    monkeypatch.delenv("CM3EVAL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert M.default_cache_dir() == tmp_path / "x" / "cm3eval" / "fid-stats"

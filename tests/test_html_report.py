@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import html as html_lib
 import io
 import json
 import re
@@ -104,16 +106,17 @@ def make_report_run(tmp: Path) -> Path:
         "run": {"created": "2024-01-01T00:00:00", "versions": {"cm3eval": "0.1.0"}, "git_hash": "abc123",
                 "model": "zoo/demo", "model_fingerprint": "fp-1", "argv": ["cm3eval", "run", "demo", "</script><!--"]},
         "tasks": {
-            "t2i-cfg1": {"metrics": {"FD-demo": {"value": 30.0, "ci": [28.0, 32.0], "n": 3}},
+            "t2i-cfg1": {"metrics": {"FD-demo": {"value": 30.0, "ci": [28.0, 32.0], "n": 3, "higher_is_better": False}},
                          "failures": [], "config_hash": "h1", "n_samples": 3},
-            "t2i-cfg3": {"metrics": {"FD-demo": {"value": 22.0, "ci": [20.5, 23.0], "n": 1}},
+            "t2i-cfg3": {"metrics": {"FD-demo": {"value": 22.0, "ci": [20.5, 23.0], "n": 1, "higher_is_better": False}},
                          "failures": [], "config_hash": "h3", "n_samples": 1},
-            "caption": {"metrics": {"CIDEr": {"value": 1.2333, "ci": [0.4, 2.0], "n": 3}},
+            "caption": {"metrics": {"CIDEr": {"value": 1.2333, "ci": [0.4, 2.0], "n": 3, "higher_is_better": True},
+                                     "BLEU-4": {"value": 0.31, "ci": None, "n": 3, "higher_is_better": True}},
                         "failures": [{"id": "cap-3", "error": "NonFiniteLogitsError: NaN in logits"}],
                         "config_hash": "hc", "n_samples": 4},
-            "vqa": {"metrics": {"accuracy": {"value": 50.0, "ci": [0.0, 100.0], "n": 2}},
+            "vqa": {"metrics": {"accuracy": {"value": 50.0, "ci": [0.0, 100.0], "n": 2, "higher_is_better": True}},
                     "failures": [], "config_hash": "hv", "n_samples": 2},
-            "edit": {"metrics": {"L1": {"value": 0.12, "ci": None, "n": 1}},
+            "edit": {"metrics": {"L1": {"value": 0.12, "ci": None, "n": 1, "higher_is_better": False}},
                      "failures": [], "config_hash": "he", "n_samples": 1},
         },
     }
@@ -138,11 +141,13 @@ def _data_uris(html: str) -> list[bytes]:
 def test_hostile_text_is_escaped(report_html):
     assert EVIL not in report_html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in report_html
-    # The only script element is the inert JSON data block.
-    assert re.findall(r"<script\b[^>]*>", report_html) == ['<script type="application/json" id="cm3eval-data">']
+    # The only script elements are the inert JSON data block and the page's own sort script
+    # (allowed by its hash); hostile text never becomes one.
+    assert re.findall(r"<script\b[^>]*>", report_html) == ['<script type="application/json" id="cm3eval-data">',
+                                                           "<script>"]
     # The quoted file name appears only escaped (attribute-safe).
     assert QUOTED_NAME not in report_html
-    assert "we&quot;ird &#x27;name&#x27; &lt;x&gt;.png" in report_html
+    assert "we&#34;ird &#39;name&#39; &lt;x&gt;.png" in report_html
 
 
 def test_embedded_json_cannot_close_its_script(report_html, run_dir):
@@ -209,7 +214,7 @@ def test_bad_inputs_name_the_file(tmp_path):
     samples.write_text('{"id": "a", "index": 0}\n{"id": "b", "ind')  # cut-off last write: skipped
     assert "Samples (showing 1 of 1)" in render_run_report(tmp_path)
     samples.write_text('{"id": "a", "index": 0}\nnot json\n{"id": "c"}\n')
-    with pytest.raises(ReportError, match=r"rank-00000\.jsonl:2: malformed JSON line"):
+    with pytest.raises(ReportError, match=r"rank-00000\.jsonl:2: malformed sample line"):
         render_run_report(tmp_path)
 
 
@@ -224,6 +229,111 @@ def test_cli_report(run_dir, tmp_path):
     assert "Samples (showing 2 of 4)" in (run_dir / "report.html").read_text()
     res = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "not a run folder" in res.output
+
+
+def test_per_task_tabs_and_a_strict_csp(report_html):
+    assert report_html.count('class="tab-radio"') == 5  # one tab per task
+    for task in ("t2i-cfg1", "t2i-cfg3", "caption", "vqa", "edit"):
+        assert f">Task: {task}</h2>" in report_html
+    meta = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', report_html)
+    policy = html_lib.unescape(meta.group(1))
+    assert "unsafe-inline" not in policy and "default-src 'none'" in policy and "img-src data:" in policy
+    script = report_html.split("<script>", 1)[1].split("</script>", 1)[0]
+    style = report_html.split("<style>", 1)[1].split("</style>", 1)[0]
+    for kind, text in (("script-src", script), ("style-src", style)):
+        digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+        assert f"{kind} 'sha256-{digest}'" in policy, kind
+    assert ' style="' not in report_html  # inline style attributes would be blocked by the policy
+
+
+def test_one_scale_per_metric_family(report_html):
+    """CIDEr x100 beside BLEU 0-1 was wrong: the captioning family shares one scale, named."""
+    assert "captioning: pycocoevalcap scores x100 (the papers&#39; scale)" in report_html
+    table = report_html.split('<h2 id="metrics">', 1)[1].split("</table>", 1)[0]
+    assert '<td>CIDEr</td><td class="num">123.3</td>' in table
+    assert '<td>BLEU-4</td><td class="num">31</td>' in table
+    assert "vqa: VQA accuracy in % (0-100)" in table and '<td class="num">50</td>' in table
+    # the "better" column is what metrics.json records, never a guess from the name
+    assert '<td>edit</td><td>L1</td><td class="num">0.12</td><td></td><td class="num">1</td><td>lower</td>' in table
+    assert '<td>vqa</td><td>accuracy</td><td class="num">50</td><td>[0, 100]</td><td class="num">2</td>' \
+           '<td>higher</td>' in table
+    # per-sample scores on the same scale as the table (cap-1's CIDEr 2.5 -> 250)
+    assert "CIDEr 250" in report_html and "accuracy 100" in report_html
+
+
+def test_edit_grid_source_edit_target(report_html):
+    card = report_html.split("make the circle green", 1)[1].split("</article>", 1)[0]
+    assert card.count('<span class="arrow">→</span>') == 2
+    assert '<figure class="reference"><img' in card  # the target is the ground truth
+
+
+def _one_task_run(tmp: Path, task: str, samples: list[dict], entry: dict) -> Path:
+    run = tmp / "one"
+    _write_task(run, task, samples)
+    (run / "metrics.json").write_text(json.dumps({"run": {"model": "zoo/demo"}, "tasks": {task: entry}}))
+    return run
+
+
+def test_t2i_grid_shows_reference_then_candidates_and_codes_only_candidates(tmp_path):
+    run = tmp_path / "one"
+    _png(run / "t2i" / "images" / "ref.png", (10, 10, 200))
+    _png(run / "t2i" / "images" / "gen.png", (200, 10, 10))
+    for c in range(2):
+        _png(run / "t2i" / "images" / f"c{c}.png", (10, 200, 10))
+    with_pngs = {"id": "p0", "index": 0, "seed": 0, "kind": "t2i", "prompt": "a dog", "failure": None,
+                 "images": {"reference": "images/ref.png", "generated": "images/c1.png"},
+                 "candidates": ["images/c0.png", "images/c1.png"], "scores": [0.2, 0.7], "best": 1, "per_sample": {}}
+    codes_only = {"id": "p1", "index": 1, "seed": 1, "kind": "t2i", "prompt": "a cat", "failure": None,
+                  "images": {"reference": "images/ref.png", "generated": "images/gen.png"},
+                  "candidates": [{"codes": [1, 2, 3], "score": 0.1 * j} for j in range(8)], "best": 3,
+                  "per_sample": {}}
+    entry = {"metrics": {"FD-demo": {"value": 1.0, "ci": None, "n": 2, "higher_is_better": False}},
+             "failures": [], "n_samples": 2}
+    html = render_run_report(_one_task_run(tmp_path, "t2i", [with_pngs, codes_only], entry))
+    first = html.split("a dog", 1)[1].split("</article>", 1)[0]
+    assert first.index('<figure class="reference">') < first.index('<figure class="winner">')
+    assert first.count("<figure") == 3 and "#1 · 0.7 ★ reranked best" in first
+    second = html.split("a cat", 1)[1].split("</article>", 1)[0]
+    assert "8 candidates generated, 0 saved as PNG" in second and "generated ★ chosen" in second
+    assert second.count("<img") == 2  # the reference and the chosen image: what exists as PNG
+
+
+def test_no_metrics_says_why(tmp_path):
+    reason = "fid: not computed: FID needs the Inception weights: pt_inception-2015-12-05.pth not found"
+    sample = {"id": "p0", "index": 0, "seed": 0, "kind": "t2i", "prompt": "x", "failure": None, "images": {},
+              "candidates": [], "per_sample": {}}
+    html = render_run_report(_one_task_run(tmp_path, "coco-fid", [sample],
+                                           {"metrics": {}, "failures": [], "n_samples": 1, "notes": [reason]}))
+    assert "No metrics." in html and html.count(reason.replace("not found", "")) >= 2  # summary and the task tab
+    assert "coco-fid: no metrics: fid: not computed" in html
+    # The engine's record of a requested metric that produced no number is shown as it is.
+    entry = {"metrics": {"t2i_R@1": {"value": 40.0, "ci": None, "n": 1, "higher_is_better": True}},
+             "failures": [], "n_samples": 1, "missing_metrics": {"fid": "FID needs the Inception weights"}}
+    (tmp_path / "one" / "metrics.json").write_text(json.dumps({"run": {}, "tasks": {"coco-fid": entry}}))
+    html = render_run_report(tmp_path / "one")
+    assert "fid not computed: FID needs the Inception weights" in html
+    entry["metrics"] = {}
+    (tmp_path / "one" / "metrics.json").write_text(json.dumps({"run": {}, "tasks": {"coco-fid": entry}}))
+    assert "No metrics: fid: FID needs the Inception weights" in render_run_report(tmp_path / "one")
+
+
+def test_unrecorded_direction_is_shown_as_unknown_not_guessed(tmp_path):
+    samples = [{"id": f"e{i}", "index": i, "seed": i, "kind": "edit", "prompt": "p", "failure": None, "images": {},
+                "per_sample": {"L2 (MSE)": 0.1 * i}} for i in range(4)]
+    entry = {"metrics": {"L2 (MSE)": {"value": 0.15, "ci": None, "n": 4}}, "failures": [], "n_samples": 4}
+    html = render_run_report(_one_task_run(tmp_path, "edit", samples, entry))
+    assert "<td>unknown</td>" in html and "Best samples" not in html
+    assert "does not record whether higher L2 (MSE) is better" in html
+
+
+def test_html_comes_from_templates():
+    """No HTML in f-strings and no hand escaping in the Python of the report."""
+    src = Path(__file__).parent.parent / "reports"
+    for name in ("html.py", "samples.py", "images.py", "svg.py", "publish.py"):
+        text = (src / name).read_text()
+        tag = r"""f["'][^"'\n]*<(div|td|tr|table|figure|img|span|li|svg|text|circle|h\d|p)\b"""
+        assert not re.search(tag, text), name
+        assert "esc(" not in text and "from html import" not in text, name
 
 
 @pytest.mark.browser
@@ -245,8 +355,22 @@ def test_report_renders_in_chromium(run_dir, report_html):
             assert page.locator("h1").first.is_visible()
             imgs = page.evaluate("[...document.images].map(i => [i.complete, i.naturalWidth])")
             assert len(imgs) == 21 and all(c and w > 0 for c, w in imgs), imgs
-            assert EVIL in page.inner_text("body")  # shown as text
-            assert page.evaluate("[...document.scripts].map(s => s.type)") == ["application/json"]
+            page.click("label[for=tab-2]")  # the caption task's tab
+            assert page.locator("#panel-2").is_visible() and not page.locator("#panel-0").is_visible()
+            assert EVIL in page.inner_text("#panel-2")  # shown as text
+            tools = page.locator('.sample-tools[data-grid="grid-2"]')
+            tools.locator(".sort-by").select_option("CIDEr")
+            tools.locator(".sort-order").select_option("desc")
+            order = "[...document.querySelectorAll('#grid-2 .sample')].filter(c => !c.hidden).map(c => c.dataset.index)"
+            assert page.evaluate(order) == ["1", "2", "0", "3"]  # CIDEr 250, 100, 20, then the failed one
+            tools.locator(".sort-order").select_option("asc")
+            assert page.evaluate(order) == ["0", "2", "1", "3"]
+            tools.locator(".min-score").fill("50")
+            assert page.evaluate(order) == ["2", "1"] and tools.locator(".shown-count").inner_text() == "2 of 4 shown"
+            tools.locator(".min-score").fill("")
+            tools.locator(".failed-only").check()
+            assert page.evaluate(order) == ["3"]
+            assert page.evaluate("[...document.scripts].map(s => s.type)") == ["application/json", ""]
             assert page.locator("svg.chart").count() >= 1
             page.screenshot(path="/tmp/report.png", full_page=True)
         finally:

@@ -161,3 +161,120 @@ def test_selection_prefix_and_shots_are_deterministic(root):
     attach_shots(again, support, spec)
     assert [[x.id for x in s.shots] for s in five] == [[x.id for x in s.shots] for s in again]
     assert all(len(s.shots) == 2 and s.id not in [x.id for x in s.shots] for s in five)
+
+
+# ----------------------------------------------------------------------------- data roots, symlinks, duplicates
+def _coco_copy(root: Path, dst: Path) -> Path:
+    """A copy of the COCO fixture's val2014 captions and images (files, not links)."""
+    fixtures.copy_tree(root / "val2014", dst / "val2014")
+    (dst / "annotations").mkdir(parents=True)
+    src = root / "annotations" / "captions_val2014.json"
+    (dst / "annotations" / "captions_val2014.json").write_bytes(src.read_bytes())
+    return dst
+
+
+def test_symlinks_are_resolved_before_the_root_check(tmp_path, root):
+    from tasks.images import ImageError, open_image
+
+    data = _coco_copy(root, tmp_path / "data")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.jpg"
+    first = sorted((data / "val2014").iterdir())[0]
+    secret.write_bytes(first.read_bytes())
+    first.unlink()
+    first.symlink_to(secret)  # an image inside the root that points outside it
+    rel = f"val2014/{first.name}"
+    with pytest.raises(ImageError, match=r"outside the data root"):
+        open_image(rel, root=data)
+    assert open_image(str(secret)).size  # the same file opened as what it is: fine
+    # an annotation file linked from outside is refused too, naming the role
+    ann = data / "annotations" / "captions_val2014.json"
+    moved = outside / "captions.json"
+    moved.write_bytes(ann.read_bytes())
+    ann.unlink()
+    ann.symlink_to(moved)
+    with pytest.raises(DataError, match=r"dataset.files.annotations: .*outside the data root"):
+        load("coco-fid", data)
+    # a data root that is itself a link (~/data -> /mnt/data) is fine: the root is resolved too
+    ann.unlink()
+    ann.write_bytes(moved.read_bytes())
+    (tmp_path / "link").symlink_to(data)
+    _, ds = load("coco-fid", tmp_path / "link")
+    assert open_image(ds.samples[1].image, root=tmp_path / "link").mode == "RGB"
+
+
+def test_one_image_id_with_two_file_names_is_refused_naming_both(tmp_path, root):
+    data = _coco_copy(root, tmp_path / "coco")
+    ann = data / "annotations" / "captions_val2014.json"
+    d = json.loads(ann.read_text())
+    twin = dict(d["images"][0], file_name="other.jpg")
+    d["images"].append(twin)
+    d["images"].append(dict(d["images"][1]))  # the same entry twice is harmless
+    ann.write_text(json.dumps(d))
+    with pytest.raises(DataError) as e:
+        load("coco-fid", data)
+    first = d["images"][0]
+    assert f"image id {first['id']} is both {first['file_name']!r} and 'other.jpg'" in str(e.value)
+    fixtures.write_mini_vizwiz(tmp_path / "vw")
+    f = tmp_path / "vw" / "vizwiz" / "Annotations" / "val.json"
+    items = json.loads(f.read_text())
+    stem = Path(items[0]["image"]).stem
+    items[1]["image"] = f"{stem}.png"  # same id (file stem), another file
+    f.write_text(json.dumps(items))
+    with pytest.raises(DataError, match=rf"image id '{stem}' is both '{stem}.jpg' and '{stem}.png'"):
+        load("vizwiz", tmp_path / "vw")
+
+
+def test_resolve_data_root(tmp_path, monkeypatch):
+    from tasks.cache import cache_dir
+    from tasks.loaders import resolve_data_root
+
+    monkeypatch.setenv("CM3EVAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CM3EVAL_DATA_ROOT", raising=False)
+    vqa, shapes = tasks.get("vqav2"), tasks.get("shapes-vqa")
+    assert resolve_data_root(vqa, tmp_path / "d") == tmp_path / "d"
+    assert resolve_data_root(shapes, None, build=False) == tmp_path / "cache" / "shapes" == cache_dir("shapes")
+    with pytest.raises(DataError, match="no data root; pass --data-root DIR"):
+        resolve_data_root(vqa, None)
+    monkeypatch.setenv("CM3EVAL_DATA_ROOT", str(tmp_path / "env"))
+    assert resolve_data_root(vqa, None) == tmp_path / "env"
+    assert resolve_data_root(shapes, None, build=False) == tmp_path / "cache" / "shapes"  # built-in wins
+
+
+def test_cache_dir_is_one_variable(monkeypatch, tmp_path):
+    from tasks.cache import cache_dir
+
+    monkeypatch.setenv("CM3EVAL_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "c" and cache_dir("fid-stats") == tmp_path / "c" / "fid-stats"
+    monkeypatch.delenv("CM3EVAL_CACHE")
+    assert cache_dir() == tmp_path / "xdg" / "cm3eval"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "cm3eval"
+
+
+def test_the_one_image_opener(tmp_path):
+    from PIL import Image
+
+    from tasks.images import ImageError, open_image
+
+    Image.new("RGBA", (40, 20), (255, 0, 0, 128)).save(tmp_path / "a.png")
+    im = open_image(tmp_path / "a.png")
+    assert im.mode == "RGB" and im.size == (40, 20)
+    assert open_image(tmp_path / "a.png", mode=None).mode == "RGBA"
+    assert open_image("a.png", root=tmp_path, max_side=10).size == (10, 5)
+    with pytest.raises(ImageError, match=r"^missing image b.png$"):
+        open_image("b.png", root=tmp_path)
+    fixtures.corrupt(tmp_path / "a.png") if hasattr(fixtures, "corrupt") else (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(ImageError, match=r"^corrupt or unreadable image .*a.png: "):
+        open_image(tmp_path / "a.png")
+    Image.new("L", (300, 300)).save(tmp_path / "big.png")
+    with pytest.raises(ImageError, match="over the 10,000-pixel limit"):
+        open_image(tmp_path / "big.png", max_pixels=10_000)
+    with pytest.raises(ValueError):  # engine and scoring treat it as a per-sample data failure
+        open_image("../x.png", root=tmp_path)
+    from cm3leon.errors import Cm3evalError
+
+    assert issubclass(ImageError, DataError) and issubclass(DataError, Cm3evalError)

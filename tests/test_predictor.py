@@ -11,9 +11,9 @@ import tasks
 from cm3leon import checkpoint, families
 from cm3leon.config import ModelConfig
 from cm3leon.errors import Cm3evalError
-from evals.engine import Batch, Item
+from evals.protocol import Batch, Item
 from evals.predictor import (ModelPredictor, PredictorSetupError, estimated_seq_len, kv_batch_size,
-                             task_batch_size)
+                             sampling_config, task_batch_size)
 from tasks.loaders import Sample
 
 
@@ -99,3 +99,34 @@ def test_batch_size_follows_the_tasks_sequence_and_streams():
 
     big = dataclasses.replace(cfg, n_layers=2)
     assert task_batch_size(big, cap, "cpu", torch.float32) > auto_batch_size(big, "cpu", torch.float32)
+
+
+# ----------------------------------------------------------------------------- a real-layout Chameleon
+from chameleon_fixture import chameleon_files  # noqa: E402,F401  (the model helper's HF fixture)
+
+
+def test_chameleon_checkpoint_through_the_predictor(chameleon_files, tmp_path):
+    """A tiny random HF Chameleon (real ids) + Meta's vqgan.ckpt: t2i with CFG and VQA both run,
+    in Chameleon's layout, with every <...> special barred from the answer."""
+    from PIL import Image
+
+    b = checkpoint.load(chameleon_files.hf, vq=chameleon_files.vq_dir / "vqgan.ckpt")
+    pred = ModelPredictor(b, batch_size=2)
+    assert pred.family is families.CHAMELEON
+    eot, boi = b.tokenizer.token_to_id("<reserved08706>"), b.tokenizer.token_to_id("<racm3:break>")
+    assert (eot, boi) == (8710, 8197)
+    spec = tasks.get("coco-fid")
+    spec = dataclasses.replace(spec, retrieval=dataclasses.replace(spec.retrieval, enabled=False),
+                               generation=dataclasses.replace(spec.generation, n_candidates=2, rerank=False))
+    items = [Item(sample=Sample(id="p", kind="t2i", text="a red dog", seed=5, index=0), images={})]
+    req, _, _ = pred._request(spec, items[0], sampling_config(spec), ([], []))
+    assert req.prompt[0] == 0 and req.prompt[-2:] == [eot, boi] and req.uncond_prompt == [0, boi]
+    out, = pred.predict(Batch(task=spec, items=items, data_root=tmp_path))
+    assert len(out["extra"]["codes"]) == 2 and out["images"]["output"].size[0] == b.vq.config.resolution
+    vqa = tasks.get("vqav2")
+    img = Image.new("RGB", (40, 40), (10, 200, 30))
+    q = [Item(sample=Sample(id="q", kind="vqa", text="what color is the dog", seed=1, index=0), images={"image": img})]
+    ans, = pred.predict(Batch(task=vqa, items=q, data_root=tmp_path))
+    assert isinstance(ans["prediction"], str)
+    barred = set(pred.codec.text_barred())
+    assert {0, 1, 3, 8196, 8197, 8710, 8711} <= barred and 2 not in barred

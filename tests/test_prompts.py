@@ -112,7 +112,7 @@ def test_demo_streams_equal_the_first_edition_predictor(demo_codec):
 def test_demo_predictor_builds_the_golden_requests():
     """The same, through ModelPredictor._request on the shipped demo bundle (retrieval given)."""
     from cm3leon import checkpoint
-    from evals.engine import Item
+    from evals.protocol import Item
     from evals.predictor import ModelPredictor, sampling_config
 
     golden = _golden()

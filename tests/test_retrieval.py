@@ -392,7 +392,10 @@ def test_bank_build_from_the_official_coco_layout_with_an_hf_clip_folder(tmp_pat
     rec = bank.record(3)
     assert rec["id"] == "11" and rec["text"] == "shape 1 picture 1" and rec["image"] == "COCO_train2014_000000000001.jpg"
     assert bank.doc(3).image.size == (44, 32)  # images resolve under train2014/
-    # --limit, and one line naming the missing file and the official layout
+    res = runner.invoke(bank_app, ["build", "--coco-root", str(root), "--encoder", str(tmp_path / "clip"),
+                                   "--out", str(tmp_path / "small"), "--limit", "5", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output.strip().splitlines()[-1])["count"] == 5
+    # one line naming the missing file and the official layout
     res = runner.invoke(bank_app, ["build", "--coco-root", str(root), "--split", "val2014", "--encoder",
                                    str(tmp_path / "clip"), "--out", str(tmp_path / "b2")])
     assert res.exit_code == 2 and "captions_val2014.json" in res.output and "official layout" in res.output

@@ -169,3 +169,24 @@ def test_stale_lock_without_flock_is_judged_by_pid(tmp_path, monkeypatch):
     (run / runs.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
     with pytest.raises(runs.RunLockedError, match="host elsewhere"):
         runs.RunLock(run).acquire()
+
+
+def test_unreadable_images_by_recorded_size_or_by_verify(tmp_path):
+    from PIL import Image
+
+    task = tmp_path / "task"
+    (task / "images").mkdir(parents=True)
+    n = runs.save_png(Image.new("RGB", (40, 40), (10, 200, 30)), task / "images" / "a.png")
+    runs.save_png(Image.new("RGB", (40, 40), (1, 2, 3)), task / "images" / "b.png")
+    assert n == (task / "images" / "a.png").stat().st_size
+    line = {"images": {"output": "images/a.png"}, "candidates": ["images/b.png"],
+            "image_bytes": {"images/a.png": n}}
+    assert runs.unreadable_images(task, line) == []
+    old_line = {k: v for k, v in line.items() if k != "image_bytes"}  # a line of an older version
+    assert runs.unreadable_images(task, old_line) == []
+    for path in (task / "images" / "a.png", task / "images" / "b.png"):
+        path.write_bytes(path.read_bytes()[:50])  # truncated
+    assert runs.unreadable_images(task, line) == ["images/a.png", "images/b.png"]
+    assert runs.unreadable_images(task, old_line) == ["images/a.png", "images/b.png"]
+    (task / "images" / "a.png").unlink()
+    assert runs.unreadable_images(task, line)[0] == "images/a.png"

@@ -266,3 +266,10 @@ def test_yaml_alias_bomb_is_refused_fast(tmp_path):
     # ordinary anchors stay usable
     ok = GOOD.replace("max_new_tokens: 5", "max_new_tokens: &five 5").replace("top_p: 0.9", "top_p: 0.9\n  cdk_k: *five")
     assert load_spec(write(tmp_path, ok, "ok.yaml")).generation.cdk_k == 5
+
+
+def test_templates_may_name_special_roles(tmp_path):
+    ok = GOOD.replace('"Question: {question} Answer:"', '"Question: {question}{eot} Answer:"')
+    assert load_spec(write(tmp_path, ok, "roles.yaml")).prompt.template.endswith("{eot} Answer:")
+    msg = err(tmp_path, GOOD.replace("{question}", "{question}{eos_token}"))
+    assert "unknown placeholder {eos_token}" in msg and "{eot}" in msg

@@ -149,7 +149,9 @@ def write_views(run_dirs: list[Path], parent: Path) -> None:
             log.warning("%s/report.html not written: %s: %s", run_dir, type(e).__name__, e)
     if len(run_dirs) > 1:
         try:
-            from reports.leaderboard import collect_runs, leaderboard, write_leaderboard
+            from reports.leaderboard import leaderboard
+            from reports.publish import write_leaderboard
+            from reports.runtable import collect_runs
 
             write_leaderboard(leaderboard(collect_runs(run_dirs)), parent)
         except Exception as e:  # noqa: BLE001
@@ -206,7 +208,7 @@ def run(
     shorthands = dict(retrieval_k=retrieval_k, cfg_scale=cfg_scale, cdk_alpha=cdk_alpha, candidates=candidates,
                       limit=limit)
     plan = build_plan(RunRequest(tuple(names), tuple(set_), tuple(sweep), shorthands, model, data_root, out, vq,
-                                 max_failures, inspect_model=factory is None))
+                                 max_failures, tp=tp, inspect_model=factory is None))
     code = execute(plan, PredictorSettings(plan.model, device, dtype, batch_size, vq, compile_, tp, save_candidates),
                    factory, overwrite=overwrite, data_root=data_root, as_json=json_)
     if code:

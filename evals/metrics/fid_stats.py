@@ -310,11 +310,11 @@ def load_stats_file(path: Path) -> FeatureStats | tuple[np.ndarray, np.ndarray]:
 
 
 def default_cache_dir() -> Path:
-    """Where reference statistics are cached: $CM3EVAL_CACHE/fid-stats (the one cache variable),
-    else $XDG_CACHE_HOME/cm3eval/fid-stats, else ~/.cache/cm3eval/fid-stats."""
-    if os.environ.get("CM3EVAL_CACHE"):
-        return Path(os.environ["CM3EVAL_CACHE"]).expanduser() / "fid-stats"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "cm3eval" / "fid-stats"
+    """Where reference statistics are cached: <the package cache>/fid-stats (tasks.cache: $CM3EVAL_CACHE,
+    else $XDG_CACHE_HOME/cm3eval, else ~/.cache/cm3eval)."""
+    from tasks.cache import cache_dir
+
+    return cache_dir("fid-stats")
 
 
 def cache_path(key: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
