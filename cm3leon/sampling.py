@@ -146,7 +146,7 @@ def auto_batch_size(cfg: ModelConfig, device: str | torch.device = "cpu", dtype:
 
 # ----------------------------------------------------------------------------- the decode loop
 SYNC_EVERY = 16  # text: read the all-done flag once per this many steps (the only host read in the loop)
-KV_BUCKET = 256  # compiled steps attend over a multiple of this many slots: one graph per bucket
+KV_BUCKET = 256  # compiled CUDA steps attend over a multiple of this many slots: one graph per bucket
 TOP_P_PREFILTER = 1024  # text top-p: candidates kept before the nucleus (exactness checked per row)
 
 
@@ -185,6 +185,7 @@ class StepPlan:
     any_cdk: bool
     prefilter: int | None  # text top-p: candidates kept before the nucleus, None = full sort
     pad_id: int
+    static: bool = False  # compiled: logits stay in their buffer (see Sampler._fresh_state)
 
 
 @dataclass
@@ -266,7 +267,11 @@ def decode_step(model: Transformer, state: DecodeState, plan: StepPlan, kv_len: 
     _record_non_finite(state)
     nxt = _record(_choose(state.logits, state, plan), state, plan)
     if kv_len is not None:
-        state.logits = model.step_tensors(nxt.repeat(plan.n_streams), state.cache, kv_len).float()
+        logits = model.step_tensors(nxt.repeat(plan.n_streams), state.cache, kv_len).float()
+        if plan.static:
+            state.logits.copy_(logits)  # compiled: one buffer in, the same buffer out
+        else:
+            state.logits = logits
     state.step.add_(1)
 
 
@@ -299,6 +304,7 @@ class Sampler:
         self.compiled = compile
         self.top_p_prefilter = top_p_prefilter
         self._step_fn = _compiled_step(device) if compile else decode_step
+        self._reusable: dict[tuple[int, ...], DecodeState] = {}
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig,
@@ -345,7 +351,7 @@ class Sampler:
                         columns=self.image_columns if image else None,
                         barred=None if image else ~self.text_allowed, is_stop=is_stop,
                         any_cdk=any_cdk and sampling.cdk_alpha is not None, prefilter=prefilter,
-                        pad_id=self.cfg.pad_id)
+                        pad_id=self.cfg.pad_id, static=self.compiled)
 
     def prefill(self, requests, batch: list[_Sample], sampling: SamplingConfig, modality: str, *,
                 exact: bool = False) -> tuple[DecodeState, StepPlan]:
@@ -359,29 +365,57 @@ class Sampler:
             raise ValueError("empty prompt: every stream needs at least one token (e.g. <bos>)")
         T = max(len(p) for p in rows)
         limits = [cfg.image_seq_len if modality == "image" else requests[s.request].max_new_tokens for s in batch]
-        budget = max(limits)
         tokens = torch.full((len(rows), T), cfg.pad_id, dtype=torch.long)
         valid = torch.zeros(len(rows), T, dtype=torch.bool)
         for i, p in enumerate(rows):
             tokens[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
             valid[i, T - len(p):] = True
-        cache = self.model.new_cache(len(rows), T + budget, device=dev)
-        logits = self.model.prefill(tokens.to(dev), valid.to(dev), cache, last_only=True)[:, -1].float()
-        state = DecodeState(
-            logits=logits, cache=cache, out=torch.full((b, budget), -1, dtype=torch.long, device=dev),
-            done=torch.zeros(b, dtype=torch.bool, device=dev), stopped=torch.zeros(b, dtype=torch.bool, device=dev),
-            limits=torch.tensor(limits, device=dev),
-            uniforms=sample_uniforms([s.seed for s in batch], [s.candidate for s in batch], budget, dev),
-            cdk_rows=torch.tensor([s.cdk for s in batch], device=dev),
-            step=torch.zeros(1, dtype=torch.long, device=dev),
-            bad_step=torch.full((len(rows),), -1, dtype=torch.long, device=dev),
-            inexact=torch.zeros(1, dtype=torch.bool, device=dev), budget=budget)
+        state = self._fresh_state(len(rows), b, max(limits), T)
+        logits = self.model.prefill(tokens.to(dev), valid.to(dev), state.cache, last_only=True)[:, -1].float()
+        state.limits.copy_(torch.tensor(limits))
+        state.uniforms.copy_(sample_uniforms([s.seed for s in batch], [s.candidate for s in batch], state.budget, dev))
+        state.cdk_rows.copy_(torch.tensor([s.cdk for s in batch]))
+        if self.compiled:
+            state.logits.copy_(logits)  # the compiled step reads and writes this one buffer
+        else:
+            state.logits = logits
         return state, self.plan(sampling, modality, n_streams, any(s.cdk for s in batch), exact)
+
+    def _fresh_state(self, n_rows: int, b: int, budget: int, prompt_len: int) -> DecodeState:
+        """The step state of a batch. Compiled, the last batch's tensors are reset and reused when
+        the shapes match (the cache length rounded up to a KV bucket so they usually do): CUDA graphs
+        then replay on the same addresses instead of being captured again for every batch."""
+        dev, max_len = self.device, prompt_len + budget
+        if self.compiled:
+            max_len = -(-max_len // KV_BUCKET) * KV_BUCKET
+        key = (n_rows, b, budget, max_len)
+        state = self._reusable.get(key)
+        if state is not None:
+            state.cache.reset()
+            for t, value in ((state.out, -1), (state.done, 0), (state.stopped, 0), (state.step, 0),
+                             (state.bad_step, -1), (state.inexact, 0)):
+                t.fill_(value)
+            return state
+        self._reusable.clear()  # one batch's worth of buffers at a time: a KV cache can be most of a GPU
+        state = DecodeState(
+            logits=torch.zeros(n_rows, self.cfg.vocab_size, device=dev), cache=self.model.new_cache(n_rows, max_len, device=dev),
+            out=torch.full((b, budget), -1, dtype=torch.long, device=dev),
+            done=torch.zeros(b, dtype=torch.bool, device=dev), stopped=torch.zeros(b, dtype=torch.bool, device=dev),
+            limits=torch.zeros(b, dtype=torch.long, device=dev), uniforms=torch.zeros(b, budget, dtype=torch.float64, device=dev),
+            cdk_rows=torch.zeros(b, dtype=torch.bool, device=dev), step=torch.zeros(1, dtype=torch.long, device=dev),
+            bad_step=torch.full((n_rows,), -1, dtype=torch.long, device=dev),
+            inexact=torch.zeros(1, dtype=torch.bool, device=dev), budget=budget)
+        if self.compiled:
+            self._reusable[key] = state
+            if dev.type == "cuda":
+                _mark_static(state)
+        return state
 
     def _kv_len(self, cache: KVCache) -> int:
         need = cache.length + 1
-        if not self.compiled:
-            return need  # eager: attend over the filled slots only
+        if not (self.compiled and self.device.type == "cuda"):
+            return need  # attend over the filled slots only (compiled on CPU: kv_len becomes a dynamic size)
+        # a CUDA graph is one fixed shape: attend over a bucket of slots, the unfilled ones masked
         return min(cache.max_len, -(-need // KV_BUCKET) * KV_BUCKET)
 
     def decode(self, state: DecodeState, plan: StepPlan, batch: list[_Sample]) -> None:
@@ -451,6 +485,17 @@ def _raise_non_finite(bad_step: list[int], batch: list[_Sample]) -> None:
         f"non-finite logits (NaN/inf) at step {first} for request(s) {bad[:5]}: the model or its weights are broken")
 
 
+def _mark_static(state: DecodeState) -> None:
+    """Tell dynamo these buffers keep their addresses, so CUDA graphs may mutate them in place."""
+    mark = torch._dynamo.mark_static_address
+    for t in (state.logits, state.out, state.done, state.stopped, state.limits, state.uniforms, state.cdk_rows,
+              state.step, state.bad_step, state.inexact):
+        mark(t)
+    c = state.cache
+    for t in (c.k, c.v, c.valid, c.next_pos, c.slot):
+        mark(t)
+
+
 def _compiled_step(device: torch.device):
     """decode_step under torch.compile: CUDA graphs on CUDA (the step's launches replayed as one),
     inductor's fused kernels elsewhere. Each (batch shape, kv bucket) compiles once."""
@@ -458,8 +503,11 @@ def _compiled_step(device: torch.device):
     for name in ("recompile_limit", "cache_size_limit"):  # one graph per KV bucket, and per batch shape
         if hasattr(dynamo, name):
             setattr(dynamo, name, max(getattr(dynamo, name), 64))
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(decode_step, mode=mode, dynamic=False)
+    if device.type == "cuda":
+        return torch.compile(decode_step, mode="reduce-overhead", dynamic=False)
+    # no graphs to replay on CPU: let the attended length turn dynamic (one recompile) instead of
+    # attending over padded buckets, which costs more than it saves there
+    return torch.compile(decode_step, dynamic=None)
 
 
 def generate(model: Transformer, cfg: ModelConfig | None, requests: Sequence[GenerationRequest],

@@ -172,6 +172,12 @@ class TextTokenizer:
         """Every token name (added tokens included) -> id."""
         return self._tok.get_vocab(with_added_tokens=True)
 
+    def bracketed_token_ids(self) -> list[int]:
+        """Ids of every token named `<...>` (specials, reserved slots): what Chameleon's reference
+        bars from text decoding. Image codes are not among them."""
+        return sorted(i for name, i in self.vocab().items() if len(name) > 2 and name[0] == "<" and name[-1] == ">"
+                      and not _NATIVE_IMAGE.fullmatch(name))
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -93,6 +93,13 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def reset(self) -> None:
+        """Empty the cache in place (same tensors, so a compiled step keeps its static addresses).
+        Keys and values are zeroed too: masked slots must not hold a broken batch's NaNs."""
+        for t in (self.k, self.v, self.valid, self.next_pos, self.slot):
+            t.zero_()
+        self.length = self.max_next_pos = 0
+
 
 # ----------------------------------------------------------------------------- blocks
 class Attention(nn.Module):

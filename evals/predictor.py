@@ -114,6 +114,7 @@ class ModelPredictor:
         self.save_candidates = save_candidates
         self.encoder = bundle.encoder
         self.encoders = EncoderCache(model_bundle=bundle, device=device)
+        self.model_path = bundle.path  # the engine hashes this folder's files (evals/protocol.py)
         self._retrievers: dict[tuple, Any] = {}
         self._codes: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # image content -> VQ codes (LRU)
 

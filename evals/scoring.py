@@ -349,12 +349,13 @@ def score_task(spec: Any, records: list[dict[str, Any]], *, task_dir: Path, data
                encoders: Any = None) -> Scored:
     """Score one task's finished records with its metrics block.
 
-    `model_bundle`: the evaluated checkpoint (for encoder "model" / "demo"); `predictor` is the
-    older spelling, of which only `.bundle` is read. `encoders`: an `evals.encoders.EncoderCache`
-    shared with the predictor (so reranking and scoring load one copy)."""
+    `model_bundle`: the evaluated checkpoint (for encoder "model" / "demo"). `encoders`: an
+    `evals.encoders.EncoderCache` shared with the predictor (so reranking and scoring load one
+    copy). `predictor`: a shorthand for both, of which only `.bundle` and `.encoders` are read."""
     check_metrics(spec, f"task {spec.name}")
-    if model_bundle is None and predictor is not None:
-        model_bundle = getattr(predictor, "bundle", None)
+    if predictor is not None:
+        model_bundle = model_bundle if model_bundle is not None else getattr(predictor, "bundle", None)
+        encoders = encoders if encoders is not None else getattr(predictor, "encoders", None)
     ctx = Context.build(records, task_dir, data_root, model_bundle=model_bundle, device=device, seed=spec.seed,
                         encoders=encoders)
     return score_metrics(spec.metrics, ctx, label=spec.name)

@@ -81,7 +81,7 @@ def manifest(entry: dict[str, Any], cfg: dict[str, Any] | None) -> dict[str, Any
     for name, m in (entry.get("metrics") or {}).items():
         extra = m.get("extra") if isinstance(m, dict) else None
         for k, v in (extra or {}).items():
-            if k in _EXTRA_KEYS or "version" in k:
+            if k in _EXTRA_KEYS or "version" in k or k.startswith("evaluation"):
                 _flat(f"{name}.{k}", v, out)
     if isinstance(entry.get("protocol"), dict):
         _flat("protocol", entry["protocol"], out)

@@ -12,7 +12,8 @@ Writers (real COCO val2017 images and captions from ../shared/data/coco-mini whe
 EchoPredictor: the engine-test predictor. Its outputs are a pure function of (sample id, seed),
 never of batch composition, so any batch size or rank count gives identical results, exactly
 the property the real sampler has. It can be slowed down ($CM3EVAL_TEST_DELAY seconds per
-batch), log every predicted sample id ($CM3EVAL_TEST_LOG), and fail on chosen ids
+batch), held until a file exists ($CM3EVAL_TEST_WAIT_FOR), log every predicted sample id
+($CM3EVAL_TEST_LOG), and fail on chosen ids
 ($CM3EVAL_TEST_FAIL_IDS) — the hooks the kill -9 / resume tests need. The CLI takes it as an
 injected factory: `evals.cli.main(argv, predictor_factory=make_echo)`; subprocess tests run
 ECHO_MAIN (`python -c ECHO_MAIN run ...`, tests/ on sys.path).
@@ -269,6 +270,9 @@ class EchoPredictor:
         self.batch_sizes.append(len(batch.items))
         if delay:
             time.sleep(delay)
+        gate = os.environ.get("CM3EVAL_TEST_WAIT_FOR")
+        while gate and not os.path.exists(gate):  # hold here (the lock held) until the test says go
+            time.sleep(0.05)
         bad = [it.sample.id for it in batch.items if it.sample.id in fail]
         if bad:
             raise RuntimeError(f"test failure for sample {bad[0]}")

@@ -44,7 +44,9 @@ def test_fid_part_skipped_with_a_note_when_absent(monkeypatch):
 
 
 def test_mismatch_fails_the_command(monkeypatch):
-    real = bench_metrics.vqa_accuracy
+    from evals.metrics import vqa as vqa_lib
+
+    real = vqa_lib.vqa_accuracy
 
     def off_by_one(preds, anns, **kw):
         r = real(preds, anns, **kw)
@@ -52,9 +54,16 @@ def test_mismatch_fails_the_command(monkeypatch):
         r.per_sample[0] += 1e-9
         return r
 
-    monkeypatch.setattr(bench_metrics, "vqa_accuracy", off_by_one)
+    monkeypatch.setattr(vqa_lib, "vqa_accuracy", off_by_one)
     out = CliRunner().invoke(_app(), ["--json", "--n-questions", "200", "--no-fid"])
     assert out.exit_code == 1 and "differs from the reference" in out.output
+
+
+def test_legacy_loop_is_benchmarked_too():
+    out = CliRunner().invoke(_app(), ["--json", "--n-questions", "500", "--no-fid", "--legacy"])
+    assert out.exit_code == 0, out.output
+    got = json.loads(out.stdout)["vqa"]
+    assert got["evaluation"] == "legacy-2017" and got["identical"] is True
 
 
 def test_table_output():

@@ -1,21 +1,46 @@
-"""`cm3eval bench sampler --json` runs end to end on the tiny size and reports the agreed keys."""
+"""`cm3eval bench sampler --json` runs end to end and reports the agreed keys."""
 
 import json
 
 import pytest
 from typer.testing import CliRunner
 
-pytest.importorskip("transformers")
-
 
 def test_bench_sampler_json():
+    pytest.importorskip("transformers")
     from evals.cli import app
 
     res = CliRunner().invoke(app, ["bench", "sampler", "--size", "tiny", "--new-tokens", "8", "--batches", "1,2",
                                    "--repeats", "1", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
-    for key in ("tokens_per_s", "transformers_tokens_per_s", "speedup_vs_transformers", "step_over_roofline"):
+    for key in ("tokens_per_s", "transformers_tokens_per_s", "speedup_vs_transformers", "step_over_roofline",
+                "overhead_vs_minimal_loop", "images_per_s"):
         assert out[key] > 0
     assert out["identical_greedy_tokens"] is True
+    assert out["host_syncs_per_step"] == 0
     assert {r["batch"] for r in out["by_batch"]} == {1, 2}
+
+
+def test_bench_sampler_named_config_json():
+    from evals.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "sampler", "--config", "demo", "--new-tokens", "6", "--batches", "1,2",
+                                   "--repeats", "1", "--threads", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["config"] == "demo" and out["params"] > 1e6
+    assert out["host_syncs_per_step"] == 0
+    assert 0 < out["host_syncs_per_step_amortised"]["text"] <= 1 / 5  # one flag read per 16 steps, and collect
+    assert out["host_syncs_per_step_amortised"]["image_cfg"] == 0
+    assert out["eager_ops_per_step"] > 10 * 4  # counted: more than ten aten ops per layer of the 4-layer demo
+    assert [r["batch"] for r in out["minimal_loop"]] == [1, 2]
+    assert out["overhead_vs_minimal_loop"] == max(r["overhead"] for r in out["minimal_loop"]) > 0
+    assert out["images_per_s"] > 0 and out["images_per_s_batch"] == 32
+
+
+def test_bench_sampler_refuses_unknown_names():
+    from evals.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "sampler", "--config", "gpt-9"])
+    assert res.exit_code != 0 and "unknown config" in res.output

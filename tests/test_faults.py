@@ -141,27 +141,25 @@ def _env(**extra) -> dict:
 
 
 def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, root):
-    out = tmp_path / "run"
+    out, gate = tmp_path / "run", tmp_path / "go"
     args = ["run", "vqav2", "--model", "echo", "--data-root", str(root), "--batch-size", "1", "--out", str(out)]
-    # 1.5 s per sample: the first run is still going when the second has finished starting up
-    first = _echo_cli(args, _env(CM3EVAL_TEST_DELAY="1.5", CM3EVAL_TEST_LOG=str(tmp_path / "first.log")))
+    # the first run holds its lock and waits in its first predict() until the test creates `gate`
+    first = _echo_cli(args, _env(CM3EVAL_TEST_WAIT_FOR=str(gate), CM3EVAL_TEST_LOG=str(tmp_path / "first.log")))
     try:
-        samples = out / "vqav2" / "samples" / "rank-00000.jsonl"
         deadline = time.time() + 120
-        while time.time() < deadline and first.poll() is None and (
-                not samples.exists() or samples.read_text().count("\n") < 1):
+        while time.time() < deadline and first.poll() is None and runs.lock_holder(out) is None:
             time.sleep(0.05)
-        assert first.poll() is None, f"the first run ended before the second could start: {first.communicate()}"
+        assert first.poll() is None, f"the first run ended early: {first.communicate()}"
         # the hole: a second run with a smaller --limit used to swap the samples file under the first
         second = subprocess.run([sys.executable, "-c", fixtures.ECHO_MAIN, *args, "--limit", "2"], cwd=REPO,
                                 env=_env(CM3EVAL_TEST_LOG=str(tmp_path / "second.log")), capture_output=True,
                                 text=True, timeout=120)
-        assert first.poll() is None, "the first run ended before the second took the lock: no test"
         assert second.returncode == 2, second.stderr
         err = second.stderr.strip()
         assert err.startswith("error: ") and "\n" not in err, err
         assert f"in use by pid {first.pid} on host {socket.gethostname()}" in err
         assert not (tmp_path / "second.log").exists()  # it computed nothing
+        gate.touch()
         _, first_err = first.communicate(timeout=120)
         assert first.returncode == 0, first_err
     finally:
@@ -174,10 +172,11 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, roo
 def test_a_lock_left_by_a_killed_run_is_stale(tmp_path, root):
     out = tmp_path / "run"
     args = ["run", "vqav2", "--model", "echo", "--data-root", str(root), "--batch-size", "1", "--out", str(out)]
-    proc = _echo_cli(args, _env(CM3EVAL_TEST_DELAY="0.3"))
+    proc = _echo_cli(args, _env(CM3EVAL_TEST_WAIT_FOR=str(tmp_path / "never")))  # holds the lock, waits
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "vqav2" / "samples" / "rank-00000.jsonl").exists():
+    while time.time() < deadline and proc.poll() is None and runs.lock_holder(out) is None:
         time.sleep(0.05)
+    assert proc.poll() is None
     proc.kill()
     proc.wait()
     assert json.loads((out / runs.LOCK).read_text())["pid"] == proc.pid  # left behind by kill -9
@@ -343,4 +342,5 @@ def test_every_sample_failed_is_never_exit_0(tmp_path, root, monkeypatch):
 def test_metric_entries_carry_their_direction(tmp_path, root):
     run(spec("magicbrush-edit"), tmp_path / "run", root)
     metrics = runs.read_metrics(tmp_path / "run")["tasks"]["magicbrush-edit"]["metrics"]
-    assert all("higher_is_better" in m for m in metrics.values())
+    assert all(isinstance(m.get("higher_is_better"), bool) for m in metrics.values()), metrics
+    assert metrics["L1"]["higher_is_better"] is False and metrics["L2 (MSE)"]["higher_is_better"] is False

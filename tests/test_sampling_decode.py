@@ -140,11 +140,35 @@ def test_text_that_stops_before_max_seq_len_is_not_an_error():
 
 
 # ----------------------------------------------------------------------------- compiled step
+def test_static_buffers_reused_across_batches_give_the_eager_tokens():
+    """The compiled path's bookkeeping (bucketed cache, reused buffers, logits kept in place) without
+    the compiler: a NaN batch between two good ones must not leak into the next."""
+    m = model()
+    static = Sampler(m)
+    static.compiled = True  # what Sampler(compile=True) sets, with the eager step function
+    reqs = [GenerationRequest([72, 3, 4 + i], "image", seed=i, uncond_prompt=[72, 78]) for i in range(6)]
+    s = SamplingConfig(top_p=0.9, cfg_scale=2.0)
+    want = [x.candidates for x in Sampler(m).generate(reqs, s, batch_size=2)]
+    assert [x.candidates for x in static.generate(reqs, s, batch_size=2)] == want
+    first = next(iter(static._reusable.values()))
+    assert first.cache.max_len % 256 == 0
+    real = m.step_tensors
+    m.step_tensors = lambda tokens, cache, kv_len: real(tokens, cache, kv_len) * float("nan")
+    with pytest.raises(NonFiniteLogitsError):
+        static.generate(reqs[:2], s, batch_size=2)
+    m.step_tensors = real
+    assert [x.candidates for x in static.generate(reqs, s, batch_size=2)] == want
+    assert next(iter(static._reusable.values())) is first  # the same buffers all along
+    txt = text_requests(4)
+    assert ([x.candidates for x in static.generate(txt, SamplingConfig(top_p=0.8), batch_size=2)]
+            == [x.candidates for x in Sampler(m).generate(txt, SamplingConfig(top_p=0.8), batch_size=2)])
+
+
 @pytest.mark.slow
 def test_compiled_step_gives_the_eager_tokens():
     m = model()
     reqs_img = [GenerationRequest([72, 3, 4 + i], "image", seed=i, uncond_prompt=[72, 78]) for i in range(4)]
     s = SamplingConfig(top_p=0.9, cfg_scale=2.0)
-    eager = Sampler(m).generate(reqs_img, s, batch_size=4)
-    compiled = Sampler(m, compile=True).generate(reqs_img, s, batch_size=4)
+    eager = Sampler(m).generate(reqs_img, s, batch_size=2)
+    compiled = Sampler(m, compile=True).generate(reqs_img, s, batch_size=2)  # two batches: the second replays
     assert [x.candidates for x in compiled] == [x.candidates for x in eager]

@@ -143,3 +143,18 @@ def test_file_errors(tmp_path):
     Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(tmp_path / "gap.json"))
     with pytest.raises(ValueError, match=r"gap\.json: image codes are not 0\.\.1"):
         TextTokenizer.from_file(tmp_path / "gap.json")
+
+
+def test_chameleon_vocabulary_roles_and_bracketed_specials(tmp_path):
+    from chameleon_fixture import EOT_ID, HF_IMAGE_ID, chameleon_vocab, write_tokenizer
+
+    write_tokenizer(chameleon_vocab(hf=True), tmp_path / "tokenizer.json")
+    tok = TextTokenizer.from_file(tmp_path / "tokenizer.json")
+    assert tok.layout == "chameleon" and tok.vocab_size == 65536
+    assert tok.special_ids["bos"] == 0 and tok.special_ids["eos"] == 2 and tok.special_ids["pad"] == 1
+    assert tok.special_ids["boi"] == 8197 and tok.special_ids["eoi"] == 8196
+    barred = tok.bracketed_token_ids()
+    assert {0, 1, 2, 3, 8196, 8197, EOT_ID, HF_IMAGE_ID} <= set(barred)
+    assert not set(barred) & set(tok.image_token_ids())
+    assert len(barred) == 4 + 2 + (8999 - 8198 + 1)  # <s> <pad> </s> <unk>, <eoss> <racm3:break>, the reserved block
+    assert tok.vocab()["<reserved08706>"] == EOT_ID

@@ -233,3 +233,16 @@ def test_config_validation():
         VQConfig(double_latent=True)
     cfg = VQConfig()  # Chameleon's published VQ: 512 px, f=16, 1024 codes
     assert cfg.downsample_factor == 16 and cfg.tokens_per_image == 1024
+
+
+def test_absurd_vq_configs_are_refused_before_allocation():
+    from cm3leon.errors import Cm3evalError
+    from cm3leon.vq import VQError
+
+    for bad in (dict(base_channels=10**6), dict(num_embeddings=10**9), dict(resolution=10**7),
+                dict(channel_multiplier=[1] * 40), dict(embed_dim=0)):
+        with pytest.raises(VQError, match="sane range") as e:
+            VQConfig(**bad)
+        assert isinstance(e.value, Cm3evalError) and isinstance(e.value, ValueError) and "\n" not in str(e.value)
+    with pytest.raises(VQError, match=r"vq_config: invalid VQConfig: base_channels=1000000"):
+        VQConfig.from_hf_dict({"base_channels": 10**6}, source="vq_config")

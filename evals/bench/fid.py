@@ -12,13 +12,17 @@ import time
 import warnings
 from typing import Any
 
-import numpy as np
+from typing import TYPE_CHECKING
 
-from evals.metrics.fid import frechet_distance
+if TYPE_CHECKING:
+    import numpy as np
+# numpy and the metric are imported inside the functions: the bench command is mounted at start-up.
 
 
 def synthetic_stats(dim: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Two feature sets like pooled ReLU activations: a shared low-rank structure plus noise, shifted."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     mix = rng.standard_normal((dim // 8, dim)) / np.sqrt(dim // 8)
     out = []
@@ -31,6 +35,8 @@ def synthetic_stats(dim: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.nda
 
 def run_fid_bench(dim: int = 2048, n: int | None = None, seed: int = 0, repeats: int = 1) -> dict[str, Any]:
     from pytorch_fid.fid_score import calculate_frechet_distance
+
+    from evals.metrics.fid_stats import frechet_distance
 
     n = n or 2 * dim
     mu1, s1, mu2, s2 = synthetic_stats(dim, n, seed)

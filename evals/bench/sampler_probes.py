@@ -63,8 +63,11 @@ def minimal_loop(model, compile: bool = False) -> Callable:
     def step(tok, cache, kv_len):
         return model.step_tensors(tok, cache, kv_len).argmax(-1)
 
-    fn = torch.compile(step, mode="reduce-overhead" if model.output.weight.is_cuda else None,
-                       dynamic=False) if compile else step
+    cuda = model.output.weight.is_cuda
+    if compile:  # the sampler's settings (see cm3leon.sampling._compiled_step)
+        fn = torch.compile(step, mode="reduce-overhead", dynamic=False) if cuda else torch.compile(step, dynamic=None)
+    else:
+        fn = step
 
     @torch.no_grad()
     def run(prompts: torch.Tensor, n_new: int) -> torch.Tensor:
@@ -73,8 +76,8 @@ def minimal_loop(model, compile: bool = False) -> Callable:
         tok = model.prefill(prompts, torch.ones_like(prompts, dtype=torch.bool), cache, last_only=True)[:, -1].argmax(-1)
         out = [tok]
         for _ in range(n_new - 1):
-            # a fixed bucket when compiled (as the sampler does), the filled slots otherwise
-            kv_len = min(cache.max_len, -(-(cache.length + 1) // 256) * 256) if compile else cache.length + 1
+            # a fixed bucket under CUDA graphs (as the sampler does), the filled slots otherwise
+            kv_len = min(cache.max_len, -(-(cache.length + 1) // 256) * 256) if compile and cuda else cache.length + 1
             tok = fn(tok, cache, kv_len)
             model.advance(cache)
             out.append(tok)

@@ -89,15 +89,10 @@ def read_docs(path: Path, with_images: bool = True) -> list["RetrievalDoc"] | It
 
 def _encoder(spec: str):
     """The one resolver of encoder names (evals/encoders.py): open_clip:ARCH:PATH, an HF CLIP folder,
-    native:PATH. Nothing here requires an encoder inside a model folder."""
-    try:
-        from evals.encoders import resolve_encoder
-    except ImportError:  # the resolver of the second edition is not in this tree: same specs, by hand
-        from cm3leon.encoder import load_encoder
+    native:PATH, demo. Nothing here requires an encoder inside a model folder."""
+    from evals.encoders import resolve_encoder
 
-        path = Path(spec).expanduser()
-        return load_encoder(f"hf-clip:{path}" if (path / "config.json").is_file() else spec)
-    return resolve_encoder(spec)
+    return resolve_encoder(spec, flag="--encoder")
 
 
 def coco_captions(coco_root: Path, split: str) -> tuple[Path, Path]:
@@ -132,7 +127,7 @@ _BUILD_ERRORS = (Cm3evalError, FileNotFoundError, FileExistsError, ValueError, I
 @bank_app.command()
 def build(
     out: Path = typer.Option(..., help="bank folder to create"),
-    encoder: str = typer.Option(..., help="open_clip:ARCH:PATH | an HF CLIP folder | native:PATH"),
+    encoder: str = typer.Option(..., help="open_clip:ARCH:PATH | an HF CLIP folder | native:PATH | demo"),
     coco_root: Path = typer.Option(None, help="COCO root in the official layout (annotations/, train2014/)"),
     split: str = typer.Option("train2014", help="with --coco-root: the split whose captions and images go in"),
     docs: Path = typer.Option(None, help="documents instead: .jsonl or a COCO captions .json"),

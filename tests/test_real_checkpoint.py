@@ -1,0 +1,252 @@
+"""A real checkpoint end to end, as a new user runs it (issue 13, "Done when", first and third points).
+
+A tiny random HF Chameleon in the REAL vocabulary layout (65,536 ids, IMGIMG* codes, 5 shards,
+tokenizer.json, no VQ decoder) plus Meta's vqgan.ckpt/vqgan.yaml, COCO-mini in the official
+layouts, and random but correctly shaped weights for open_clip ViT-B-32, the FID Inception and
+DINO (tests/real_fixtures.py). Everything goes through the command line (`evals.cli.main`, the
+console script's code path, in-process to spare 2 cores the start-up of each command), with the
+registry's defaults plus only file-path options: the commands of README's "Evaluating a real
+model" section.
+
+- `cm3eval bank build` from COCO train2014 with the saved open_clip encoder;
+- `coco-fid` at the paper's settings: retrieval k = 2 from that bank, 8 candidates reranked by
+  CLIPScore with the same encoder, FID with the saved Inception weights;
+- `coco-caption`, `vqav2`, `magicbrush-edit`: each completes with every metric of its spec;
+- each missing file (decoder, Inception, CLIP, bank) is one line, exit 2, before the model loads;
+- a run whose every sample fails exits non-zero and names the first failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from evals.cli import main
+from fixtures import corrupt
+from real_fixtures import INCEPTION_FILE, RealSetup, build_real_setup
+
+N_CODES = 8192  # Chameleon's VQ codebook
+FID_PROMPTS = 2  # the fewest prompts FID has a covariance for
+CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+EDIT_METRICS = ("L1", "L2 (MSE)", "CLIP-I", "CLIP-T", "DINO")
+
+
+# ----------------------------------------------------------------------------- files
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> RealSetup:
+    return build_real_setup(tmp_path_factory.mktemp("real"))
+
+
+@pytest.fixture(scope="module")
+def bank(real: RealSetup, tmp_path_factory) -> Path:
+    """`cm3eval bank build` over COCO train2014 (official layout) with the saved open_clip ViT-B-32."""
+    out = tmp_path_factory.mktemp("bank") / "coco-train2014"
+    rc = main(["bank", "build", "--out", str(out), "--encoder", real.clip_spec,
+               "--coco-root", str(real.data_root), "--json"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(autouse=True)
+def hermetic_weights(monkeypatch, tmp_path_factory) -> None:
+    """No weights from this machine's caches or environment: only the files a test names."""
+    for var in ("CM3EVAL_INCEPTION_WEIGHTS", "CM3EVAL_DINO_WEIGHTS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty-torch-home")))
+
+
+@pytest.fixture
+def no_model_load(monkeypatch) -> list[str]:
+    """Replaces the checkpoint loader with a sentinel: a plan error must come before it is reached."""
+    from cm3leon import checkpoint
+
+    calls: list[str] = []
+
+    def sentinel(*args, **kwargs):
+        calls.append(str(args[0]) if args else "?")
+        raise AssertionError(f"the model was loaded ({args[0] if args else ''}) before the plan refused the run")
+
+    monkeypatch.setattr(checkpoint, "load", sentinel)
+    monkeypatch.setattr(checkpoint, "build_decoder", sentinel)
+    return calls
+
+
+def cli(capfd, *argv: str | Path) -> tuple[int, str, str]:
+    capfd.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capfd.readouterr()
+    return rc, out, err
+
+
+def fid_args(real: RealSetup, bank: Path, out: Path) -> list[str | Path]:
+    """README's coco-fid command: the registry's defaults, every file named by a path option."""
+    return ["run", "coco-fid", "--model", real.hf, "--vq", real.vq, "--data-root", real.data_root,
+            "--set", f"retrieval.bank={bank}", "--set", f"retrieval.encoder={real.clip_spec}",
+            "--set", f"generation.scorer={real.clip_spec}", "--set", f"metrics.fid.weights={real.inception}",
+            "--limit", str(FID_PROMPTS), "--out", out]
+
+
+def edit_args(real: RealSetup, out: Path) -> list[str | Path]:
+    return ["run", "magicbrush-edit", "--model", real.hf, "--vq", real.vq, "--data-root", real.data_root,
+            "--set", "dataset.files.descriptions=magicbrush/test/global_descriptions.json",
+            "--set", f"metrics.clip_i.encoder={real.clip_spec}", "--set", f"metrics.clip_t.encoder={real.clip_spec}",
+            "--set", f"metrics.dino.weights={real.dino}", "--limit", "2", "--out", out]
+
+
+def samples(task_dir: Path) -> list[dict]:
+    from evals.runs import read_samples
+
+    return list(read_samples(task_dir).values())
+
+
+def task_metrics(run_dir: Path, task: str) -> dict[str, dict]:
+    return json.loads((run_dir / "metrics.json").read_text())["tasks"][task]["metrics"]
+
+
+def assert_finite(metrics: dict[str, dict], names: tuple[str, ...], n: int) -> None:
+    for name in names:
+        assert name in metrics, f"{name} missing from metrics.json ({sorted(metrics)})"
+        m = metrics[name]
+        assert isinstance(m["value"], (int, float)) and math.isfinite(m["value"]), (name, m)
+        assert m["n"] == n and isinstance(m["higher_is_better"], bool), (name, m)
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- the bank
+def test_bank_build_from_coco_train2014(real, bank):
+    captions = json.loads((real.data_root / "annotations" / "captions_train2014.json").read_text())
+    meta = json.loads((bank / "bank.json").read_text())
+    assert (bank / "embeddings.npy").is_file() and (bank / "meta.jsonl").is_file()
+    rows = [json.loads(x) for x in (bank / "meta.jsonl").read_text().splitlines() if x.strip()]
+    assert len(rows) == len(captions["annotations"])  # one document per train2014 caption, with its image
+    assert all(r["image"].startswith("COCO_train2014_") and r["text"] for r in rows)
+    assert "open_clip:ViT-B-32" in json.dumps(meta)
+
+
+# ----------------------------------------------------------------------------- the four tasks
+def test_coco_fid_at_the_papers_settings(real, bank, tmp_path, capfd):
+    """k = 2 retrieved documents, 8 candidates reranked by CLIPScore, FID on Inception features."""
+    rc, out, err = cli(capfd, *fid_args(real, bank, tmp_path / "fid"))
+    assert rc == 0, err[-3000:]
+    fid = task_metrics(tmp_path / "fid", "coco-fid")
+    assert_finite(fid, ("FID",), FID_PROMPTS)
+    assert fid["FID"]["higher_is_better"] is False and fid["FID"]["value"] > 0
+    val_ids = {im["id"] for im in json.loads((real.data_root / "annotations" / "captions_val2014.json").read_text())["images"]}
+    rows = samples(tmp_path / "fid" / "coco-fid")
+    assert len(rows) == FID_PROMPTS and not any(r["failure"] for r in rows)
+    for r in rows:
+        # retrieval: 2 train2014 documents from the bank, never the prompt's own val image
+        assert len(r["retrieved"]) == 2, r["retrieved"]
+        assert all(d["image"].startswith("COCO_train2014_") for d in r["retrieved"])
+        assert not {int(d["id"]) // 10 for d in r["retrieved"]} & val_ids
+        # 8 candidates, all their VQ codes kept, the chosen one the best CLIPScore
+        assert len(r["scores"]) == 8 and r["best"] == max(range(8), key=lambda i: r["scores"][i])
+        codes = r["extra"]["codes"]
+        assert len(codes) == 8 and all(len(c) == len(codes[0]) and all(0 <= x < N_CODES for x in c) for c in codes)
+        assert (tmp_path / "fid" / "coco-fid" / r["images"]["output"]).is_file()
+
+
+def test_coco_caption_and_vqav2(real, tmp_path, capfd):
+    rc, out, err = cli(capfd, "run", "coco-caption", "vqav2", "--model", real.hf, "--data-root", real.data_root,
+                       "--limit", "2", "--out", tmp_path / "text")
+    assert rc == 0, err[-3000:]
+    assert_finite(task_metrics(tmp_path / "text", "coco-caption"), CAPTION_METRICS, 2)
+    assert_finite(task_metrics(tmp_path / "text", "vqav2"), ("accuracy",), 2)
+    for task in ("coco-caption", "vqav2"):
+        rows = samples(tmp_path / "text" / task)
+        assert len(rows) == 2 and not any(r["failure"] for r in rows)
+        # the family bans every <...> special in text: a random model still writes only words
+        assert all(r["prediction"] and "<" not in r["prediction"] for r in rows), [r["prediction"] for r in rows]
+
+
+def test_magicbrush_edit(real, tmp_path, capfd):
+    rc, out, err = cli(capfd, *edit_args(real, tmp_path / "edit"))
+    assert rc == 0, err[-3000:]
+    assert_finite(task_metrics(tmp_path / "edit", "magicbrush-edit"), EDIT_METRICS, 2)
+    rows = samples(tmp_path / "edit" / "magicbrush-edit")
+    assert len(rows) == 2 and all((tmp_path / "edit" / "magicbrush-edit" / r["images"]["output"]).is_file()
+                                  for r in rows)
+
+
+# ----------------------------------------------------------------------------- refused before the model loads
+def _missing(real: RealSetup, bank: Path, tmp: Path, what: str) -> tuple[list[str | Path], tuple[str, ...]]:
+    """coco-fid's command with one file missing, and what its one error line must name."""
+    args = fid_args(real, bank, tmp / "run")
+    absent = tmp / "absent"
+    if what == "decoder":
+        i = args.index("--vq")
+        return args[:i] + args[i + 2:], ("--vq", str(real.hf))
+    if what == "inception":
+        gone = absent / INCEPTION_FILE
+        return [str(a).replace(str(real.inception), str(gone)) for a in args], (str(gone), "metrics.fid.weights")
+    if what == "clip":
+        gone = absent / "open_clip_model.safetensors"
+        args = [str(a).replace(f"generation.scorer={real.clip_spec}", f"generation.scorer=open_clip:ViT-B-32:{gone}")
+                for a in args]
+        return args, (str(gone), "generation.scorer")
+    if what == "retrieval-clip":
+        gone = absent / "open_clip_model.safetensors"
+        args = [str(a).replace(f"retrieval.encoder={real.clip_spec}", f"retrieval.encoder=open_clip:ViT-B-32:{gone}")
+                for a in args]
+        return args, (str(gone), "retrieval.encoder")
+    if what == "bank":
+        gone = absent / "bank"
+        return [str(a).replace(f"retrieval.bank={bank}", f"retrieval.bank={gone}") for a in args], \
+            (str(gone), "cm3eval bank build")
+    raise AssertionError(what)
+
+
+@pytest.mark.parametrize("what", ["decoder", "inception", "clip", "retrieval-clip", "bank"])
+def test_a_missing_file_is_one_line_before_the_model_loads(real, bank, tmp_path, capfd, no_model_load, what):
+    args, named = _missing(real, bank, tmp_path, what)
+    rc, out, err = cli(capfd, *args)
+    line = one_error_line(err)
+    assert rc == 2, err
+    assert all(n in line for n in named), (named, line)
+    assert no_model_load == [] and not (tmp_path / "run" / "coco-fid" / "samples").exists()
+
+
+def test_inception_weights_default_search_names_where_it_looked(real, bank, tmp_path, capfd, no_model_load):
+    """No weights option, no $CM3EVAL_INCEPTION_WEIGHTS, an empty torch hub cache: the line says how to get it."""
+    args = list(map(str, fid_args(real, bank, tmp_path / "run")))
+    i = args.index(f"metrics.fid.weights={real.inception}")
+    args = args[:i - 1] + args[i + 1:]  # the option and its --set
+    rc, out, err = cli(capfd, *args)
+    line = one_error_line(err)
+    assert rc == 2 and INCEPTION_FILE in line and "CM3EVAL_INCEPTION_WEIGHTS" in line, line
+    assert no_model_load == []
+
+
+def test_registry_defaults_on_a_chameleon_folder_say_which_file_to_give(real, tmp_path, capfd, no_model_load,
+                                                                         monkeypatch):
+    """`cm3eval run coco-fid --model HF --vq ...` with the Inception weights found through their environment
+    variable, and the spec's retrieval defaults (bank and encoder "model"), which no Chameleon folder
+    has: no traceback, one line naming the option to set."""
+    monkeypatch.setenv("CM3EVAL_INCEPTION_WEIGHTS", str(real.inception))
+    rc, out, err = cli(capfd, "run", "coco-fid", "--model", real.hf, "--vq", real.vq, "--data-root", real.data_root,
+                       "--out", tmp_path / "run")
+    line = one_error_line(err)
+    assert rc == 2 and "retrieval" in line and ("bank" in line or "encoder" in line), line
+    assert no_model_load == []
+
+
+# ----------------------------------------------------------------------------- every sample failed
+def test_an_all_failed_run_exits_non_zero(real, tmp_path, capfd):
+    """Every val image unreadable: the run finishes its bookkeeping and exits 1 naming the first failure."""
+    root = tmp_path / "data"
+    shutil.copytree(real.data_root, root)
+    for image in (root / "val2014").glob("*.jpg"):
+        corrupt(image)
+    rc, out, err = cli(capfd, "run", "coco-caption", "--model", real.hf, "--data-root", root, "--limit", "2",
+                       "--out", tmp_path / "run")
+    assert rc != 0, err[-3000:]
+    assert "2 of 2 samples failed" in err and "first:" in err, err[-3000:]
