@@ -33,7 +33,7 @@ from evals import runs
 from evals.dist import Dist, init_distributed  # noqa: F401 (re-exported for the CLI)
 from evals.progress import progress as make_progress
 from evals.progress import resolve_mode
-from evals.protocol import Batch, Item, Predictor, check_output
+from evals.protocol import Batch, Item, Predictor, PredictorProtocolError, check_output, is_fatal
 from evals.records import failure_record, output_record
 from evals.provenance import (PACKAGE, config_hash, diff_keys, file_digest, folder_digests,
                               git_hash, package_version, versions)
@@ -390,19 +390,17 @@ class Engine:
 
     def _predict_batch(self, spec: TaskSpec, root: Path, items: list[Item]) -> list[tuple[Item, dict[str, Any]]]:
         """Predictions for a batch; when the batch raises, each item is retried alone so one bad
-        sample becomes one recorded failure instead of taking its neighbours down. A Cm3evalError
-        (a missing decoder, missing weights) is fatal: retrying cannot fix it."""
+        sample becomes one recorded failure instead of taking its neighbours down. A fatal error
+        (protocol.is_fatal: a missing decoder, missing weights) stops the run: no retry can fix it."""
         if not items:
             return []
         try:
             outs = self.predictor.predict(Batch(spec, items, root))
-            if not isinstance(outs, list) or len(outs) != len(items):
-                raise RunError(f"predictor returned {len(outs) if isinstance(outs, list) else type(outs).__name__} "
-                               f"results for {len(items)} samples")
-            return [(it, check_output(spec, o)) for it, o in zip(items, outs)]
-        except (KeyboardInterrupt, SystemExit, Cm3evalError):
+        except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:
+            if is_fatal(e):
+                raise
             if len(items) == 1:
                 return [(items[0], {"failure": _one_line(e)})]
             log.warning("%s: a batch of %d failed (%s); retrying its samples one by one", spec.name, len(items), e)
@@ -410,6 +408,10 @@ class Engine:
             for it in items:
                 out += self._predict_batch(spec, root, [it])
             return out
+        if not isinstance(outs, list) or len(outs) != len(items):
+            raise PredictorProtocolError(f"predictor returned {len(outs) if isinstance(outs, list) else type(outs).__name__}"
+                                         f" results for {len(items)} samples")
+        return [(it, check_output(spec, o)) for it, o in zip(items, outs)]
 
     # --- merge and score (rank 0)
     def _finish(self, plan: TaskPlan) -> TaskResult:

@@ -47,8 +47,23 @@ class Predictor(Protocol):
     def predict(self, batch: Batch) -> list[dict[str, Any]]: ...
 
 
-class PredictorProtocolError(Cm3evalError):
+class FatalPredictorError(Cm3evalError):
+    """Raised by a predictor when no retry can help (no VQ decoder, missing weights, a bank that
+    is not there): the run stops with this one line instead of failing every sample alike."""
+
+
+class PredictorProtocolError(FatalPredictorError):
     """The predictor broke the protocol (unknown keys, wrong result count): a bug, never retried."""
+
+
+def is_fatal(e: BaseException) -> bool:
+    """Whether a predict() error stops the run. A FatalPredictorError does; so does any other
+    Cm3evalError that is not also a ValueError / RuntimeError (a setup error). Everything else
+    (a bad sample: DataError, a too-long prompt, non-finite logits, a CUDA OOM) is retried alone
+    and then recorded as that sample's failure."""
+    if isinstance(e, FatalPredictorError):
+        return True
+    return isinstance(e, Cm3evalError) and not isinstance(e, (ValueError, RuntimeError))
 
 
 def check_output(spec: TaskSpec, out: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ def test_bench_sampler_json():
     from evals.cli import app
 
     res = CliRunner().invoke(app, ["bench", "sampler", "--size", "tiny", "--new-tokens", "8", "--batches", "1,2",
-                                   "--repeats", "1", "--json"])
+                                   "--repeats", "1", "--image-batch", "4", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     for key in ("tokens_per_s", "transformers_tokens_per_s", "speedup_vs_transformers", "step_over_roofline",
@@ -36,7 +36,7 @@ def test_bench_sampler_named_config_json():
     assert out["eager_ops_per_step"] > 10 * 4  # counted: more than ten aten ops per layer of the 4-layer demo
     assert [r["batch"] for r in out["minimal_loop"]] == [1, 2]
     assert out["overhead_vs_minimal_loop"] == max(r["overhead"] for r in out["minimal_loop"]) > 0
-    assert out["images_per_s"] > 0 and out["images_per_s_batch"] == 32
+    assert out["images_per_s"] > 0 and out["images_per_s_batch"] == 32  # the default: the batch
 
 
 def test_bench_sampler_refuses_unknown_names():

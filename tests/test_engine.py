@@ -275,6 +275,39 @@ def test_systematic_predictor_failure_aborts(tmp_path, root, monkeypatch):
         run(spec("vqav2"), tmp_path / "run", root, batch_size=4)
 
 
+def test_fatal_predictor_errors_stop_the_run_and_sample_errors_do_not(tmp_path, root):
+    from cm3leon.errors import Cm3evalError
+    from evals.protocol import FatalPredictorError, PredictorProtocolError, is_fatal
+    from tasks.errors import DataError
+
+    class Setup(Cm3evalError):  # what evals.predictor.PredictorSetupError is: no decoder, no weights
+        pass
+
+    class Raising(fixtures.EchoPredictor):
+        def __init__(self, exc):
+            super().__init__()
+            self.exc = exc
+
+        def predict(self, batch):
+            if any(it.sample.index == 2 for it in batch.items):
+                raise self.exc
+            return super().predict(batch)
+
+    with pytest.raises(Setup, match="the checkpoint has no VQ decoder"):
+        run(spec("vqav2"), tmp_path / "a", root, Raising(Setup("the checkpoint has no VQ decoder")), batch_size=4)
+    results, p = run(spec("vqav2"), tmp_path / "b", root, Raising(DataError("prompt too long")), batch_size=4)
+    assert [f["error"] for f in results["vqav2"].failures] == ["DataError: prompt too long"] and len(p.calls) == 7
+    assert is_fatal(FatalPredictorError("x")) and is_fatal(PredictorProtocolError("x"))
+    assert not is_fatal(RuntimeError("CUDA out of memory")) and not is_fatal(DataError("x"))
+
+    class Short(fixtures.EchoPredictor):
+        def predict(self, batch):
+            return super().predict(batch)[:-1]
+
+    with pytest.raises(PredictorProtocolError, match="predictor returned 3 results for 4 samples"):
+        run(spec("vqav2"), tmp_path / "c", root, Short(), batch_size=4)
+
+
 def test_fid_scores_the_generated_images_against_the_prompts_images(tmp_path, root, monkeypatch):
     """coco-fid's wiring: outputs vs the val2014 images of the same prompts, pytorch-fid protocol,
     256 px, reference statistics cached. The Inception weights are not available offline, so a

@@ -21,7 +21,7 @@ from evals.bench.sampler_models import NAMED_CONFIGS, SIZES
 from evals.bench.sampler_probes import (eager_ops_per_step, host_syncs_per_step, measure_bandwidth, median_time,
                                         minimal_loop, paired_step_seconds)
 
-CFG_IMAGE_BATCH = 32  # the images/s-with-guidance figure is always at this batch
+CFG_IMAGE_BATCH = 32  # the images/s-with-guidance figure's batch (the issue's; --image-batch for quick runs)
 
 
 def _text_ids(cfg) -> list[int]:
@@ -115,7 +115,8 @@ def _vs_minimal_loop(res: dict, model, cfg, dev, batches, new_tokens: int, repea
     res["overhead_vs_minimal_loop"] = max(r["overhead"] for r in rows)  # the worst batch: a bound, not a best case
 
 
-def _batch_table(res: dict, model, cfg, dev, batches, new_tokens: int, repeats: int, compile: bool) -> None:
+def _batch_table(res: dict, model, cfg, dev, batches, new_tokens: int, repeats: int, compile: bool,
+                 image_batch: int) -> None:
     """Ours across batch sizes, text and image, with and without CFG (top-p 0.9 sampling)."""
     from cm3leon.sampling import SamplingConfig
 
@@ -131,10 +132,9 @@ def _batch_table(res: dict, model, cfg, dev, batches, new_tokens: int, repeats: 
                          "images_per_s": b / ti, "image_tokens": cfg.image_seq_len})
     res["by_batch"] = rows
     s = SamplingConfig(top_p=0.9, cfg_scale=3.0)
-    img = _images(cfg, _prompts(cfg, CFG_IMAGE_BATCH))
-    res["images_per_s"] = CFG_IMAGE_BATCH / median_time(lambda: sampler.generate(img, s, batch_size=CFG_IMAGE_BATCH),
-                                                        dev, repeats)
-    res["images_per_s_batch"] = CFG_IMAGE_BATCH
+    img = _images(cfg, _prompts(cfg, image_batch))
+    res["images_per_s"] = image_batch / median_time(lambda: sampler.generate(img, s, batch_size=image_batch), dev, repeats)
+    res["images_per_s_batch"] = image_batch
 
 
 def _probes(res: dict, model, cfg) -> None:
@@ -178,7 +178,8 @@ def _peak_memory(device) -> int:
 
 def run_bench(size: str | None = "small", batches: tuple[int, ...] = (1, 8, 32), new_tokens: int = 32,
               device: str = "cpu", dtype: str = "float32", repeats: int = 3, hf_batch: int = 8,
-              threads: int | None = None, config: str | None = None, compile: bool = False) -> dict:
+              threads: int | None = None, config: str | None = None, compile: bool = False,
+              image_batch: int = CFG_IMAGE_BATCH) -> dict:
     import torch
 
     # On a shared CPU, intra-op threads that wait for a descheduled sibling make small decode ops
@@ -205,7 +206,7 @@ def run_bench(size: str | None = "small", batches: tuple[int, ...] = (1, 8, 32),
     if hf is None:  # no transformers side: tokens/s is the sampler's at the speedup batch (or the largest)
         row = next((r for r in res["minimal_loop"] if r["batch"] == hf_batch), res["minimal_loop"][-1])
         res.update(tokens_per_s=row["tokens_per_s"], batch_for_speedup=row["batch"])
-    _batch_table(res, model, cfg, dev, batches, new_tokens, repeats, compile)
+    _batch_table(res, model, cfg, dev, batches, new_tokens, repeats, compile, image_batch)
     _probes(res, model, cfg)
     _roofline(res, model, cfg, dev, new_tokens, repeats, compile)
     return res
@@ -219,6 +220,7 @@ def command(
     device: str = typer.Option("cpu", help="cpu | cuda"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (CUDA graphs on cuda)"),
+    image_batch: int = typer.Option(CFG_IMAGE_BATCH, help="batch of the images/s-with-CFG figure"),
     repeats: int = typer.Option(3, help="timed repeats per measurement (the median is kept)"),
     threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -236,7 +238,7 @@ def command(
         if not torch.cuda.is_available():
             raise typer.BadParameter("--device cuda: no CUDA device is visible to torch")
     res = run_bench(None if config else size, tuple(int(b) for b in batches.split(",")), new_tokens, device, dtype,
-                    repeats, threads=threads or None, config=config or None, compile=compile)
+                    repeats, threads=threads or None, config=config or None, compile=compile, image_batch=image_batch)
     if as_json:
         print(json.dumps(res))
         return
