@@ -36,8 +36,20 @@ EDIT_METRICS = ("L1", "L2 (MSE)", "CLIP-I", "CLIP-T", "DINO")
 
 
 # ----------------------------------------------------------------------------- files
+@pytest.fixture(scope="module", autouse=True)
+def hermetic(tmp_path_factory):
+    """No weights from this machine's caches or environment (only the files a test names), and a
+    cache folder of the module's own (digests, FID statistics), shared with no other process."""
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("CM3EVAL_INCEPTION_WEIGHTS", "CM3EVAL_DINO_WEIGHTS"):
+            mp.delenv(var, raising=False)
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty-torch-home")))
+        mp.setenv("CM3EVAL_CACHE", str(tmp_path_factory.mktemp("cm3eval-cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
-def real(tmp_path_factory) -> RealSetup:
+def real(hermetic, tmp_path_factory) -> RealSetup:
     return build_real_setup(tmp_path_factory.mktemp("real"))
 
 
@@ -49,14 +61,6 @@ def bank(real: RealSetup, tmp_path_factory) -> Path:
                "--coco-root", str(real.data_root), "--json"])
     assert rc == 0
     return out
-
-
-@pytest.fixture(autouse=True)
-def hermetic_weights(monkeypatch, tmp_path_factory) -> None:
-    """No weights from this machine's caches or environment: only the files a test names."""
-    for var in ("CM3EVAL_INCEPTION_WEIGHTS", "CM3EVAL_DINO_WEIGHTS"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty-torch-home")))
 
 
 @pytest.fixture
