@@ -17,6 +17,8 @@ own text never becomes a special token. Everything here is pure: no model, only 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import string
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -98,14 +100,18 @@ def shot_template(kind: str, template: str, shot_template_: str | None, family: 
     raise ValueError(f"in-context examples are not supported for {kind} tasks")
 
 
-def majority_answer(references: Sequence[str], meta: Mapping[str, Any] | None) -> str:
-    """The answer an in-context VQA example shows: VQAv2's multiple_choice_answer when given,
-    else the most frequent reference (ties: the earliest)."""
-    mc = (meta or {}).get("multiple_choice_answer")
-    if isinstance(mc, str) and mc:
-        return mc
-    refs = list(references) or [""]
-    return max(set(refs), key=lambda a: (refs.count(a), -refs.index(a)))
+def majority_answer(answers: Sequence[str], canonical: str | None = None) -> str:
+    """THE majority-answer rule (training data, in-context examples): the most frequent of the
+    annotators' answers; a tie goes to `canonical` (VQAv2's multiple_choice_answer) when it is among
+    the tied, else to the answer given first."""
+    answers = list(answers)
+    if not answers:
+        return canonical or ""
+    counts = Counter(answers)
+    best = max(counts.values())
+    if canonical is not None and counts.get(canonical) == best:
+        return canonical
+    return max(counts, key=lambda a: (counts[a], -answers.index(a)))
 
 
 # ----------------------------------------------------------------------------- context documents
@@ -123,7 +129,7 @@ def shot_documents(kind: str, template: str, shot_template_: str | None, shots: 
         elif kind == "caption":
             out.append(Document([img, render(tmpl, {"answer": shot.references[0]})]))
         elif kind == "vqa":
-            answer = majority_answer(shot.references, shot.meta)
+            answer = majority_answer(shot.references, (shot.meta or {}).get("multiple_choice_answer"))
             out.append(Document([img, render(tmpl, {"question": shot.text, "answer": answer})]))
     return out
 

@@ -58,9 +58,11 @@ def test_shot_template_defaults_per_family():
 
 
 def test_majority_answer():
-    assert prompts.majority_answer(["a", "b", "b"], {}) == "b"
+    assert prompts.majority_answer(["a", "b", "b"]) == "b"
     assert prompts.majority_answer(["a", "b"], None) == "a"  # ties: the earliest
-    assert prompts.majority_answer(["a"], {"multiple_choice_answer": "z"}) == "z"
+    assert prompts.majority_answer(["a", "b"], "b") == "b"  # ties: the canonical answer first
+    assert prompts.majority_answer(["a", "a", "b"], "b") == "a"  # never against the majority
+    assert prompts.majority_answer([], "z") == "z"
 
 
 def test_stream_count():

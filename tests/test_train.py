@@ -15,7 +15,8 @@ from cm3leon.train import (DemoRecipe, Example, ExampleMaker, collate, fill_rows
                            train_text_tokenizer, tree_forward)
 from cm3leon.transformer import Transformer
 from tasks.shapes import WorldConfig, generate_world
-from tasks.shapes.training import demo_data, majority_answer, t2i_extra_scenes
+from tasks.prompts import majority_answer
+from tasks.shapes.training import demo_data, t2i_extra_scenes
 
 TINY = DemoRecipe(
     vq_steps=6, vq_batch=4, vq_restart_every=2, vq_codebook=64, vq_kmeans_images=8,

@@ -19,7 +19,7 @@ from .world import (BACKGROUNDS, COLORS, EDIT_TYPES, EVAL_WORLD, GENERATOR_VERSI
                     generate_world, position_name, render, scene_caption, shape_mask, vocabulary, world_paths,
                     world_stats, write_world)
 
-_TRAINING = ("demo_data", "majority_answer", "t2i_extra_scenes")
+_TRAINING = ("demo_data", "t2i_extra_scenes")
 
 __all__ = [
     "BACKGROUNDS", "COLORS", "EDIT_TYPES", "EVAL_WORLD", "GENERATOR_VERSION", "KINDS", "QUESTION_FAMILIES", "SIZES",

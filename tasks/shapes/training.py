@@ -8,21 +8,14 @@ text->image examples; the val split feeds the recipe's quick sanity check.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 
 from PIL import Image
 
 from cm3leon.train.recipe import DemoData, DemoEdit, DemoImage
 
+from ..prompts import majority_answer
+
 from .world import ShapeScene, World, WorldConfig, generate_world, render
-
-
-def majority_answer(answers: list[str], canonical: str) -> str:
-    """The most frequent of the ten annotator answers (ties go to the canonical answer, then to the
-    answer given first)."""
-    counts = Counter(answers)
-    best = max(counts.values())
-    return canonical if counts.get(canonical) == best else max(counts, key=lambda a: (counts[a], -answers.index(a)))
 
 
 def demo_data(world: World, split: str = "train") -> DemoData:
