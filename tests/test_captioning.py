@@ -26,12 +26,7 @@ from evals.metrics.captioning import (
     spice_status,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
-COCO_RESULTS = DATA / "coco" / "results" / "captions_val2014_fakecap_results.json"
-COCO_ANN = DATA / "coco" / "annotations" / "captions_val2017.json"
-NLG = DATA / "nlg-eval"
+from real_data import COCO_CAPTIONS_VAL2017 as COCO_ANN, COCO_FAKECAP_RESULTS as COCO_RESULTS, NLG_EVAL as NLG
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(subprocess.run(["which", "java"], capture_output=True).returncode != 0,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from evals.metrics.clip_score import clip_i, clip_score, clip_t, rank_pools, t2i_rank_accuracy
 
-COCO = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-mini"
+from real_data import COCO_MINI as COCO
 
 
 def coco_samples(n: int) -> tuple[list[Image.Image], list[str]]:

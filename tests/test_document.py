@@ -13,7 +13,7 @@ from cm3leon.document import Document, DocumentCodec, Special, Text, cm3_mask, c
 from cm3leon.text import TextTokenizer
 from cm3leon.vq import VQConfig, VQModel, preprocess
 
-CAPTIONS = Path(__file__).resolve().parents[1] / "../shared/data/coco-mini/annotations/captions_val2017.json"
+from real_data import COCO_MINI_CAPTIONS as CAPTIONS
 K, N = 16, 4  # codebook, codes per image
 
 

@@ -28,7 +28,7 @@ from evals.metrics.editing import (
 )
 from evals.metrics.result import mean_result
 
-COCO = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-mini" / "val2017"
+from real_data import COCO_MINI_IMAGES as COCO
 
 
 def coco_images(n: int) -> list[Image.Image]:

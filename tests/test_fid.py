@@ -19,9 +19,7 @@ from evals.metrics import fid as M
 from evals.metrics.inception import (WEIGHTS_ENV, WEIGHTS_FILENAME, WEIGHTS_URL, FIDInceptionV3,
                                      InceptionWeightsNotFound, find_weights, load_fid_inception)
 
-COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "val2017"
-if not COCO.is_dir():
-    COCO = Path("/work/shared/data/coco-mini/val2017")
+from real_data import COCO_MINI_IMAGES as COCO
 
 
 @pytest.fixture(autouse=True, scope="module")

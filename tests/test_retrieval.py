@@ -19,7 +19,7 @@ from cm3leon.encoder import NativeDualEncoder, NativeEncoderConfig
 from cm3leon.retrieval import (EncoderMismatchError, MemoryBank, RetrievalDoc, Retriever, SelectionConfig,
                                query_dropout)
 
-COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
+from real_data import COCO_MINI
 SMALL = NativeEncoderConfig(image_channels=(8, 16, 16, 16), text_dim=32, text_heads=2, dim=16)
 
 
@@ -329,7 +329,7 @@ def test_bank_cli_build_and_search_coco_mini(native, tmp_path):
                                    "--encoder", f"native:{enc}", "--out", str(tmp_path / "bank"), "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output.strip().splitlines()[-1])
-    assert summary["count"] == 395 and summary["dim"] == 16
+    assert summary["count"] == 120 and summary["dim"] == 16
     caption = json.loads(ann.read_text())["annotations"][0]["caption"].strip()
     res = runner.invoke(bank_app, ["search", str(tmp_path / "bank"), "--encoder", f"native:{enc}",
                                    "--text", caption, "-k", "3", "--json"])
