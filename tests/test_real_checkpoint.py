@@ -18,9 +18,12 @@ model" section.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,14 @@ def no_model_load(monkeypatch) -> list[str]:
     monkeypatch.setattr(checkpoint, "load", sentinel)
     monkeypatch.setattr(checkpoint, "build_decoder", sentinel)
     return calls
+
+
+@contextlib.contextmanager
+def capture():
+    """stderr of an in-process command run from a module fixture (capfd is per test)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        yield buf
 
 
 def cli(capfd, *argv: str | Path) -> tuple[int, str, str]:
@@ -137,15 +148,49 @@ def test_bank_build_from_coco_train2014(real, bank):
 
 
 # ----------------------------------------------------------------------------- the four tasks
-def test_coco_fid_at_the_papers_settings(real, bank, tmp_path, capfd):
+# README's three commands, into ONE run folder (as a user evaluates one model), each run once per module
+@dataclass(frozen=True)
+class Ran:
+    rc: int
+    err: str
+    run_dir: Path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs") / "chameleon"
+
+
+def _ran(argv: list[str | Path], run_dir: Path) -> Ran:
+    with capture() as err:
+        rc = main([str(a) for a in argv])
+    return Ran(rc, err.getvalue(), run_dir)
+
+
+@pytest.fixture(scope="module")
+def fid_run(real, bank, run_dir) -> Ran:
+    return _ran(fid_args(real, bank, run_dir), run_dir)
+
+
+@pytest.fixture(scope="module")
+def text_run(real, run_dir) -> Ran:
+    return _ran(["run", "coco-caption", "vqav2", "--model", real.hf, "--data-root", real.data_root,
+                 "--limit", "2", "--out", run_dir], run_dir)
+
+
+@pytest.fixture(scope="module")
+def edit_run(real, run_dir) -> Ran:
+    return _ran(edit_args(real, run_dir), run_dir)
+
+
+def test_coco_fid_at_the_papers_settings(real, fid_run):
     """k = 2 retrieved documents, 8 candidates reranked by CLIPScore, FID on Inception features."""
-    rc, out, err = cli(capfd, *fid_args(real, bank, tmp_path / "fid"))
-    assert rc == 0, err[-3000:]
-    fid = task_metrics(tmp_path / "fid", "coco-fid")
+    assert fid_run.rc == 0, fid_run.err[-3000:]
+    fid = task_metrics(fid_run.run_dir, "coco-fid")
     assert_finite(fid, ("FID",), FID_PROMPTS)
     assert fid["FID"]["higher_is_better"] is False and fid["FID"]["value"] > 0
     val_ids = {im["id"] for im in json.loads((real.data_root / "annotations" / "captions_val2014.json").read_text())["images"]}
-    rows = samples(tmp_path / "fid" / "coco-fid")
+    rows = samples(fid_run.run_dir / "coco-fid")
     assert len(rows) == FID_PROMPTS and not any(r["failure"] for r in rows)
     for r in rows:
         # retrieval: 2 train2014 documents from the bank, never the prompt's own val image
@@ -156,29 +201,36 @@ def test_coco_fid_at_the_papers_settings(real, bank, tmp_path, capfd):
         assert len(r["scores"]) == 8 and r["best"] == max(range(8), key=lambda i: r["scores"][i])
         codes = r["extra"]["codes"]
         assert len(codes) == 8 and all(len(c) == len(codes[0]) and all(0 <= x < N_CODES for x in c) for c in codes)
-        assert (tmp_path / "fid" / "coco-fid" / r["images"]["output"]).is_file()
+        assert (fid_run.run_dir / "coco-fid" / r["images"]["output"]).is_file()
 
 
-def test_coco_caption_and_vqav2(real, tmp_path, capfd):
-    rc, out, err = cli(capfd, "run", "coco-caption", "vqav2", "--model", real.hf, "--data-root", real.data_root,
-                       "--limit", "2", "--out", tmp_path / "text")
-    assert rc == 0, err[-3000:]
-    assert_finite(task_metrics(tmp_path / "text", "coco-caption"), CAPTION_METRICS, 2)
-    assert_finite(task_metrics(tmp_path / "text", "vqav2"), ("accuracy",), 2)
+def test_coco_caption_and_vqav2(text_run):
+    assert text_run.rc == 0, text_run.err[-3000:]
+    assert_finite(task_metrics(text_run.run_dir, "coco-caption"), CAPTION_METRICS, 2)
+    assert_finite(task_metrics(text_run.run_dir, "vqav2"), ("accuracy",), 2)
     for task in ("coco-caption", "vqav2"):
-        rows = samples(tmp_path / "text" / task)
+        rows = samples(text_run.run_dir / task)
         assert len(rows) == 2 and not any(r["failure"] for r in rows)
         # the family bans every <...> special in text: a random model still writes only words
         assert all(r["prediction"] and "<" not in r["prediction"] for r in rows), [r["prediction"] for r in rows]
 
 
-def test_magicbrush_edit(real, tmp_path, capfd):
-    rc, out, err = cli(capfd, *edit_args(real, tmp_path / "edit"))
-    assert rc == 0, err[-3000:]
-    assert_finite(task_metrics(tmp_path / "edit", "magicbrush-edit"), EDIT_METRICS, 2)
-    rows = samples(tmp_path / "edit" / "magicbrush-edit")
-    assert len(rows) == 2 and all((tmp_path / "edit" / "magicbrush-edit" / r["images"]["output"]).is_file()
+def test_magicbrush_edit(edit_run):
+    assert edit_run.rc == 0, edit_run.err[-3000:]
+    assert_finite(task_metrics(edit_run.run_dir, "magicbrush-edit"), EDIT_METRICS, 2)
+    rows = samples(edit_run.run_dir / "magicbrush-edit")
+    assert len(rows) == 2 and all((edit_run.run_dir / "magicbrush-edit" / r["images"]["output"]).is_file()
                                   for r in rows)
+
+
+def test_one_run_folder_holds_every_task(fid_run, text_run, edit_run, run_dir):
+    """The three commands merge into one metrics.json: four tasks, each with its metrics."""
+    assert (fid_run.rc, text_run.rc, edit_run.rc) == (0, 0, 0)
+    from evals.runs import read_metrics, task_names
+
+    tasks = read_metrics(run_dir)["tasks"]
+    assert sorted(tasks) == sorted(task_names(run_dir)) == ["coco-caption", "coco-fid", "magicbrush-edit", "vqav2"]
+    assert all(tasks[t]["metrics"] and not tasks[t]["failures"] for t in tasks), tasks
 
 
 # ----------------------------------------------------------------------------- refused before the model loads
