@@ -147,6 +147,7 @@ def auto_batch_size(cfg: ModelConfig, device: str | torch.device = "cpu", dtype:
 # ----------------------------------------------------------------------------- the decode loop
 SYNC_EVERY = 16  # text: read the all-done flag once per this many steps (the only host read in the loop)
 KV_BUCKET = 256  # compiled CUDA steps attend over a multiple of this many slots: one graph per bucket
+CPU_KV_BUCKET = 32  # the same on CPU, where padded attention costs more than a recompile saves
 TOP_P_PREFILTER = 1024  # text top-p: candidates kept before the nucleus (exactness checked per row)
 
 
@@ -413,10 +414,12 @@ class Sampler:
 
     def _kv_len(self, cache: KVCache) -> int:
         need = cache.length + 1
-        if not (self.compiled and self.device.type == "cuda"):
-            return need  # attend over the filled slots only (compiled on CPU: kv_len becomes a dynamic size)
-        # a CUDA graph is one fixed shape: attend over a bucket of slots, the unfilled ones masked
-        return min(cache.max_len, -(-need // KV_BUCKET) * KV_BUCKET)
+        if not self.compiled:
+            return need  # eager: attend over the filled slots only
+        # a compiled step is one fixed shape: attend over a bucket of slots, the unfilled ones masked.
+        # CPU buckets are small: no graph launch to save there, and padded attention costs more
+        bucket = KV_BUCKET if self.device.type == "cuda" else CPU_KV_BUCKET
+        return min(cache.max_len, -(-need // bucket) * bucket)
 
     def decode(self, state: DecodeState, plan: StepPlan, batch: list[_Sample]) -> None:
         """Run the steps; raises _Inexact when a prefiltered top-p step was (the caller redoes the batch).
@@ -503,11 +506,8 @@ def _compiled_step(device: torch.device):
     for name in ("recompile_limit", "cache_size_limit"):  # one graph per KV bucket, and per batch shape
         if hasattr(dynamo, name):
             setattr(dynamo, name, max(getattr(dynamo, name), 64))
-    if device.type == "cuda":
-        return torch.compile(decode_step, mode="reduce-overhead", dynamic=False)
-    # no graphs to replay on CPU: let the attended length turn dynamic (one recompile) instead of
-    # attending over padded buckets, which costs more than it saves there
-    return torch.compile(decode_step, dynamic=None)
+    # static shapes on CPU too: inductor's dynamic-shape CPU kernels ran 5x slower than eager at batch 8
+    return torch.compile(decode_step, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
 
 
 def generate(model: Transformer, cfg: ModelConfig | None, requests: Sequence[GenerationRequest],

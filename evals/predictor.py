@@ -326,8 +326,11 @@ class ModelPredictor:
         images = [self.codec.decode_images(gen.candidates) for gen in gens] if decode_all else None
         if reranked:
             gens = rerank(gens, self._rerank_score_fn(spec, texts, images))
+        # one request's images are decoded together and never batched with other requests': a
+        # conv's rounding depends on the batch it runs in (±1 grey level), and a sample's image
+        # must not depend on its neighbours
         chosen = [imgs[gen.best] for imgs, gen in zip(images, gens)] if images is not None else \
-            self.codec.decode_images([gen.output for gen in gens])
+            [self.codec.decode_images([gen.output])[0] for gen in gens]
         outs = []
         for i, ((_, text, rec), gen) in enumerate(zip(built, gens)):
             out: dict[str, Any] = {"prompt": text, "images": {"output": chosen[i]}, "retrieved": rec,

@@ -469,6 +469,19 @@ def check_data_root(spec: TaskSpec, root: str | os.PathLike, *, support: bool = 
     return root
 
 
+def _apply_manifest(spec: TaskSpec, samples: list[Sample], ctx: _Ctx) -> list[Sample]:
+    """The samples a saved manifest lists, in its order; its hash joins the data fingerprint, so a
+    resume with another manifest is refused. Its order is final: a shuffle on top would evaluate
+    other prompts than the manifest's first N (the plan turns dataset.shuffle off)."""
+    from .manifest import apply_manifest, read_manifest
+
+    if spec.dataset.shuffle:
+        raise DataError(f"{spec.name}: dataset.manifest: the manifest fixes the order; set dataset.shuffle=false")
+    manifest = read_manifest(spec.dataset.manifest)
+    ctx.hasher.update(f"manifest={manifest.hash}|".encode())
+    return apply_manifest(samples, manifest, spec.name, spec.dataset.manifest)
+
+
 def load_dataset(spec: TaskSpec, root: str | Path, *, support: bool = False) -> Dataset:
     """Samples of the task's split (or of its k-shot support split) in canonical order."""
     check_spec(spec, f"task {spec.name}")
@@ -478,6 +491,8 @@ def load_dataset(spec: TaskSpec, root: str | Path, *, support: bool = False) -> 
     ctx = _Ctx(spec.name, spec.kind, root, split, files, images, ds.one_per_image, spec.seed, ds.image_pattern)
     ctx.hasher.update(f"{ds.loader}|{split}|{images}|{spec.kind}|{ds.one_per_image}|{ds.image_pattern}|".encode())
     samples = LOADERS[ds.loader].fn(ctx)
+    if ds.manifest is not None and not support:
+        samples = _apply_manifest(spec, samples, ctx)
     if not samples:
         raise DataError(f"{spec.name}: {root}: the annotation files hold no samples for split {split!r}")
     seen: dict[str, int] = defaultdict(int)

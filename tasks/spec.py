@@ -82,6 +82,9 @@ class DatasetSpec:
     one_per_image: bool = False  # t2i from captions: one caption per image (FID's reference set)
     builtin: str | None = None  # "shapes": the demo world, built on demand when no --data-root is given
     support: SupportSpec | None = None
+    # A saved protocol manifest (JSON from `cm3eval protocol write`; a path on this machine, not
+    # under the data root): the samples are its prompts, in its order (tasks/manifest.py).
+    manifest: str | None = None
 
 
 @dataclass
@@ -120,6 +123,17 @@ class RetrievalSpec:
 
 
 @dataclass
+class ProtocolSpec:
+    """The published protocol a task reproduces (tasks/protocols.py): its manifest is built and
+    checked before the model loads, and recorded with the run's metrics."""
+
+    name: str
+    # The manifest's sha256. Null in a spec file: the plan fills it in the resolved spec (so it is
+    # part of the run's hashed config); given (--set protocol.manifest_hash=...), it pins the run.
+    manifest_hash: str | None = None
+
+
+@dataclass
 class TaskSpec:
     name: str
     kind: str
@@ -133,6 +147,7 @@ class TaskSpec:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     limit: int | None = None  # default number of samples; None = all
     seed: int = 0
+    protocol: ProtocolSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,7 +194,16 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "retrieval.encoder": (lambda v: v in ("model", "demo") or v.startswith(SCORER_PREFIXES),
                           "model, demo, open_clip:ARCH:PATH, hf-clip:DIR or native:PATH"),
     "dataset.builtin": (lambda v: v in ("shapes",), "null or 'shapes'"),
+    "protocol.name": (lambda v: v in _protocol_names(), "a published protocol (tasks/protocols.py)"),
+    "protocol.manifest_hash": (lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+                               "a sha256 (64 hex digits) or null"),
 }
+
+
+def _protocol_names() -> tuple[str, ...]:
+    from .protocols import PUBLISHED  # imported late: tasks/protocols.py builds on this module
+
+    return tuple(PUBLISHED)
 
 # How messages word the sampler's settings. Wording only: what is accepted is decided by
 # SamplingConfig.validate() (see _check_sampling), never by a predicate here.
@@ -358,6 +382,9 @@ def validate(spec: TaskSpec, src: str) -> TaskSpec:
     if spec.prompt.k_shot and spec.dataset.support is None:
         raise SpecError(f"{src}: prompt.k_shot: {spec.prompt.k_shot} examples need dataset.support "
                         "(the split they are drawn from)")
+    if spec.dataset.manifest is not None and spec.protocol is None:
+        raise SpecError(f"{src}: dataset.manifest: a manifest pins a published protocol; the task names none "
+                        "(protocol.name)")
     if not spec.metrics:
         raise SpecError(f"{src}: metrics: at least one metric is required")
     for name, opts in spec.metrics.items():
