@@ -26,7 +26,7 @@ from cm3leon.document import Document, DocumentCodec
 from cm3leon.errors import Cm3evalError
 from cm3leon.sampling import (GenerationRequest, Sampler, SamplingConfig, auto_batch_size,
                               continuation_logprobs, rerank)
-from evals.protocol import Batch, Item
+from evals.protocol import Batch, FatalPredictorError, Item
 from tasks import prompts
 from tasks.spec import TaskSpec
 
@@ -34,7 +34,7 @@ from tasks.spec import TaskSpec
 TEXT_PART_TOKENS = 64
 
 
-class PredictorSetupError(Cm3evalError):
+class PredictorSetupError(FatalPredictorError):
     """The predictor cannot serve this task at all (a missing decoder, encoder or bank): fatal for
     the run, never retried sample by sample."""
 

@@ -183,3 +183,26 @@ def test_the_cycle_finder_finds_cycles():
 @pytest.mark.parametrize("pkg", PACKAGES)
 def test_every_package_has_modules(pkg):
     assert any(_pkg(m) == pkg for m in MODULES)
+
+
+# ----------------------------------------------------------------------------- sizes
+MAX_MODULE_LINES = 600  # outside tasks/shapes/ (the demo world is one generator, kept whole)
+MAX_FUNCTION_LINES = 60  # in evals/ and cm3leon/sampling.py
+
+
+def test_no_module_over_600_lines():
+    big = {m: n for m, p in MODULES.items() if not m.startswith("tasks.shapes")
+           and (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert big == {}
+
+
+def _long_functions(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    return [f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_no_function_over_60_lines_in_evals_and_the_sampler():
+    paths = [p for m, p in MODULES.items() if m.startswith("evals")] + [MODULES["cm3leon.sampling"]]
+    assert [f for p in paths for f in _long_functions(p)] == []

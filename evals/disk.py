@@ -1,0 +1,99 @@
+"""A run's disk need, estimated before it starts, against the free space where it will write.
+
+The default coco-fid (30,000 prompts x 8 candidates at 512 px) would write about 110 GB if every
+candidate were a PNG; the predictor writes the chosen image only (every candidate's VQ codes go
+in the sample line) unless --save-candidates. The estimate is what those choices make of the
+plan: per image-output sample, 1 PNG (1 + n_candidates with --save-candidates) at the model's
+resolution, plus the sample line with every candidate's codes; per text sample, a small line.
+
+PNG size: natural images compress to about half their raw RGB bytes (1.6 bytes per pixel:
+512 px -> ~420 KB, the issue's 110 GB / 270,000 PNGs); the demo's flat shapes compress far
+better, so the estimate errs high there, never low. A run is refused only when the estimate is
+over the free space (`--force-disk` runs it anyway); a resume counts what it already wrote.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PNG_BYTES_PER_PIXEL = 1.6
+CODE_BYTES = 6  # one VQ code in a JSON list: up to 5 digits and ", "
+LINE_BYTES = 2_000  # a sample line's fixed part (ids, prompt, references, timings)
+
+
+@dataclass
+class TaskDisk:
+    task: str
+    samples: int | None  # None: unknown before loading (a text task without --limit)
+    images_per_sample: int
+    resolution: int
+    bytes: int  # still to write (what a resume already wrote is subtracted)
+
+
+@dataclass
+class DiskNeed:
+    out: Path
+    tasks: list[TaskDisk] = field(default_factory=list)
+    free: int | None = None  # bytes free on --out's filesystem
+
+    @property
+    def total(self) -> int:
+        return sum(t.bytes for t in self.tasks)
+
+    @property
+    def insufficient(self) -> bool:
+        return self.free is not None and self.total > self.free
+
+    def describe(self) -> str:
+        parts = [f"{t.task} {_size(t.bytes)} ({t.samples if t.samples is not None else '?'} samples x "
+                 f"{t.images_per_sample} PNG at {t.resolution} px)" if t.images_per_sample else
+                 f"{t.task} {_size(t.bytes)}" for t in self.tasks]
+        free = f"{_size(self.free)} free" if self.free is not None else "free space unknown"
+        return f"disk: about {_size(self.total)} to write under {self.out} ({'; '.join(parts)}); {free}"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the filesystem that holds `path` (its nearest existing ancestor)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def written_bytes(folder: Path) -> int:
+    """Bytes a previous run left under folder (a resume does not write them again)."""
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def sample_bytes(spec: Any, resolution: int, codes_per_image: int, save_candidates: bool) -> tuple[int, int]:
+    """(PNGs per sample, bytes per sample) of one task."""
+    if spec.output_modality != "image":
+        return 0, LINE_BYTES + 4 * spec.generation.max_new_tokens
+    n = spec.generation.n_candidates
+    pngs = 1 + (n if save_candidates and n > 1 else 0)
+    png = int(resolution * resolution * PNG_BYTES_PER_PIXEL)
+    return pngs, pngs * png + LINE_BYTES + n * codes_per_image * CODE_BYTES
+
+
+def task_disk(spec: Any, samples: int | None, resolution: int, codes_per_image: int, save_candidates: bool,
+              task_dir: Path) -> TaskDisk:
+    pngs, per = sample_bytes(spec, resolution, codes_per_image, save_candidates)
+    need = max(0, per * (samples or 0) - written_bytes(task_dir))
+    return TaskDisk(spec.name, samples, pngs, resolution, need)
