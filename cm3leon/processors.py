@@ -67,8 +67,8 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, top_p: floa
     return _inverse_cdf(_nucleus(sorted_probs, top_p), order, uniforms)
 
 
-# Past this many candidates a row's rounding in `before` (cumsum - p) is far below the margin.
-_NUCLEUS_MARGIN = 1e-6
+# float32's unit roundoff: k summed probabilities are off by at most ~k of these, in any order
+_U32 = 2.0 ** -24
 
 
 def sample_top_p_prefiltered(logits: torch.Tensor, uniforms: torch.Tensor, top_p: float,
@@ -79,7 +79,8 @@ def sample_top_p_prefiltered(logits: torch.Tensor, uniforms: torch.Tensor, top_p
     top-k values are put in the full sort's order (probability down, id up, as a stable sort
     ties), so their CDF prefix is the same sums; it is exact when every nucleus token is strictly
     more likely than the k-th (so no tie at the cut can swap a token in) and the mass before the
-    k-th reaches top_p with a margin (so no token past k re-enters the nucleus by rounding)."""
+    k-th reaches top_p with a margin of float32's worst-case rounding of k terms (so no token past k
+    re-enters the nucleus by rounding)."""
     probs = torch.softmax(logits.float(), dim=-1)
     vals, ids = probs.topk(k, dim=-1)
     ids, by_id = ids.sort(dim=-1)
@@ -88,5 +89,7 @@ def sample_top_p_prefiltered(logits: torch.Tensor, uniforms: torch.Tensor, top_p
     kept = _nucleus(vals, top_p)
     before_last = vals[:, :-1].sum(-1) if k > 1 else torch.zeros_like(vals[:, 0])
     smallest_kept = kept.masked_fill(kept <= 0, float("inf")).min(-1).values
-    exact = (smallest_kept > vals[:, -1]) & (before_last >= top_p + _NUCLEUS_MARGIN)
+    # the margin covers this sum's rounding and the full sort's (`before` of any later token is at
+    # least before_last less both sums' errors), so no token past k can fall back under top_p
+    exact = (smallest_kept > vals[:, -1]) & (before_last >= top_p + 4 * k * _U32)
     return _inverse_cdf(kept, ids, uniforms), exact

@@ -250,7 +250,7 @@ def _choose(logits: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.T
 def _record(nxt: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.Tensor:
     """Write this step's tokens; update done / stopped; return the tokens to feed (pad when done)."""
     # a done row's column stays -1 (each column is written once, at its step)
-    state.out.index_copy_(1, state.step, torch.where(state.done, -1, nxt)[:, None])
+    state.out[:, state.step] = torch.where(state.done, -1, nxt)[:, None]
     fed = torch.where(state.done, plan.pad_id, nxt)
     if plan.modality == "text":
         hit_stop = plan.is_stop[nxt] & ~state.done
@@ -306,6 +306,7 @@ class Sampler:
         self.top_p_prefilter = top_p_prefilter
         self._step_fn = _compiled_step(device) if compile else decode_step
         self._reusable: dict[tuple[int, ...], DecodeState] = {}
+        self._bucket = KV_BUCKET if device.type == "cuda" else CPU_KV_BUCKET
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig,
@@ -388,7 +389,7 @@ class Sampler:
         then replay on the same addresses instead of being captured again for every batch."""
         dev, max_len = self.device, prompt_len + budget
         if self.compiled:
-            max_len = -(-max_len // KV_BUCKET) * KV_BUCKET
+            max_len = -(-max_len // self._bucket) * self._bucket
         key = (n_rows, b, budget, max_len)
         state = self._reusable.get(key)
         if state is not None:
@@ -418,8 +419,7 @@ class Sampler:
             return need  # eager: attend over the filled slots only
         # a compiled step is one fixed shape: attend over a bucket of slots, the unfilled ones masked.
         # CPU buckets are small: no graph launch to save there, and padded attention costs more
-        bucket = KV_BUCKET if self.device.type == "cuda" else CPU_KV_BUCKET
-        return min(cache.max_len, -(-need // bucket) * bucket)
+        return min(cache.max_len, -(-need // self._bucket) * self._bucket)
 
     def decode(self, state: DecodeState, plan: StepPlan, batch: list[_Sample]) -> None:
         """Run the steps; raises _Inexact when a prefiltered top-p step was (the caller redoes the batch).
@@ -495,7 +495,7 @@ def _mark_static(state: DecodeState) -> None:
               state.step, state.bad_step, state.inexact):
         mark(t)
     c = state.cache
-    for t in (c.k, c.v, c.valid, c.next_pos, c.slot):
+    for t in (*c.k, *c.v, c.valid, c.next_pos, c.slot):
         mark(t)
 
 

@@ -81,8 +81,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys/values for every layer; `valid` masks left padding and unfilled slots."""
 
-    k: torch.Tensor  # [L, B, Hkv, S, D]
-    v: torch.Tensor
+    # one [B, Hkv, S, D] tensor per layer, not slices of one [L, ...] tensor: a compiled step that
+    # writes a slice of a shared base is functionalised into a copy of the whole base per layer
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
     valid: torch.Tensor  # [B, S] bool: slot holds a real token
     next_pos: torch.Tensor  # [B] position id of the next token of each row
     slot: torch.Tensor  # [1] long on the device: the next slot to write (a tensor so a compiled step never recompiles)
@@ -91,12 +93,12 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def reset(self) -> None:
         """Empty the cache in place (same tensors, so a compiled step keeps its static addresses).
         Keys and values are zeroed too: masked slots must not hold a broken batch's NaNs."""
-        for t in (self.k, self.v, self.valid, self.next_pos, self.slot):
+        for t in (*self.k, *self.v, self.valid, self.next_pos, self.slot):
             t.zero_()
         self.length = self.max_next_pos = 0
 
@@ -139,12 +141,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if kv is not None:  # write this chunk into the cache, attend over its filled part
             cache_k, cache_v = kv
-            if isinstance(slots, torch.Tensor):
-                cache_k.index_copy_(2, slots, k)
-                cache_v.index_copy_(2, slots, v)
-            else:
-                cache_k[:, :, slots] = k
-                cache_v[:, :, slots] = v
+            # a [1] slot tensor becomes index_put_, which inductor rewrites in place; index_copy_
+            # made it copy the whole cache every compiled step
+            cache_k[:, :, slots] = k
+            cache_v[:, :, slots] = v
             k, v = cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
         # grouped KV heads broadcast inside SDPA: no repeat_interleave copy of the cache per step
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
@@ -271,10 +271,10 @@ class Transformer(nn.Module):
         cfg = self.config
         device = device or self.tok_embeddings.weight.device
         dtype = dtype or self.tok_embeddings.weight.dtype
-        shape = (cfg.n_layers, batch_size, self.local_kv_heads, max_len, cfg.head_dim)
+        shape = (batch_size, self.local_kv_heads, max_len, cfg.head_dim)
         return KVCache(
-            k=torch.zeros(shape, device=device, dtype=dtype),
-            v=torch.zeros(shape, device=device, dtype=dtype),
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
             valid=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
             next_pos=torch.zeros(batch_size, dtype=torch.long, device=device),
             slot=torch.zeros(1, dtype=torch.long, device=device),
@@ -338,7 +338,7 @@ class Transformer(nn.Module):
         positions = cache.next_pos[:, None]
         h = self._embed(tokens[:, None], positions)
         rope = self._rope(positions)
-        cache.valid.index_fill_(1, cache.slot, True)
+        cache.valid[:, cache.slot] = True
         mask = self._additive(cache.valid[:, None, None, :kv_len])  # [B, 1, 1, S]: real tokens so far, this one included
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, (cache.k[i], cache.v[i]), cache.slot, kv_len)

@@ -48,11 +48,18 @@ class DiskNeed:
         return self.free is not None and self.total > self.free
 
     def describe(self) -> str:
-        parts = [f"{t.task} {_size(t.bytes)} ({t.samples if t.samples is not None else '?'} samples x "
-                 f"{t.images_per_sample} PNG at {t.resolution} px)" if t.images_per_sample else
-                 f"{t.task} {_size(t.bytes)}" for t in self.tasks]
+        parts = [_part(t) for t in self.tasks]
         free = f"{_size(self.free)} free" if self.free is not None else "free space unknown"
-        return f"disk: about {_size(self.total)} to write under {self.out} ({'; '.join(parts)}); {free}"
+        about = "at least" if any(t.samples is None for t in self.tasks) else "about"
+        return f"disk: {about} {_size(self.total)} to write under {self.out} ({'; '.join(parts)}); {free}"
+
+
+def _part(t: TaskDisk) -> str:
+    if t.samples is None:
+        return f"{t.task} ? (samples counted once loaded)"
+    if not t.images_per_sample:
+        return f"{t.task} {_size(t.bytes)}"
+    return f"{t.task} {_size(t.bytes)} ({t.samples} samples x {t.images_per_sample} PNG at {t.resolution} px)"
 
 
 def _size(n: int | None) -> str:

@@ -12,7 +12,14 @@ order, and reported as ONE line naming the setting (exit 2):
    encoders (`evals.encoders.required_encoder_files`), a retrieval bank folder;
 5. the checkpoint's capabilities (`cm3leon.checkpoint.inspect`, small files only): a VQ decoder
    for tasks that output images (or --vq), a dual encoder where "model" is named as one, a
-   bundled bank where `retrieval.bank=model`.
+   bundled bank where `retrieval.bank=model`, and prompt templates whose special roles
+   (`{eot}` ...) the checkpoint's family has (`cm3leon.families.check_template`);
+6. a published protocol (coco-fid: FID-30K): its manifest (tasks/protocols.py) is built from the
+   annotations, or read from `dataset.manifest`, checked, hashed into the resolved spec
+   (`protocol.manifest_hash`, so a resume with another manifest is refused naming that key) and
+   summarised in `RunPlan.protocol` for metrics.json;
+7. the disk: the PNGs and sample lines the run will write (evals/disk.py) against the free space
+   of --out's filesystem, refused when clearly insufficient unless --force-disk.
 
 Values from typed command-line options (--cfg-scale 3) enter the spec as the float typer already
 parsed; `--set` strings are typed once, by the field they set.
@@ -21,12 +28,12 @@ parsed; `--set` strings are typed once, by the field they set.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from cm3leon.errors import Cm3evalError
-from cm3leon.sampling import SamplingConfig
+from cm3leon.sampling_config import SamplingConfig
 from tasks.loaders import check_data_root, check_spec as check_loader, resolve_data_root
 from tasks.spec import SpecError, TaskSpec, apply_overrides, known_keys, parse_assignments
 
@@ -55,6 +62,8 @@ class RunRequest:
     max_failures: str = "1%"
     tp: int = 1  # tensor-parallel ranks per model copy (under torchrun)
     inspect_model: bool = True  # False when a test injects the predictor (no checkpoint behind --model)
+    save_candidates: bool = False  # every candidate as a PNG (the disk estimate counts them)
+    force_disk: bool = False  # run even when the disk estimate is over the free space
 
 
 @dataclass
@@ -63,6 +72,8 @@ class TaskPlan:
     sampling: SamplingConfig  # what the sampler runs with (validated)
     data_root: Path  # resolved; the demo world's is rendered on first use by the engine
     files: list[Path]  # the local files the task needs, all present
+    protocol: dict[str, Any] | None = None  # tasks.protocols.summary(): metrics.json's "protocol"
+    n_samples: int | None = None  # samples the run evaluates, where known before loading the model
 
 
 @dataclass
@@ -76,6 +87,11 @@ class RunPlan:
     def specs(self) -> list[TaskSpec]:
         return [t.spec for t in self.tasks]
 
+    @property
+    def protocol(self) -> dict[str, dict[str, Any]]:
+        """task name -> the published protocol it was measured under (tasks that follow one)."""
+        return {t.spec.name: t.protocol for t in self.tasks if t.protocol is not None}
+
 
 @dataclass
 class Plan:
@@ -83,6 +99,7 @@ class Plan:
     runs: list[RunPlan]
     max_failures: float
     checkpoint: Any = None  # cm3leon.checkpoint.CheckpointInfo, when one was inspected
+    disk: Any = None  # evals.disk.DiskNeed: printed before the run starts
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -208,6 +225,11 @@ def build_plan(req: RunRequest) -> Plan:
     max_failures = parse_max_failures(req.max_failures)
     overrides = collect_overrides(req.sets, req.shorthands)
     points = parse_sweep(req.sweeps)
+    resolved = []  # the specs first: a usage error answers before torch is imported (< 1 s)
+    for point in points:
+        ov = {**overrides, **point}
+        label = "--set" if not point else "--set/--sweep (" + ", ".join(f"{k}={v}" for k, v in point.items()) + ")"
+        resolved.append((point, ov, resolve_specs(names, ov, label)))
     info = None
     if req.inspect_model:
         from cm3leon.checkpoint import inspect
@@ -217,13 +239,14 @@ def build_plan(req: RunRequest) -> Plan:
         check_tensor_parallel(req.tp, info)
     out = req.out or Path("runs") / (Path(model).name if model != "demo" else "demo")
     runs = []
-    for point in points:
-        ov = {**overrides, **point}
-        label = "--set" if not point else "--set/--sweep (" + ", ".join(f"{k}={v}" for k, v in point.items()) + ")"
-        specs = resolve_specs(names, ov, label)
+    for point, ov, specs in resolved:
         plans = [plan_task(spec, req.data_root, info) for spec in specs]
         runs.append(RunPlan(point, sweep_dir(Path(out), point), plans, {k: typed_value(specs, k) for k in ov}))
-    return Plan(model, runs, max_failures, info)
+    disk = disk_need(runs, info, Path(out), req.save_candidates)
+    if disk.insufficient and not req.force_disk:
+        raise PlanError(f"{disk.describe()}: not enough space; free some, write elsewhere (--out), lower "
+                        "--limit, or pass --force-disk to run anyway")
+    return Plan(model, runs, max_failures, info, disk)
 
 
 def plan_task(spec: TaskSpec, data_root: Path | None, info: Any) -> TaskPlan:
@@ -236,7 +259,11 @@ def plan_task(spec: TaskSpec, data_root: Path | None, info: Any) -> TaskPlan:
     files = local_files(spec, root)
     if info is not None:
         check_capabilities(spec, info)
-    return TaskPlan(spec, sampling, root, files)
+        check_family_templates(spec, info)
+    protocol = None
+    if spec.protocol is not None:
+        spec, protocol = resolve_protocol(spec, root)
+    return TaskPlan(spec, sampling, root, files, protocol, count_samples(spec, root, data_root, protocol))
 
 
 def check_tensor_parallel(tp: int, info: Any) -> None:
@@ -320,3 +347,93 @@ def check_capabilities(spec: TaskSpec, info: Any) -> None:
         if opts.get("encoder") == "model" and not info.has_encoder:
             raise PlanError(f"{spec.name}: metrics.{metric}.encoder=model but {no_encoder}; pass --set "
                             f"metrics.{metric}.encoder=open_clip:ARCH:PATH")
+
+
+def check_family_templates(spec: TaskSpec, info: Any) -> None:
+    """Templates may name special tokens by role ({eot}, {boi}); the checkpoint's family must have them."""
+    from cm3leon import families
+
+    family = families.get(info.family)
+    for where in ("template", "shot_template"):
+        template = getattr(spec.prompt, where)
+        if template is None:
+            continue
+        try:
+            families.check_template(template, family)
+        except ValueError as e:
+            raise PlanError(f"{spec.name}: prompt.{where}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- protocol and disk
+def _inception_sha256(spec: TaskSpec, root: Path) -> str | None:
+    """sha256 of the Inception weights the FID metric will load (present: local_files checked it)."""
+    from evals.metrics.inception import WEIGHTS_FILE
+    from evals.provenance import digest_cache
+    from evals.scoring import required_files
+
+    for f in required_files(spec):
+        if f.metric == "fid" and f.what.startswith(WEIGHTS_FILE.what):
+            path = root / f.path if f.under_data_root else Path(f.path)
+            if not path.is_file():
+                raise PlanError(f"{spec.name}: {f.what} not found: {path}; {f.how_to_get}")
+            return digest_cache().digest(path)
+    return None
+
+
+def task_manifest(spec: TaskSpec, root: Path) -> tuple[TaskSpec, Any]:
+    """(the spec as the manifest is applied to it, the manifest) of a task that follows a protocol."""
+    from tasks.protocols import resolve_manifest
+
+    if spec.dataset.manifest is not None and spec.dataset.shuffle:
+        # the manifest's order is final; a shuffle on top would evaluate other prompts than its first N
+        spec = replace(spec, dataset=replace(spec.dataset, shuffle=False))
+    return spec, resolve_manifest(spec, root, _inception_sha256(spec, root))
+
+
+def resolve_protocol(spec: TaskSpec, root: Path) -> tuple[TaskSpec, dict[str, Any]]:
+    """The task's manifest, built or read and checked; the spec with its hash filled in (the
+    engine hashes the spec, so the manifest is part of the run's config) and the summary."""
+    from tasks.protocols import summary
+
+    spec, manifest = task_manifest(spec, root)
+    pin = spec.protocol.manifest_hash
+    if pin is not None and pin != manifest.hash:
+        raise PlanError(f"{spec.name}: protocol.manifest_hash: this run's manifest hashes to {manifest.hash}, "
+                        f"not {pin} (other data, weights or settings); `cm3eval protocol write` shows it")
+    spec = replace(spec, protocol=replace(spec.protocol, manifest_hash=manifest.hash))
+    n = len(manifest.prompts) if spec.limit is None else min(spec.limit, len(manifest.prompts))
+    return spec, summary(manifest, n)
+
+
+def count_samples(spec: TaskSpec, root: Path, data_root: Path | None, protocol: dict[str, Any] | None) -> int | None:
+    """The samples the run evaluates, for the disk estimate: the protocol's n, the limit, or (image
+    tasks only, whose PNGs dominate) the loaded dataset's size; None when unknown."""
+    if protocol is not None:
+        return int(protocol["n"])
+    if spec.limit is not None:
+        return spec.limit
+    if spec.output_modality != "image":
+        return None
+    from tasks.loaders import load_dataset
+
+    if spec.dataset.builtin and data_root is None:  # the demo world: countable once rendered (cached)
+        try:
+            return len(load_dataset(spec, check_data_root(spec, root)).samples)
+        except Cm3evalError:
+            return None
+    return len(load_dataset(spec, root).samples)
+
+
+def disk_need(runs: list[RunPlan], info: Any, out: Path, save_candidates: bool) -> Any:
+    """What the runs will write (evals/disk.py) and the free space under --out."""
+    from evals import disk
+
+    need = disk.DiskNeed(out, free=disk.free_bytes(out))
+    for run_plan in runs:
+        for t in run_plan.tasks:
+            fid_res = (t.spec.metrics.get("fid") or {}).get("resolution")
+            res = int(info.image_resolution) if info is not None else int(fid_res or 256)
+            codes = int(info.config.image_seq_len) if info is not None else (res // 16) ** 2
+            need.tasks.append(disk.task_disk(t.spec, t.n_samples, res, codes, save_candidates,
+                                             run_plan.out / t.spec.name))
+    return need

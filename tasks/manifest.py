@@ -79,7 +79,12 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=1, ensure_ascii=False) + "\n")
+    data = manifest.to_json()
+    rows = data.pop("prompts")
+    # the header indented, one prompt per line: readable, diffable, ~150 bytes a prompt
+    head = json.dumps(data, indent=1, ensure_ascii=False)[:-2]
+    body = ",\n".join("  " + json.dumps(r, ensure_ascii=False) for r in rows)
+    tmp.write_text(f"{head},\n \"prompts\": [\n{body}\n ]\n}}\n")
     tmp.replace(path)
     return path
 

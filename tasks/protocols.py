@@ -18,41 +18,14 @@ looks for its weights (evals.scoring does; tasks may not import evals).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import DataError
 from .manifest import Manifest, Prompt, read_manifest
+from .published import PUBLISHED, Published, published  # noqa: F401  (the table, re-exported here)
 from .selection import selection_order
 from .spec import TaskSpec
-
-
-@dataclass(frozen=True)
-class Published:
-    """A protocol as the paper reports it."""
-
-    name: str
-    n: int
-    split: str
-    resolution: int
-    resize: str
-    candidates: int
-    k: int
-    source: str
-
-
-PUBLISHED: dict[str, Published] = {
-    "coco-fid-30k": Published("coco-fid-30k", n=30_000, split="val2014", resolution=256, resize="pytorch-fid",
-                              candidates=8, k=2, source="CM3leon (Yu et al. 2023), Table 1"),
-}
-
-
-def published(name: str) -> Published:
-    try:
-        return PUBLISHED[name]
-    except KeyError:
-        raise DataError(f"protocol.name {name!r}: unknown protocol (known: {', '.join(PUBLISHED)})") from None
 
 
 def run_settings(spec: TaskSpec, inception_sha256: str | None) -> dict[str, Any]:

@@ -33,8 +33,9 @@ import yaml
 
 from cm3leon.errors import Cm3evalError
 from cm3leon.families import ROLE_PLACEHOLDERS
-from cm3leon.sampling import SamplingConfig
+from cm3leon.sampling_config import SamplingConfig
 
+from .published import PUBLISHED
 from .yamlio import YAMLLimitError, safe_load
 
 KINDS = ("t2i", "caption", "vqa", "edit")
@@ -194,16 +195,11 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "retrieval.encoder": (lambda v: v in ("model", "demo") or v.startswith(SCORER_PREFIXES),
                           "model, demo, open_clip:ARCH:PATH, hf-clip:DIR or native:PATH"),
     "dataset.builtin": (lambda v: v in ("shapes",), "null or 'shapes'"),
-    "protocol.name": (lambda v: v in _protocol_names(), "a published protocol (tasks/protocols.py)"),
+    "protocol.name": (lambda v: v in PUBLISHED, "a published protocol (tasks/published.py)"),
     "protocol.manifest_hash": (lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None,
                                "a sha256 (64 hex digits) or null"),
 }
 
-
-def _protocol_names() -> tuple[str, ...]:
-    from .protocols import PUBLISHED  # imported late: tasks/protocols.py builds on this module
-
-    return tuple(PUBLISHED)
 
 # How messages word the sampler's settings. Wording only: what is accepted is decided by
 # SamplingConfig.validate() (see _check_sampling), never by a predicate here.

@@ -69,9 +69,10 @@ def test_help_and_usage_errors_are_fast_and_plain():
 def test_every_command_group_is_mounted():
     res = CliRunner().invoke(app, ["--help"])
     for cmd in ("run", "list", "show", "score", "bench", "bank", "train", "convert", "leaderboard", "report",
-                "compare"):
+                "compare", "protocol"):
         assert cmd in res.stdout
-    for group, subs in (("score", ("vqa", "caption", "fid", "edit")), ("bench", ("sampler", "retrieval", "metrics"))):
+    for group, subs in (("score", ("vqa", "caption", "fid", "edit")), ("bench", ("sampler", "retrieval", "metrics")),
+                        ("protocol", ("write",))):
         out = CliRunner().invoke(app, [group, "--help"]).stdout
         assert all(s in out for s in subs), out
 
@@ -241,3 +242,28 @@ def test_model_flags_reach_the_loader_and_the_predictor(monkeypatch, tmp_path):
     seen.clear()
     model_predictor(PredictorSettings("demo", "cpu", "float32", 4))  # defaults: nothing extra is passed
     assert "vq" not in seen["load"][1] and seen["predictor"]["sampler_options"] is None
+
+
+def test_each_task_gets_the_predictors_batch_size_for_it(tmp_path, monkeypatch, capsys):
+    """The engine's chunk comes from `predictor.batch_size_for(spec)` per task (text tasks fit more
+    samples than image tasks); --batch-size overrides it for every task."""
+    from evals import engine
+
+    class Sized(fixtures.EchoPredictor):
+        def batch_size_for(self, spec):
+            return {"shapes-fid": 2, "shapes-edit": 2}.get(spec.name, 5)
+
+    calls: list[tuple[list[str], int]] = []
+    real_run = engine.run
+
+    def recording_run(specs, predictor, options, dist=None, on_task=None):
+        calls.append(([s.name for s in specs], options.batch_size))
+        return real_run(specs, predictor, options, dist, on_task)
+
+    monkeypatch.setattr(engine, "run", recording_run)
+    args = ["run", "demo", "--limit", "2", "--out", str(tmp_path / "r")]
+    assert main(args, predictor_factory=lambda **kw: Sized()) == 0, capsys.readouterr().err
+    assert calls == [(["shapes-fid"], 2), (["shapes-caption", "shapes-vqa"], 5), (["shapes-edit"], 2)]
+    calls.clear()
+    assert main([*args, "--batch-size", "3"], predictor_factory=lambda **kw: Sized()) == 0
+    assert calls == [(["shapes-fid", "shapes-caption", "shapes-vqa", "shapes-edit"], 3)]

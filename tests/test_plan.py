@@ -195,3 +195,34 @@ def test_tensor_parallel_is_checked_before_the_model(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(Exception, match="not a multiple of tp=2"):
         plan.check_tensor_parallel(2, inspect("demo"))
+
+
+def test_a_usage_error_answers_without_importing_torch():
+    """`--set generation.temperature=0` is refused by the spec layer before the checkpoint is
+    inspected: torch (seconds to import) is never loaded, so the answer comes in well under 1 s."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; t = time.perf_counter(); from evals.cli import main; "
+            "rc = main(['run', 'shapes-fid', '--set', 'generation.temperature=0', '--out', sys.argv[1]]); "
+            "print(rc, 'torch' in sys.modules, time.perf_counter() - t)")
+    res = subprocess.run([sys.executable, "-c", code, "/tmp/never-written"], capture_output=True, text=True,
+                         timeout=60)
+    rc, torch_loaded, seconds = res.stdout.split()
+    print(f"usage error in {float(seconds):.2f} s (in-process, after interpreter start)")
+    assert rc == "2" and torch_loaded == "False", res.stderr
+    assert "generation.temperature" in res.stderr and float(seconds) < 1.5
+
+
+def test_templates_are_checked_against_the_checkpoints_family(coco_root, hf_folder, tmp_path, capsys):  # noqa: F811
+    """A template may name specials by role; {mask} is a native CM3leon token that Chameleon lacks."""
+    import cm3leon.checkpoint
+
+    with pytest.raises(PlanError, match=r"coco-caption: prompt.template: .*\{mask\} is not a token of the "
+                                        r"chameleon family"):
+        build_plan(RunRequest(("coco-caption",), ("prompt.template={mask} A picture of",), model=str(hf_folder),
+                              data_root=coco_root, out=tmp_path / "r"))
+    ok = build_plan(RunRequest(("coco-caption",), ("prompt.template=A picture of{eot}",), model=str(hf_folder),
+                               data_root=coco_root, out=tmp_path / "r"))
+    assert ok.checkpoint.family == "chameleon" and ok.runs[0].specs[0].prompt.template == "A picture of{eot}"
+    assert isinstance(ok.checkpoint, cm3leon.checkpoint.CheckpointInfo)

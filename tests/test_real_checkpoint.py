@@ -11,15 +11,14 @@ model" section.
 - `cm3eval bank build` from COCO train2014 with the saved open_clip encoder;
 - `coco-fid` at the paper's settings: retrieval k = 2 from that bank, 8 candidates reranked by
   CLIPScore with the same encoder, FID with the saved Inception weights;
-- `coco-caption`, `vqav2`, `magicbrush-edit`: each completes with every metric of its spec;
+- `coco-caption`, `vqav2`, `magicbrush-edit`: each completes with every metric of its spec; the
+  three commands write one run folder, whose metrics.json then holds all four tasks;
 - each missing file (decoder, Inception, CLIP, bank) is one line, exit 2, before the model loads;
 - a run whose every sample fails exits non-zero and names the first failure.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import shutil
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from evals.cli import main
 from fixtures import corrupt
@@ -62,7 +62,7 @@ def bank(real: RealSetup, tmp_path_factory) -> Path:
     """`cm3eval bank build` over COCO train2014 (official layout) with the saved open_clip ViT-B-32."""
     out = tmp_path_factory.mktemp("bank") / "coco-train2014"
     rc = main(["bank", "build", "--out", str(out), "--encoder", real.clip_spec,
-               "--coco-root", str(real.data_root), "--json"])
+               "--coco-root", str(real.data_root)])
     assert rc == 0
     return out
 
@@ -81,14 +81,6 @@ def no_model_load(monkeypatch) -> list[str]:
     monkeypatch.setattr(checkpoint, "load", sentinel)
     monkeypatch.setattr(checkpoint, "build_decoder", sentinel)
     return calls
-
-
-@contextlib.contextmanager
-def capture():
-    """stderr of an in-process command run from a module fixture (capfd is per test)."""
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        yield buf
 
 
 def cli(capfd, *argv: str | Path) -> tuple[int, str, str]:
@@ -153,7 +145,6 @@ def test_bank_build_from_coco_train2014(real, bank):
 @dataclass(frozen=True)
 class Ran:
     rc: int
-    err: str
     run_dir: Path
     warnings: tuple[str, ...] = ()
 
@@ -164,10 +155,12 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def _ran(argv: list[str | Path], run_dir: Path) -> Ran:
-    with capture() as err, warnings.catch_warnings(record=True) as caught:
+    """One command from a module fixture. Its stderr is not redirected (the "cm3eval" log handler
+    keeps the stream it first sees, for later tests too); pytest shows it with a failing test."""
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rc = main([str(a) for a in argv])
-    return Ran(rc, err.getvalue(), run_dir, tuple(str(w.message) for w in caught))
+    return Ran(rc, run_dir, tuple(str(w.message) for w in caught))
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +181,7 @@ def edit_run(real, run_dir) -> Ran:
 
 def test_coco_fid_at_the_papers_settings(real, fid_run):
     """k = 2 retrieved documents, 8 candidates reranked by CLIPScore, FID on Inception features."""
-    assert fid_run.rc == 0, fid_run.err[-3000:]
+    assert fid_run.rc == 0, "see the captured stderr of the setup"
     fid = task_metrics(fid_run.run_dir, "coco-fid")
     assert_finite(fid, ("FID",), FID_PROMPTS)
     assert fid["FID"]["higher_is_better"] is False and fid["FID"]["value"] > 0
@@ -207,8 +200,18 @@ def test_coco_fid_at_the_papers_settings(real, fid_run):
         assert (fid_run.run_dir / "coco-fid" / r["images"]["output"]).is_file()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_coco_fid_on_cuda_in_bfloat16(real, bank, tmp_path, capfd):
+    """README's GPU form of the same command (the CPU runs above are float32)."""
+    rc, out, err = cli(capfd, *fid_args(real, bank, tmp_path / "cuda"), "--device", "cuda", "--dtype", "bfloat16")
+    assert rc == 0, err[-3000:]
+    assert_finite(task_metrics(tmp_path / "cuda", "coco-fid"), ("FID",), FID_PROMPTS)
+    rows = samples(tmp_path / "cuda" / "coco-fid")
+    assert len(rows) == FID_PROMPTS and all(len(r["retrieved"]) == 2 and len(r["scores"]) == 8 for r in rows)
+
+
 def test_coco_caption_and_vqav2(text_run):
-    assert text_run.rc == 0, text_run.err[-3000:]
+    assert text_run.rc == 0, "see the captured stderr of the setup"
     # the converted config.json says bos 1 (<pad>); the tokenizer's <s> is 0: a warning naming both
     assert any("bos_token_id=1" in w and "<s>=0" in w for w in text_run.warnings), text_run.warnings
     assert_finite(task_metrics(text_run.run_dir, "coco-caption"), CAPTION_METRICS, 2)
@@ -221,7 +224,7 @@ def test_coco_caption_and_vqav2(text_run):
 
 
 def test_magicbrush_edit(edit_run):
-    assert edit_run.rc == 0, edit_run.err[-3000:]
+    assert edit_run.rc == 0, "see the captured stderr of the setup"
     assert_finite(task_metrics(edit_run.run_dir, "magicbrush-edit"), EDIT_METRICS, 2)
     rows = samples(edit_run.run_dir / "magicbrush-edit")
     assert len(rows) == 2 and all((edit_run.run_dir / "magicbrush-edit" / r["images"]["output"]).is_file()
@@ -285,6 +288,21 @@ def test_a_missing_editing_weight_is_one_line_before_the_model_loads(real, tmp_p
     rc, out, err = cli(capfd, *args)
     line = one_error_line(err)
     assert rc == 2 and str(gone) in line and f"metrics.{what}" in line, line
+    assert no_model_load == []
+
+
+@pytest.mark.parametrize("left_out", ["metrics.clip_i.encoder", "dataset.files.descriptions"])
+def test_an_editing_metric_without_its_file_is_refused_before_the_model_loads(real, tmp_path, capfd, no_model_load,
+                                                                             left_out):
+    """The spec's defaults leave CLIP-I's encoder unnamed and CLIP-T's captions file out: a run that
+    asks for those metrics must say so before generating anything, not exit 3 after it (issue 13:
+    each missing file is one line before the model loads, naming the option)."""
+    args = list(map(str, edit_args(real, tmp_path / "run")))
+    i = next(j for j, a in enumerate(args) if a.startswith(left_out + "="))
+    args = args[:i - 1] + args[i + 1:]
+    rc, out, err = cli(capfd, *args)
+    line = one_error_line(err)
+    assert rc == 2 and left_out in line, line
     assert no_model_load == []
 
 

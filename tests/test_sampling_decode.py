@@ -151,7 +151,7 @@ def test_static_buffers_reused_across_batches_give_the_eager_tokens():
     want = [x.candidates for x in Sampler(m).generate(reqs, s, batch_size=2)]
     assert [x.candidates for x in static.generate(reqs, s, batch_size=2)] == want
     first = next(iter(static._reusable.values()))
-    assert first.cache.max_len % 256 == 0
+    assert first.cache.max_len % static._bucket == 0
     real = m.step_tensors
     m.step_tensors = lambda tokens, cache, kv_len: real(tokens, cache, kv_len) * float("nan")
     with pytest.raises(NonFiniteLogitsError):

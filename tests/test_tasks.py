@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import tasks
 from cm3leon.errors import Cm3evalError
-from cm3leon.sampling import SamplingConfig
+from cm3leon.sampling_config import SamplingConfig
 from evals import plan
 from evals.cli import app
 from tasks.spec import GenerationSpec, SpecError, apply_overrides, load_spec, parse_assignments
@@ -211,6 +211,31 @@ def test_generation_spec_is_the_samplers_config_without_copies():
         {f.name: f.default for f in dataclasses.fields(GenerationSpec) if f.name not in own}
 
 
+def test_the_sampler_and_the_spec_share_one_sampling_config():
+    """cm3leon/sampling_config.py holds SamplingConfig without torch; cm3leon/sampling.py must
+    re-export it (one class). Until it does, the copy it still defines must be the same config:
+    same fields, defaults and validation code."""
+    import inspect
+
+    from cm3leon import sampling
+
+    if sampling.SamplingConfig is SamplingConfig:
+        return
+    ours, theirs = SamplingConfig, sampling.SamplingConfig
+    assert [(f.name, f.default) for f in dataclasses.fields(ours)] == \
+        [(f.name, f.default) for f in dataclasses.fields(theirs)]
+    for method in ("validate", "uses_cdk"):
+        assert inspect.getsource(getattr(ours, method)) == inspect.getsource(getattr(theirs, method)), method
+
+
+@pytest.mark.xfail(strict=True, reason="cm3leon/sampling.py does not re-export cm3leon.sampling_config yet "
+                   "(the sampler's owner applies the two-line diff; then drop this marker)")
+def test_sampling_re_exports_the_torch_free_config():
+    from cm3leon import sampling
+
+    assert sampling.SamplingConfig is SamplingConfig
+
+
 def test_spec_accepts_only_what_the_sampler_accepts(tmp_path):
     # temperature 0 used to pass the spec and fail every sample in the sampler
     assert err(tmp_path, GOOD.replace("greedy: true", "temperature: 0")) == \
@@ -273,3 +298,18 @@ def test_templates_may_name_special_roles(tmp_path):
     assert load_spec(write(tmp_path, ok, "roles.yaml")).prompt.template.endswith("{eot} Answer:")
     msg = err(tmp_path, GOOD.replace("{question}", "{question}{eos_token}"))
     assert "unknown placeholder {eos_token}" in msg and "{eot}" in msg
+
+
+def test_the_protocol_fields_of_a_spec():
+    """coco-fid names the published protocol it reproduces; the fields are validated like any other."""
+    spec = tasks.get("coco-fid")
+    assert spec.protocol.name == "coco-fid-30k" and spec.protocol.manifest_hash is None
+    assert spec.dataset.manifest is None
+    assert apply_overrides(spec, {"dataset.manifest": "/tmp/m.json"}).dataset.manifest == "/tmp/m.json"
+    with pytest.raises(SpecError, match=r"protocol.name: expected a published protocol"):
+        apply_overrides(spec, {"protocol.name": "coco-fid-10k"})
+    with pytest.raises(SpecError, match=r"protocol.manifest_hash: expected a sha256 \(64 hex digits\)"):
+        apply_overrides(spec, {"protocol.manifest_hash": "abc"})
+    assert apply_overrides(spec, {"protocol.manifest_hash": "a" * 64}).protocol.manifest_hash == "a" * 64
+    with pytest.raises(SpecError, match=r"dataset.manifest: a manifest pins a published protocol"):
+        apply_overrides(tasks.get("coco-caption"), {"dataset.manifest": "/tmp/m.json"})

@@ -25,6 +25,7 @@ from evals.cli import report
 from evals.cli.bank import bank_app
 from evals.cli.bench import bench_app
 from evals.cli.convert import convert
+from evals.cli.protocol import protocol_app
 from evals.cli.run import list_tasks, run, show
 from evals.cli.score import score_app
 from evals.cli.train import train_app
@@ -56,6 +57,7 @@ app.add_typer(score_app, name="score")
 app.add_typer(bench_app, name="bench")
 app.add_typer(bank_app, name="bank")
 app.add_typer(train_app, name="train")
+app.add_typer(protocol_app, name="protocol")
 report.mount(app)
 
 

@@ -196,6 +196,8 @@ def run(
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks per model replica (under torchrun)."),
     save_candidates: bool = typer.Option(False, "--save-candidates", help="Write a PNG for every candidate, "
                                          "not only the chosen image."),
+    force_disk: bool = typer.Option(False, "--force-disk", help="Run even when the estimated disk need is over "
+                                    "the free space of --out's filesystem."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run of a different config."),
     json_: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
@@ -208,7 +210,10 @@ def run(
     shorthands = dict(retrieval_k=retrieval_k, cfg_scale=cfg_scale, cdk_alpha=cdk_alpha, candidates=candidates,
                       limit=limit)
     plan = build_plan(RunRequest(tuple(names), tuple(set_), tuple(sweep), shorthands, model, data_root, out, vq,
-                                 max_failures, tp=tp, inspect_model=factory is None))
+                                 max_failures, tp=tp, inspect_model=factory is None,
+                                 save_candidates=save_candidates, force_disk=force_disk))
+    if plan.disk is not None:
+        typer.echo(plan.disk.describe(), err=True)  # before anything loads: the run may take hours
     code = execute(plan, PredictorSettings(plan.model, device, dtype, batch_size, vq, compile_, tp, save_candidates),
                    factory, overwrite=overwrite, data_root=data_root, as_json=json_)
     if code:
@@ -225,19 +230,55 @@ def execute(plan: Any, settings: PredictorSettings, factory: Callable[..., Any] 
     if dist.enabled and settings.device == "cuda":
         settings = PredictorSettings(**{**settings.__dict__, "device": f"cuda:{dist.local_rank}"})
     predictor = make_predictor(settings, factory)
-    run_batch = settings.batch_size or getattr(predictor, "batch_size", None) or 8  # one predict() call
     model_path = Path(plan.checkpoint.path) if plan.checkpoint is not None else None
     all_results: dict[str, dict[str, Any]] = {}
     for run_plan in plan.runs:
-        opts = engine.RunOptions(out=run_plan.out, data_root=data_root, batch_size=run_batch, overwrite=overwrite,
-                                 device=settings.device, dtype=settings.dtype, model_name=plan.model,
-                                 model_path=model_path, overrides=run_plan.overrides, argv=list(sys.argv))
-        all_results[str(run_plan.out)] = engine.run(run_plan.specs, predictor, opts, dist)
+        results: dict[str, Any] = {}
+        for batch, specs in batch_groups(run_plan.specs, predictor, settings.batch_size):
+            opts = engine.RunOptions(out=run_plan.out, data_root=data_root, batch_size=batch, overwrite=overwrite,
+                                     device=settings.device, dtype=settings.dtype, model_name=plan.model,
+                                     model_path=model_path, overrides=run_plan.overrides, argv=list(sys.argv))
+            results.update(engine.run(specs, predictor, opts, dist))
+        if dist.rank == 0:
+            record_protocols(run_plan, results)
+        all_results[str(run_plan.out)] = results
     if dist.rank != 0:
         return 0
     write_views([r.out for r in plan.runs], plan.runs[0].out.parent if len(plan.runs) > 1 else plan.runs[0].out)
     print_results(all_results, as_json)
     return verdict(all_results, plan.max_failures)
+
+
+def batch_groups(specs: list[Any], predictor: Any, batch_size: int | None) -> list[tuple[int, list[Any]]]:
+    """(engine chunk, specs) in task order: the predictor sizes each task's batch from its
+    sequence length (`batch_size_for`); consecutive tasks of one size share an engine call."""
+    groups: list[tuple[int, list[Any]]] = []
+    for spec in specs:
+        if batch_size:
+            size = batch_size
+        elif hasattr(predictor, "batch_size_for"):
+            size = int(predictor.batch_size_for(spec))
+        else:  # an injected test predictor
+            size = int(getattr(predictor, "batch_size", None) or 8)
+        if groups and groups[-1][0] == size:
+            groups[-1][1].append(spec)
+        else:
+            groups.append((size, [spec]))
+    return groups
+
+
+def record_protocols(run_plan: Any, results: dict[str, Any]) -> None:
+    """metrics.json's "protocol" of each task that follows a published one (the plan's summary:
+    manifest hash, n, split, resolution, resize, Inception sha256, candidates, k, whether it
+    matches the paper). Written here unless the engine already put it in the entry."""
+    from evals import runs
+
+    for name, protocol in run_plan.protocol.items():
+        result = results.get(name)
+        if result is None or result.entry.get("protocol") == protocol:
+            continue
+        result.entry["protocol"] = protocol
+        runs.merge_task_metrics(run_plan.out, runs.read_metrics(run_plan.out).get("run", {}), {name: result.entry})
 
 
 def list_tasks(json_: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
