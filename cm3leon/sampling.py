@@ -29,69 +29,12 @@ from .counter_rng import sample_uniform, sample_uniforms, splitmix64_tensor  # n
 from .errors import Cm3evalError
 from .processors import (apply_guidance, cdk_candidate_mask, cdk_scores, sample_from_logits,  # noqa: F401
                          sample_top_p_prefiltered, top_k_filter)
+from .sampling_config import SamplingConfig  # torch-free (the plan phase imports it alone); the one class
 from .transformer import KVCache, Transformer
 
 
 class NonFiniteLogitsError(Cm3evalError, RuntimeError):
     """The model produced NaN or +/-inf logits; sampling from them would give garbage silently."""
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_count(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    greedy: bool = False
-    cfg_scale: float = 1.0  # text guidance: uncond + s * (cond - uncond)
-    image_cfg_scale: float | None = None  # 3-stream editing guidance when set
-    cdk_alpha: float | None = None  # contrastive decoding TopK (CD-K) when set
-    cdk_k: int = 1
-    mix_cdk_fraction: float = 0.0  # share of a request's candidates decoded with CD-K
-    n_candidates: int = 1
-
-    def validate(self) -> None:
-        """THE validation of sampling settings (the plan phase calls it before a model loads).
-
-        Raises ValueError whose message starts with the offending field's name."""
-        if not isinstance(self.greedy, bool):
-            raise ValueError(f"greedy: must be true or false, got {self.greedy!r}")
-        if not _is_number(self.temperature):
-            raise ValueError(f"temperature: must be a finite number, got {self.temperature!r}")
-        if not self.greedy and not self.temperature > 0:
-            raise ValueError(f"temperature: must be > 0 (use greedy=true for argmax), got {self.temperature}")
-        if self.top_k is not None and not (_is_count(self.top_k) and self.top_k >= 1):
-            raise ValueError(f"top_k: must be an integer >= 1 (or unset), got {self.top_k!r}")
-        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p: must be in (0, 1] (or unset), got {self.top_p!r}")
-        if not _is_number(self.cfg_scale):
-            raise ValueError(f"cfg_scale: must be a finite number (1 = no guidance), got {self.cfg_scale!r}")
-        if self.image_cfg_scale is not None and not _is_number(self.image_cfg_scale):
-            raise ValueError(f"image_cfg_scale: must be a finite number (or unset), got {self.image_cfg_scale!r}")
-        if self.cdk_alpha is not None and not (_is_number(self.cdk_alpha) and 0 < self.cdk_alpha <= 1):
-            raise ValueError(f"cdk_alpha: must be in (0, 1] (or unset to turn CD-K off), got {self.cdk_alpha!r}")
-        if not (_is_count(self.cdk_k) and self.cdk_k >= 1):
-            raise ValueError(f"cdk_k: must be an integer >= 1, got {self.cdk_k!r}")
-        if not (_is_number(self.mix_cdk_fraction) and 0 <= self.mix_cdk_fraction <= 1):
-            raise ValueError(f"mix_cdk_fraction: must be in [0, 1], got {self.mix_cdk_fraction!r}")
-        if self.mix_cdk_fraction > 0 and self.cdk_alpha is None:
-            raise ValueError("mix_cdk_fraction: needs cdk_alpha (the CD-K candidates' plausibility cut)")
-        if not (_is_count(self.n_candidates) and self.n_candidates >= 1):
-            raise ValueError(f"n_candidates: must be an integer >= 1, got {self.n_candidates!r}")
-
-    def uses_cdk(self, candidate: int) -> bool:
-        if self.cdk_alpha is None:
-            return False
-        if self.mix_cdk_fraction <= 0:
-            return True
-        return candidate < round(self.mix_cdk_fraction * self.n_candidates)
 
 
 @dataclass

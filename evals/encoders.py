@@ -5,7 +5,11 @@ An encoder is named by a string:
 - "demo": the demo checkpoint's encoder (cm3leon/zoo/shapes-demo/encoder.safetensors; the
   bundle's own when the demo model is the one being evaluated, so it is not loaded twice);
 - "open_clip:ARCH:PATH", "hf-clip:FOLDER", "native:PATH": `cm3leon.encoder.load_encoder`;
-- a bare folder holding a transformers CLIP (`config.json` inside): the same as "hf-clip:FOLDER".
+- a bare folder holding a transformers CLIP (`config.json` inside): the same as "hf-clip:FOLDER";
+- a named default, `clip-vit-b-32`: open_clip ViT-B-32 (the CM3leon paper's frozen retriever and
+  reranker), its weights file found at $CM3EVAL_CLIP_WEIGHTS, else
+  `<cache>/weights/open_clip_vit_b32.safetensors` (tasks.cache.cache_dir): what the registry's
+  defaults can name on any checkpoint, since no Chameleon/Anole folder carries an encoder.
 Nothing downloads: a missing file is a one-line `EncoderUnavailable` naming it and how to get it.
 
 `required_encoder_files(name)` lists the files a name needs, for the plan phase (no loading).
@@ -13,13 +17,14 @@ Nothing downloads: a missing file is a one-line `EncoderUnavailable` naming it a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cm3leon.errors import Cm3evalError
 
-KINDS = "model, demo, open_clip:ARCH:PATH, hf-clip:FOLDER (or an HF CLIP folder), native:PATH"
+KINDS = "model, demo, clip-vit-b-32, open_clip:ARCH:PATH, hf-clip:FOLDER (or an HF CLIP folder), native:PATH"
 DEMO_ENCODER_FILE = "encoder.safetensors"
 
 
@@ -31,6 +36,56 @@ class EncoderUnavailable(Cm3evalError):
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason if reason is not None else message
+
+
+@dataclass(frozen=True)
+class NamedEncoder:
+    """A default encoder known by name: an open_clip architecture whose weights file is searched
+    in two fixed places (never downloaded)."""
+
+    name: str
+    arch: str  # open_clip architecture
+    env: str  # the variable naming the weights file
+    filename: str  # the file's name under <cache>/weights/
+    get: str  # how to obtain the file, one clause
+
+    def places(self) -> list[tuple[str, Path]]:
+        """(how, path) in search order: the variable when set, then the cache file."""
+        from tasks.cache import cache_dir
+
+        out = []
+        explicit = os.environ.get(self.env)
+        if explicit:
+            out.append((f"${self.env}", Path(explicit).expanduser()))
+        out.append(("the cache", cache_dir("weights", self.filename)))
+        return out
+
+    def find(self) -> Path | None:
+        return next((p for _, p in self.places() if p.is_file()), None)
+
+    def spec(self) -> str:
+        """The `open_clip:ARCH:PATH` it stands for; EncoderUnavailable when no place holds the file."""
+        found = self.find()
+        if found is None:
+            raise EncoderUnavailable(self.missing())
+        return f"open_clip:{self.arch}:{found}"
+
+    def missing(self, option: str | None = None) -> str:
+        """One line: where it looked, the variable, the open_clip:ARCH:PATH form, how to get the file."""
+        looked = " and ".join(f"{how} ({p})" if how.startswith("$") else str(p) for how, p in self.places())
+        unset = "" if os.environ.get(self.env) else f" (${self.env} is unset)"
+        direct = f"--set {option}=open_clip:{self.arch}:PATH" if option else f"open_clip:{self.arch}:PATH"
+        return (f"encoder {self.name}: no open_clip {self.arch} weights file at {looked}{unset}; set "
+                f"${self.env}=FILE, save it as {self.places()[-1][1]}, or name the file with {direct}; "
+                f"{self.get}")
+
+
+NAMED: dict[str, NamedEncoder] = {
+    "clip-vit-b-32": NamedEncoder(
+        "clip-vit-b-32", "ViT-B-32", "CM3EVAL_CLIP_WEIGHTS", "open_clip_vit_b32.safetensors",
+        "get it on a connected machine: open_clip's ViT-B-32 'laion2b_s34b_b79k' (huggingface.co/laion/"
+        "CLIP-ViT-B-32-laion2B-s34B-b79K, open_clip_model.safetensors) or 'openai' weights, saved as safetensors"),
+}
 
 
 def _demo_dir() -> Path:
@@ -45,7 +100,10 @@ def _is_demo_bundle(bundle: Any) -> bool:
 
 
 def canonical_spec(name: str) -> str:
-    """The `load_encoder` spec of a name other than model/demo (a bare CLIP folder -> hf-clip:FOLDER)."""
+    """The `load_encoder` spec of a name other than model/demo (a bare CLIP folder -> hf-clip:FOLDER,
+    a named default -> open_clip:ARCH:FOUND_PATH, or EncoderUnavailable when its file is missing)."""
+    if name in NAMED:
+        return NAMED[name].spec()
     if ":" not in name and Path(name).expanduser().is_dir():
         return f"hf-clip:{Path(name).expanduser()}"
     return name
@@ -92,6 +150,8 @@ def resolve_encoder(name: str | None, *, model_bundle: Any = None, device: str =
         from cm3leon.encoder import NativeDualEncoder
 
         return NativeDualEncoder.load(path, device=device).eval()
+    if name in NAMED and NAMED[name].find() is None:
+        raise EncoderUnavailable(f"{NAMED[name].missing()}; or pick another encoder with {flag}")
     return _load_cm3leon(canonical_spec(name), device)
 
 
@@ -114,21 +174,42 @@ class EncoderCache:
         self._loaded[name] = encoder
 
 
-def required_encoder_files(name: str | None) -> list[tuple[Path, str]]:
+def required_encoder_files(name: str | None, option: str | None = None) -> list[tuple[Path, str]]:
     """(path, what) of the local files the encoder `name` needs; "model" needs none here (the plan
-    checks the checkpoint itself). An unparsable name is an EncoderUnavailable."""
+    checks the checkpoint itself). An unparsable name is an EncoderUnavailable.
+
+    A named default's file is searched: its path is the place that holds it, else the first place
+    looked, and `what` then carries the whole search (places, variable, the open_clip:ARCH:PATH
+    form naming `option`, how to get the file), so the plan's one line says all of it."""
     if not name or name == "model":
         return []
     if name == "demo":
         return [(_demo_dir() / DEMO_ENCODER_FILE, "the demo dual encoder")]
+    if name in NAMED:
+        named = NAMED[name]
+        found = named.find()
+        if found is not None:
+            return [(found, f"open_clip {named.arch} weights of encoder {name}")]
+        return [(named.places()[0][1], f"the weights of encoder {name} [{named.missing(option)}]")]
     spec = canonical_spec(name)
     kind, _, rest = spec.partition(":")
     if kind == "open_clip":
         arch, _, path = rest.partition(":")
         if arch and path:
+            _need_module("open_clip", name, "pip install 'cm3eval[clip]' (or open_clip_torch)")
             return [(Path(path).expanduser(), f"open_clip {arch} weights")]
     elif kind == "hf-clip" and rest:
+        _need_module("transformers", name, "pip install transformers")
         return [(Path(rest).expanduser() / "config.json", "a transformers CLIP folder")]
     elif kind == "native" and rest:
         return [(Path(rest).expanduser(), "a native cm3leon dual encoder")]
     raise EncoderUnavailable(f"encoder {name!r}: not a known kind (expected {KINDS})")
+
+
+def _need_module(module: str, name: str, how: str) -> None:
+    """A back-end that is not installed is known before any model loads (else the run fails when
+    the first metric or rerank resolves the encoder)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise EncoderUnavailable(f"encoder {name!r} needs the {module} package, which is not installed; {how}")

@@ -317,7 +317,9 @@ def local_files(spec: TaskSpec, root: Path) -> list[Path]:
     """The files the task needs, all present; else a PlanError naming the first missing one."""
     present = []
     for path, what, how in _wanted_files(spec, root):
-        if path is None or not Path(path).exists():
+        if path is None:  # a file the metric needs that no option names yet
+            raise PlanError(f"{spec.name}: {what} not given; {how}")
+        if not Path(path).exists():
             raise PlanError(f"{spec.name}: {what} not found: {path}; {how}")
         present.append(Path(path))
     bank = spec.retrieval.bank

@@ -7,7 +7,10 @@ digest cache keyed by (path, size, mtime, ctime, inode) keeps a resume from re-r
 ctime cannot be set back by `touch`, so an in-place rewrite is always seen.
 
 The cache lives in tasks.cache.cache_dir("digests.sqlite"): $CM3EVAL_CACHE, else
-$XDG_CACHE_HOME/cm3eval, else ~/.cache/cm3eval — the one cache variable of the package.
+$XDG_CACHE_HOME/cm3eval, else ~/.cache/cm3eval — the one cache variable of the package. Several
+processes share it (torchrun ranks, a `cm3eval score` beside a run): every write is its own
+autocommitted statement in WAL mode, so no process ever holds a write transaction open while it
+reads a file, and another process digesting at the same time never waits on "database is locked".
 """
 
 from __future__ import annotations
@@ -105,12 +108,18 @@ def diff_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------- content digests
 class DigestCache:
     """sha256 of whole files, remembered by (path, size, mtime, ctime, inode) in a small SQLite file.
-    A cache that cannot be opened (read-only home) only costs time: digests are computed anyway."""
+    A cache that cannot be opened (read-only home) only costs time: digests are computed anyway.
+
+    The connection is in autocommit mode (`isolation_level=None`): each INSERT commits at once.
+    The old batched commit (every 256 writes) kept a write transaction, and so SQLite's write
+    lock, open across the hashing of the next files, and a second process stalled for the whole
+    `timeout` (30 s) before failing its own write with "database is locked"."""
+
+    BUSY_TIMEOUT_S = 30.0  # a single-row write waits at most this long for another's (milliseconds in practice)
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or cache_dir() / "digests.sqlite"
         self._db: sqlite3.Connection | None = None
-        self._pending = 0
         self._lock = threading.Lock()
         self.hashed_bytes = 0  # bytes actually read (the tests check that a resume reads none)
 
@@ -118,7 +127,14 @@ class DigestCache:
         if self._db is None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+                db = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_S, check_same_thread=False,
+                                     isolation_level=None)
+                try:
+                    # readers never block the writer nor the reverse; on a filesystem without shared
+                    # memory (some network mounts) SQLite keeps its rollback journal, still correct
+                    db.execute("PRAGMA journal_mode=WAL")
+                except sqlite3.Error as e:
+                    log.debug("digest cache %s: WAL unavailable (%s)", self.path, e)
                 db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, stamp TEXT, sha256 TEXT)")
                 self._db = db
             except (OSError, sqlite3.Error) as e:
@@ -126,43 +142,43 @@ class DigestCache:
                 return None
         return self._db
 
+    def _lookup(self, path: Path, stamp: str) -> str | None:
+        with self._lock:
+            db = self._conn()
+            if db is None:
+                return None
+            try:
+                row = db.execute("SELECT stamp, sha256 FROM digests WHERE path=?", (str(path),)).fetchone()
+            except sqlite3.Error:
+                return None
+        return str(row[1]) if row is not None and row[0] == stamp else None
+
+    def _store(self, path: Path, stamp: str, sha: str) -> None:
+        with self._lock:
+            db = self._conn()
+            if db is None:
+                return
+            try:
+                db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?)", (str(path), stamp, sha))
+            except sqlite3.Error as e:  # a cache that cannot be written only costs a re-read later
+                log.debug("digest cache write failed: %s", e)
+
     def digest(self, path: Path) -> str:
         path = Path(path).resolve()
         st = path.stat()
         stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
-        with self._lock:
-            db = self._conn()
-            if db is not None:
-                try:
-                    row = db.execute("SELECT stamp, sha256 FROM digests WHERE path=?", (str(path),)).fetchone()
-                except sqlite3.Error:
-                    row = None
-                if row is not None and row[0] == stamp:
-                    return str(row[1])
-        sha = _sha256_file(path)
+        cached = self._lookup(path, stamp)
+        if cached is not None:
+            return cached
+        sha = _sha256_file(path)  # outside any lock or transaction: the slow part
         self.hashed_bytes += st.st_size
-        with self._lock:
-            db = self._conn()
-            if db is not None:
-                try:
-                    db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?)", (str(path), stamp, sha))
-                    self._pending += 1
-                    if self._pending >= 256:
-                        self.flush()
-                except sqlite3.Error as e:
-                    log.debug("digest cache write failed: %s", e)
+        self._store(path, stamp, sha)
         return sha
 
     def flush(self) -> None:
-        if self._db is not None and self._pending:
-            try:
-                self._db.commit()
-            except sqlite3.Error as e:
-                log.debug("digest cache commit failed: %s", e)
-            self._pending = 0
+        """Kept for callers that flushed the old batched writes: every write is committed already."""
 
     def close(self) -> None:
-        self.flush()
         if self._db is not None:
             self._db.close()
             self._db = None

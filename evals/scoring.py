@@ -29,12 +29,12 @@ import numpy as np
 
 from evals import scoring_inputs as inputs
 from evals.metrics.captioning import METRIC_NAMES as _CAPTION_NAMES
-from evals.metrics.errors import MetricUnavailable
+from evals.metrics.errors import MetricInputMissing, MetricUnavailable
 from evals.metrics.result import MetricResult
 from evals.scoring_inputs import Context
 
-__all__ = ["METRICS", "MetricDef", "MetricUnavailable", "RequiredFile", "Scored", "check_metrics",
-           "higher_is_better", "prepare", "required_files", "score_metrics", "score_task"]
+__all__ = ["METRICS", "MetricDef", "MetricInputMissing", "MetricUnavailable", "RequiredFile", "Scored", "check_inputs",
+           "check_metrics", "higher_is_better", "prepare", "required_files", "score_metrics", "score_task"]
 
 log = logging.getLogger("cm3eval")
 
@@ -204,6 +204,11 @@ class MetricDef:
     # (result-name pattern, higher_is_better) for every name the adapter produces; a metric whose
     # `name` option renames its single result keeps the direction of its one declared output.
     outputs: tuple[tuple[str, bool], ...]
+    # What the plan phase can know is missing before any model loads (required_files):
+    # (dataset file role, what its texts are) the metric's texts come from, when the loader knows the role
+    texts: tuple[tuple[str, str], ...] = ()
+    min_samples: int = 0  # fewer (a --limit below it) and the metric has no value
+    needs_encoder: bool = False  # the `encoder` option must name one (null: refused)
 
     def higher_is_better(self, result_name: str) -> bool:
         for pattern, hib in self.outputs:
@@ -219,20 +224,25 @@ METRICS: dict[str, MetricDef] = {
     "fid": MetricDef(_fid, ("t2i",), {"feature_space": "inception", "protocol": "pytorch-fid", "resolution": 256,
                                      "weights": None, "reference_stats": None, "cache_dir": None,
                                      "batch_size": 50, "bootstrap": 0},
-                     (("FID", False), ("FD-*", False))),
+                     (("FID", False), ("FD-*", False)), min_samples=2),  # a covariance needs 2
     "clip_score": MetricDef(_clip_score, ("t2i",), {"encoder": "model", "scale": 2.5, "name": None},
-                            (("CLIPScore", True),)),
+                            (("CLIPScore", True),), needs_encoder=True),
     "rank_accuracy": MetricDef(_rank_accuracy, ("t2i",), {"encoder": "demo", "pool_size": 100, "ks": [1, 5, 10]},
-                               (("t2i_R@*", True), ("t2i_rank", False))),  # a mean rank: 1 is best
+                               (("t2i_R@*", True), ("t2i_rank", False)),  # a mean rank: 1 is best
+                               min_samples=2, needs_encoder=True),
     "captioning": MetricDef(_captioning, ("caption",), {"tokenize": "ptb", "spice": False, "report": None},
                             tuple((n, True) for n in _CAPTION_NAMES)),
     "vqa_accuracy": MetricDef(_vqa, ("vqa",), {"evaluation": "current"}, (("accuracy", True),)),
     "pixel_distances": MetricDef(_pixel, ("edit",), {}, (("L1", False), ("L2 (MSE)", False))),
-    "clip_i": MetricDef(_clip_i, ("edit",), {"encoder": None, "name": "CLIP-I"}, (("CLIP-I", True),)),
-    "clip_t": MetricDef(_clip_t, ("edit",), {"encoder": None, "name": "CLIP-T"}, (("CLIP-T", True),)),
-    "clip_dir": MetricDef(_clip_dir, ("edit",), {"encoder": None, "name": "CLIP-dir"}, (("CLIP-dir", True),)),
+    "clip_i": MetricDef(_clip_i, ("edit",), {"encoder": None, "name": "CLIP-I"}, (("CLIP-I", True),),
+                        needs_encoder=True),
+    "clip_t": MetricDef(_clip_t, ("edit",), {"encoder": None, "name": "CLIP-T"}, (("CLIP-T", True),),
+                        texts=(("descriptions", "the output images' captions"),), needs_encoder=True),
+    "clip_dir": MetricDef(_clip_dir, ("edit",), {"encoder": None, "name": "CLIP-dir"}, (("CLIP-dir", True),),
+                          texts=(("descriptions", "the input and output images' captions"),), needs_encoder=True),
     # how much of the source survives the edit (InstructPix2Pix's consistency axis): higher = more faithful
-    "clip_img": MetricDef(_clip_img, ("edit",), {"encoder": None, "name": "CLIP-img"}, (("CLIP-img", True),)),
+    "clip_img": MetricDef(_clip_img, ("edit",), {"encoder": None, "name": "CLIP-img"}, (("CLIP-img", True),),
+                          needs_encoder=True),
     "dino": MetricDef(_dino, ("edit",), {"weights": None}, (("DINO", True),)),
 }
 
@@ -387,24 +397,90 @@ def _weights_file(weights_file: Any, explicit: Any, metric: str) -> RequiredFile
 
 
 def _encoder_files(name: Any, metric: str, option: str) -> list[RequiredFile]:
-    from evals.encoders import required_encoder_files
+    from evals.encoders import NAMED, required_encoder_files
 
     out = []
-    for path, what in required_encoder_files(name):
-        how = ("build the demo with `cm3eval train demo`" if name == "demo" else
-               f"put the files there, or name another encoder with --set metrics.{metric}.{option}=...")
+    for path, what in required_encoder_files(name, f"metrics.{metric}.{option}"):
+        if name == "demo":
+            how = "build the demo with `cm3eval train demo`"
+        elif name in NAMED:  # `what` already says where it looked and how to get the file
+            how = f"or name another encoder with --set metrics.{metric}.{option}=..."
+        else:
+            how = f"put the files there, or name another encoder with --set metrics.{metric}.{option}=..."
         out.append(RequiredFile(path, f"{what} (metrics.{metric}.{option})", how, metric))
     return out
 
 
+def _encoder_hint() -> str:
+    from evals.encoders import NAMED
+
+    named = NAMED["clip-vit-b-32"]
+    return (f"{named.name} (open_clip {named.arch}; its weights at ${named.env} or {named.places()[-1][1]}), "
+            f"open_clip:{named.arch}:PATH or an HF CLIP folder")
+
+
+def check_inputs(spec: Any) -> None:
+    """What a requested metric needs besides files, known before any model loads (MetricInputMissing,
+    exit 2, one line naming the option): an encoder named where the metric needs one, the data file
+    its texts come from, enough samples, the Java its captioning back-end runs on."""
+    from tasks.loaders import LOADERS
+
+    loader = LOADERS.get(spec.dataset.loader)
+    known_roles = set(loader.required + loader.optional) if loader is not None else set()
+    for key, user_opts in spec.metrics.items():
+        d = METRICS.get(key)
+        if d is None:
+            continue  # check_metrics reports it
+        opts = {**d.options, **(user_opts or {})}
+        if d.needs_encoder and not opts.get("encoder"):
+            raise MetricInputMissing(f"{spec.name}: metrics.{key}.encoder is not set and {key} needs an encoder; "
+                                     f"pass --set metrics.{key}.encoder=NAME, e.g. {_encoder_hint()}")
+        for role, what in d.texts:
+            # only a role the loader reads from a file can be missing (another loader may carry the texts)
+            if role in known_roles and not spec.dataset.files.get(role):
+                raise MetricInputMissing(
+                    f"{spec.name}: metrics.{key} needs {what}, from dataset.files.{role}, which is not set; pass "
+                    f"--set dataset.files.{role}=PATH (under the data root; MagicBrush: global_descriptions.json "
+                    "beside edit_sessions.json)")
+        if d.min_samples and spec.limit is not None and spec.limit < d.min_samples:
+            raise MetricInputMissing(f"{spec.name}: metrics.{key} needs at least {d.min_samples} samples and --limit "
+                                     f"is {spec.limit}; raise --limit")
+        if key == "captioning":
+            _check_captioning(spec.name, opts)
+
+
+def _check_captioning(task: str, opts: dict[str, Any]) -> None:
+    """The PTB tokenizer, METEOR and SPICE run on Java; SPICE also on jars pycocoevalcap would download."""
+    import shutil
+
+    report = opts["report"]
+    java_for = [what for what, used in (("the PTB tokenizer (metrics.captioning.tokenize=ptb)", opts["tokenize"] == "ptb"),
+                                        ("METEOR", not report or "METEOR" in report),
+                                        ("SPICE (metrics.captioning.spice)", bool(opts["spice"])))
+                if used]
+    if java_for and shutil.which("java") is None:
+        raise MetricInputMissing(f"{task}: {' and '.join(java_for)} need Java and no `java` is on PATH; install a "
+                                 "JRE (e.g. apt-get install default-jre-headless), or --set metrics.captioning."
+                                 "tokenize=none with metrics.captioning.report=[BLEU-4,CIDEr,ROUGE-L]")
+    if opts["spice"]:
+        from evals.metrics.captioning import spice_status
+
+        available, why = spice_status()
+        if not available:
+            raise MetricInputMissing(f"{task}: metrics.captioning.spice is on but SPICE is {why}; put the jars "
+                                     "there, or --set metrics.captioning.spice=false")
+
+
 def required_files(spec: Any) -> list[RequiredFile]:
-    """The local files the spec's metrics need (weights, encoders, precomputed statistics).
+    """The local files the spec's metrics need (weights, encoders, precomputed statistics), after
+    `check_inputs` (which raises MetricInputMissing for what is missing but no file).
 
     An encoder named "model" needs the checkpoint's own encoder: the plan checks that with
     `cm3leon.checkpoint.inspect`, not here. Raises `evals.encoders.EncoderUnavailable` for an
-    encoder name of no known kind."""
+    encoder name of no known kind, or one whose back-end (open_clip, transformers) is not installed."""
     from evals.metrics import dino, inception
 
+    check_inputs(spec)
     out: list[RequiredFile] = []
     for key, user_opts in spec.metrics.items():
         if key not in METRICS:

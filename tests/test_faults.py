@@ -94,6 +94,58 @@ def test_model_files_are_hashed_in_full_and_a_resume_reads_none_of_them(tmp_path
         run(spec("vqav2"), out, root, fixtures.EchoPredictor(model_path=model))
 
 
+_DIGEST_WORKER = """
+import hashlib, logging, sys, time
+from pathlib import Path
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)  # the cache logs a failed write at debug
+from evals.provenance import DigestCache
+db, start, out, files = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
+cache = DigestCache(db)
+cache.digest(Path(files[0]))  # a first write, then wait until the other process has written too
+Path(str(out) + ".ready").touch()
+while not start.exists():
+    time.sleep(0.01)
+lines = [f"{f} {cache.digest(Path(f))}" for f in files[1:]]
+cache.close()
+out.write_text("\\n".join(lines))
+"""
+
+
+def test_two_processes_digest_new_files_at_once_without_waiting_on_the_lock(tmp_path):
+    """Each digest of a new file is a write; the old cache committed only every 256 writes, so a
+    second process's first write waited 30 s and failed with "database is locked"."""
+    import hashlib
+
+    db, start = tmp_path / "digests.sqlite", tmp_path / "go"
+    shared = [tmp_path / f"shared{i}.bin" for i in range(10)]
+    own = {w: [tmp_path / f"{w}{i}.bin" for i in range(30)] for w in ("a", "b")}
+    for f in shared + own["a"] + own["b"]:
+        f.write_bytes(os.urandom(64 << 10))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = {w: subprocess.Popen([sys.executable, "-c", _DIGEST_WORKER, str(db), str(start), str(tmp_path / f"{w}.out"),
+                                  *map(str, [own[w][0], *shared, *own[w][1:]])],
+                                 env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True) for w in own}
+    # both have written once (the old cache: the second one is stuck behind the first's open
+    # transaction until its 30 s timeout, then logs "database is locked")
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"{w}.out.ready").exists() for w in own) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    start.touch()
+    errs = {w: p.communicate(timeout=120)[1] for w, p in procs.items()}
+    for w, p in procs.items():
+        assert p.returncode == 0, errs[w]
+        assert "database is locked" not in errs[w], errs[w]
+        got = dict(line.split(" ") for line in (tmp_path / f"{w}.out").read_text().splitlines())
+        want = {str(f.resolve()): hashlib.sha256(f.read_bytes()).hexdigest() for f in shared + own[w][1:]}
+        assert {str(Path(k).resolve()): v for k, v in got.items()} == want
+    # every digest of both processes reached the file: a third reader hashes nothing
+    again = provenance.DigestCache(db)
+    for f in shared + own["a"] + own["b"]:
+        assert again.digest(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert again.hashed_bytes == 0
+    again.close()
+
+
 def test_swapped_image_bytes_are_refused_on_resume(tmp_path, root):
     data = copy_vqav2(root, tmp_path / "data")
     out = tmp_path / "run"
@@ -155,8 +207,10 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, roo
                                 env=_env(CM3EVAL_TEST_LOG=str(tmp_path / "second.log")), capture_output=True,
                                 text=True, timeout=120)
         assert second.returncode == 2, second.stderr
-        err = second.stderr.strip()
-        assert err.startswith("error: ") and "\n" not in err, err
+        # one error line; the plan's `disk:` estimate is the only other line allowed before it
+        lines = second.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: ") and all(line.startswith("disk: ") for line in lines[:-1]), lines
+        err = lines[-1]
         assert f"in use by pid {first.pid} on host {socket.gethostname()}" in err
         assert not (tmp_path / "second.log").exists()  # it computed nothing
         gate.touch()

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +194,7 @@ def test_coco_fid_at_the_papers_settings(real, fid_run):
         # retrieval: 2 train2014 documents from the bank, never the prompt's own val image
         assert len(r["retrieved"]) == 2, r["retrieved"]
         assert all(d["image"].startswith("COCO_train2014_") for d in r["retrieved"])
-        assert not {int(d["id"]) // 10 for d in r["retrieved"]} & val_ids
+        assert not {int(Path(d["image"]).stem.rsplit("_", 1)[1]) for d in r["retrieved"]} & val_ids
         # 8 candidates, all their VQ codes kept, the chosen one the best CLIPScore
         assert len(r["scores"]) == 8 and r["best"] == max(range(8), key=lambda i: r["scores"][i])
         codes = r["extra"]["codes"]
@@ -277,6 +279,17 @@ def test_a_missing_file_is_one_line_before_the_model_loads(real, bank, tmp_path,
     assert rc == 2, err
     assert all(n in line for n in named), (named, line)
     assert no_model_load == [] and not (tmp_path / "run" / "coco-fid" / "samples").exists()
+
+
+def test_the_console_script_says_the_same_line(real, bank, tmp_path):
+    """The installed `cm3eval` in a fresh process (no pytest capture): exit 2, one error line, no traceback."""
+    exe = Path(sys.executable).with_name("cm3eval")
+    if not exe.is_file():
+        pytest.skip(f"no console script beside {sys.executable} (pip install -e .)")
+    args, named = _missing(real, bank, tmp_path, "bank")
+    proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300)
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and all(n in line for n in named), proc.stderr
 
 
 @pytest.mark.parametrize("what", ["dino", "clip_i"])

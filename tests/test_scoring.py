@@ -203,8 +203,15 @@ def test_required_files_name_weights_and_how_to_get_them(tmp_path, monkeypatch):
     w.write_bytes(b"x")
     (req,) = scoring.required_files(_spec("coco-fid", {"metrics.fid.weights": str(w)}))
     assert req.path == w and req.exists
-    names = [r.metric for r in scoring.required_files(_spec("magicbrush-edit"))]
-    assert names == ["dino"]  # CLIP-I / CLIP-T name no encoder by default: nothing to check on disk
+    # CLIP-I / CLIP-T naming no encoder is no file to check on disk, and no longer a silent pass
+    # (issue 13: the run exited 3 after generating everything): the plan refuses it, naming the option
+    unset = {"metrics.clip_i.encoder": None, "metrics.clip_t.encoder": None}
+    with pytest.raises(scoring.MetricInputMissing, match=r"metrics\.clip_i\.encoder is not set.*clip-vit-b-32"):
+        scoring.required_files(_spec("magicbrush-edit", unset))
+    named = _spec("magicbrush-edit", {"metrics.clip_i.encoder": f"open_clip:ViT-B-32:{w}",
+                                      "metrics.clip_t.encoder": f"open_clip:ViT-B-32:{w}",
+                                      "dataset.files.descriptions": "magicbrush/test/global_descriptions.json"})
+    assert [r.metric for r in scoring.required_files(named)] == ["clip_i", "clip_t", "dino"]
     demo = scoring.required_files(_spec("shapes-fid"))
     assert [r.metric for r in demo] == ["fid", "rank_accuracy"] and all(r.exists for r in demo)
     spec = _spec("shapes-edit", {"metrics.clip_i.encoder": f"open_clip:ViT-B-32:{w}x"})

@@ -211,26 +211,9 @@ def test_generation_spec_is_the_samplers_config_without_copies():
         {f.name: f.default for f in dataclasses.fields(GenerationSpec) if f.name not in own}
 
 
-def test_the_sampler_and_the_spec_share_one_sampling_config():
-    """cm3leon/sampling_config.py holds SamplingConfig without torch; cm3leon/sampling.py must
-    re-export it (one class). Until it does, the copy it still defines must be the same config:
-    same fields, defaults and validation code."""
-    import inspect
-
-    from cm3leon import sampling
-
-    if sampling.SamplingConfig is SamplingConfig:
-        return
-    ours, theirs = SamplingConfig, sampling.SamplingConfig
-    assert [(f.name, f.default) for f in dataclasses.fields(ours)] == \
-        [(f.name, f.default) for f in dataclasses.fields(theirs)]
-    for method in ("validate", "uses_cdk"):
-        assert inspect.getsource(getattr(ours, method)) == inspect.getsource(getattr(theirs, method)), method
-
-
-@pytest.mark.xfail(strict=True, reason="cm3leon/sampling.py does not re-export cm3leon.sampling_config yet "
-                   "(the sampler's owner applies the two-line diff; then drop this marker)")
 def test_sampling_re_exports_the_torch_free_config():
+    """One SamplingConfig: cm3leon/sampling_config.py (torch-free, so the spec layer and the plan
+    answer usage errors without importing torch) is the class cm3leon/sampling.py uses."""
     from cm3leon import sampling
 
     assert sampling.SamplingConfig is SamplingConfig

@@ -1,7 +1,10 @@
 """`cm3eval run | list | show`: the registry and the engine on the command line.
 
 `run` is three phases: the plan (evals/plan.py: every setting, file and capability checked, no
-model loaded), the engine (one run folder per sweep point, resumable), then the views (the
+model loaded; the disk need printed, and refused over the free space unless --force-disk), the
+engine (one run folder per sweep point, resumable; each task's batch from the predictor's
+`batch_size_for(spec)` unless --batch-size; a published protocol's summary recorded as the task's
+"protocol" in metrics.json), then the views (the
 run's report.html, a leaderboard across sweep points) and the verdict: exit 0 when every
 requested metric was computed, 1 when a task's failed samples exceed --max-failures (all
 failed always counts), 3 when a requested metric could not be computed, 2 for usage errors and
