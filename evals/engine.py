@@ -38,6 +38,7 @@ from evals.records import failure_record, output_record
 from evals.provenance import (PACKAGE, config_hash, diff_keys, file_digest, folder_digests,
                               git_hash, package_version, versions)
 from tasks.images import confined, open_image
+from tasks.selection import derive_seed, selection_order
 from tasks.loaders import DataError, Dataset, Sample, load_dataset, resolve_data_root
 from tasks.spec import COSMETIC_FIELDS, TaskSpec
 
@@ -107,21 +108,11 @@ def exit_status(results: Iterable[TaskResult], max_failures: float = 0.01) -> tu
 
 
 # ----------------------------------------------------------------------------- selection and shots
-def derive_seed(task_seed: int, index: int) -> int:
-    """Per-sample seed from (task seed, sample index): independent of batching and sharding."""
-    digest = hashlib.blake2b(f"cm3eval/{task_seed}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 def select(dataset: Dataset, spec: TaskSpec) -> list[Sample]:
     """The evaluated samples: canonical order (or a seeded permutation), then the first `limit`.
-    Indices are positions in that order, so a smaller limit is a prefix of a larger one."""
-    samples = list(dataset.samples)
-    if spec.dataset.shuffle:
-        order = np.random.default_rng(derive_seed(spec.seed, -1)).permutation(len(samples))
-        samples = [samples[i] for i in order]
-    if spec.limit is not None:
-        samples = samples[: spec.limit]
+    Indices are positions in that order, so a smaller limit is a prefix of a larger one. The
+    rule is tasks.selection's, which the FID-30K manifest records too."""
+    samples = selection_order(dataset.samples, shuffle=spec.dataset.shuffle, seed=spec.seed, limit=spec.limit)
     out = []
     for i, s in enumerate(samples):
         s = Sample(**{**s.__dict__})
