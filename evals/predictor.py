@@ -151,32 +151,51 @@ class ModelPredictor:
                              seq_len=longest + budget, tp=self.tp)
 
     # --- identities that change results besides the weights
-    def task_fingerprint(self, spec: TaskSpec) -> dict[str, str]:
+    def task_fingerprint(self, spec: TaskSpec, data_root: Path | None = None) -> dict[str, str]:
+        """`data_root`: the task's, for a bank named relative to it (data:REL); without it the
+        default data root ($CM3EVAL_DATA_ROOT) is used."""
         out: dict[str, str] = {"family": self.family.name}
         r = spec.retrieval
         if r.enabled and r.k > 0:
-            out["bank"] = self._bank_fingerprint(r.bank)
+            out["bank"] = self._bank_fingerprint(r.bank, self._default_root(spec) if data_root is None else data_root)
             out["retrieval_encoder"] = str(self._retrieval_encoder(spec).fingerprint())
         if spec.generation.rerank and spec.generation.n_candidates > 1 and spec.generation.scorer != "lm":
             out["scorer"] = str(self._scorer(spec.generation.scorer).fingerprint())  # "lm" is the model itself
         return out
 
-    def _bank_dir(self, bank: str) -> Path:
+    @staticmethod
+    def _default_root(spec: TaskSpec) -> Path | None:
+        from evals.bank_path import is_data_relative
+        from tasks.loaders import resolve_data_root
+
+        if not is_data_relative(spec.retrieval.bank):
+            return None
+        try:
+            return resolve_data_root(spec, None, build=False)
+        except Cm3evalError:
+            return None  # resolve_bank names the missing data root
+
+    def _bank_dir(self, bank: str, data_root: Path | None = None) -> Path:
+        from evals.bank_path import BankPathError, resolve_bank
+
         if bank == "model":
             if self.bundle.bank_dir is None:
                 raise PredictorSetupError("retrieval.bank=model but the checkpoint ships no bank/; give a bank "
                                           "folder (--set retrieval.bank=PATH, built by `cm3eval bank build`) or "
                                           "turn retrieval off (--retrieval-k 0)")
             return Path(self.bundle.bank_dir)
-        path = Path(bank).expanduser()
-        if not path.is_dir():
+        try:
+            path = resolve_bank(bank, data_root)
+        except BankPathError as e:
+            raise PredictorSetupError(str(e)) from None
+        if path is None or not path.is_dir():
             raise PredictorSetupError(f"retrieval bank folder not found: {path} (build one with `cm3eval bank build`)")
         return path
 
-    def _bank_fingerprint(self, bank: str) -> str:
+    def _bank_fingerprint(self, bank: str, data_root: Path | None = None) -> str:
         from cm3leon.checkpoint import fingerprint_folder
 
-        return fingerprint_folder(self._bank_dir(bank))
+        return fingerprint_folder(self._bank_dir(bank, data_root))
 
     def _retrieval_encoder(self, spec: TaskSpec) -> Any:
         name = getattr(spec.retrieval, "encoder", None) or "model"
@@ -193,19 +212,21 @@ class ModelPredictor:
         except (OSError, ValueError) as e:  # an encoder that cannot load is a set-up fault, not a sample's
             raise PredictorSetupError(f"encoder {name!r}: {e}") from None
 
-    def _retriever(self, spec: TaskSpec):
+    def _retriever(self, spec: TaskSpec, data_root: Path | None = None):
         r = spec.retrieval
-        key = (r.bank, getattr(r, "encoder", None), r.max_similarity, r.prefer_multimodal, r.k)
+        folder = self._bank_dir(r.bank, data_root)
+        key = (str(folder), getattr(r, "encoder", None), r.max_similarity, r.prefer_multimodal, r.k)
         if key not in self._retrievers:
             from cm3leon.retrieval import MemoryBank, Retriever, SelectionConfig
 
-            bank = MemoryBank.load(self._bank_dir(r.bank))
+            bank = MemoryBank.load(folder)
             self._retrievers[key] = Retriever(bank, self._retrieval_encoder(spec), SelectionConfig(
                 k=r.k, max_similarity=r.max_similarity, prefer_multimodal=r.prefer_multimodal))
         return self._retrievers[key]
 
     # --- retrieval: one search for the whole batch, in the task's direction
-    def _retrieved_batch(self, spec: TaskSpec, items: list[Item]) -> list[tuple[list[Document], list[dict[str, Any]]]]:
+    def _retrieved_batch(self, spec: TaskSpec, items: list[Item],
+                         data_root: Path | None = None) -> list[tuple[list[Document], list[dict[str, Any]]]]:
         r = spec.retrieval
         if not r.enabled or r.k <= 0:
             return [([], []) for _ in items]
@@ -220,7 +241,7 @@ class ModelPredictor:
             # never prefix the query's own document (its id, or its image under the bank's image root)
             exclude.append({s.id} | ({s.image} if s.image else set()))
         out = []
-        for docs in self._retriever(spec).augment_batch(queries, r.k, exclude=exclude):
+        for docs in self._retriever(spec, data_root).augment_batch(queries, r.k, exclude=exclude):
             built = [prompts.retrieved_document(spec.kind, d.text, d.image) for d in docs]
             records = [{"id": d.id, "text": d.text, "image": d.image_path, "score": d.meta.get("score")} for d in docs]
             out.append((built, records))
@@ -297,7 +318,7 @@ class ModelPredictor:
         spec = batch.task
         self.check_ready(spec)
         sampling = sampling_config(spec)
-        retrieved = self._retrieved_batch(spec, batch.items)
+        retrieved = self._retrieved_batch(spec, batch.items, getattr(batch, "data_root", None))
         # every image of the batch through the VQ in one call (cached: VQA repeats images)
         self._codes_for([im for it in batch.items for k, im in it.images.items()
                          if (k == "image" or k.startswith("shot:")) and isinstance(im, Image.Image)]

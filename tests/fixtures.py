@@ -317,3 +317,21 @@ def make_echo(*args: Any, **kwargs: Any) -> EchoPredictor:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# ----------------------------------------------------------------------------- engine runs
+def spec(name: str, **over):
+    """A registry task, with `--set`-style overrides applied."""
+    import tasks
+    from tasks.spec import apply_overrides
+
+    return apply_overrides(tasks.get(name), over) if over else tasks.get(name)
+
+
+def run_engine(specs, out, root, predictor=None, **kw):
+    """The engine in-process on an echo predictor (or the one given): (results, predictor)."""
+    from evals import engine
+
+    predictor = predictor or EchoPredictor()
+    opts = engine.RunOptions(out=out, data_root=root, progress=False, **kw)
+    return engine.run(specs if isinstance(specs, list) else [specs], predictor, opts), predictor

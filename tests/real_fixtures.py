@@ -60,9 +60,9 @@ def save_open_clip(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def save_inception(path: Path, seed: int = 0) -> Path:
+def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """Random FID Inception weights that keep activations O(1) through its 94 convolutions
-    (He init, jittered batch norms), so the features and FID stay finite (as in tests/test_fid.py)."""
+    (He init, jittered batch norms), so the features and FID stay finite."""
     from torch import nn
 
     from evals.metrics.inception import FIDInceptionV3
@@ -78,7 +78,11 @@ def save_inception(path: Path, seed: int = 0) -> Path:
                 mod.bias.normal_(0, 0.1)
                 mod.running_mean.normal_(0, 0.1)
                 mod.running_var.uniform_(0.5, 1.5)
-    torch.save(model.state_dict(), path)
+    return model.state_dict()
+
+
+def save_inception(path: Path, seed: int = 0) -> Path:
+    torch.save(random_inception_state(seed), path)
     return path
 
 

@@ -81,3 +81,66 @@ def test_cache_resolves_each_name_once(monkeypatch):
     mine = HistogramEncoder()
     cache.put("--encoder", mine)
     assert cache.get("--encoder") is mine and calls == ["native:/x"]
+
+
+# ----------------------------------------------------------------------------- the named default: clip-vit-b-32
+@pytest.fixture(scope="module")
+def saved_clip(tmp_path_factory) -> Path:
+    """A random open_clip ViT-B-32 saved as safetensors, as tests/real_fixtures.py saves it."""
+    from real_fixtures import save_open_clip
+
+    return save_open_clip(tmp_path_factory.mktemp("clip") / "open_clip_model.safetensors")
+
+
+@pytest.fixture
+def no_clip_env(tmp_path, monkeypatch) -> Path:
+    """An empty cache and no $CM3EVAL_CLIP_WEIGHTS; returns the cache file the default looks for."""
+    monkeypatch.delenv("CM3EVAL_CLIP_WEIGHTS", raising=False)
+    monkeypatch.setenv("CM3EVAL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "weights" / "open_clip_vit_b32.safetensors"
+
+
+def test_clip_vit_b_32_missing_is_one_line_naming_both_places_the_variable_and_how_to_get_it(no_clip_env, tmp_path,
+                                                                                             monkeypatch):
+    with pytest.raises(E.EncoderUnavailable) as e:
+        E.resolve_encoder("clip-vit-b-32", flag="--set generation.scorer=...")
+    msg = str(e.value)
+    assert "\n" not in msg and e.value.exit_code == 2
+    for needed in (str(no_clip_env), "$CM3EVAL_CLIP_WEIGHTS", "open_clip:ViT-B-32:PATH", "laion2b_s34b_b79k",
+                   "safetensors", "--set generation.scorer=..."):
+        assert needed in msg, (needed, msg)
+    (path, what), = E.required_encoder_files("clip-vit-b-32", "generation.scorer")
+    assert path == no_clip_env and not path.exists()
+    assert "CM3EVAL_CLIP_WEIGHTS" in what and "--set generation.scorer=open_clip:ViT-B-32:PATH" in what
+    # a variable naming an absent file: both places are named
+    monkeypatch.setenv("CM3EVAL_CLIP_WEIGHTS", str(tmp_path / "nowhere.safetensors"))
+    with pytest.raises(E.EncoderUnavailable) as e:
+        E.resolve_encoder("clip-vit-b-32")
+    assert str(tmp_path / "nowhere.safetensors") in str(e.value) and str(no_clip_env) in str(e.value)
+
+
+def test_clip_vit_b_32_is_found_through_the_variable_then_the_cache(no_clip_env, saved_clip, monkeypatch):
+    monkeypatch.setenv("CM3EVAL_CLIP_WEIGHTS", str(saved_clip))
+    assert E.canonical_spec("clip-vit-b-32") == f"open_clip:ViT-B-32:{saved_clip}"
+    (path, what), = E.required_encoder_files("clip-vit-b-32")
+    assert path == saved_clip and "clip-vit-b-32" in what
+    named = E.resolve_encoder("clip-vit-b-32")
+    direct = E.resolve_encoder(f"open_clip:ViT-B-32:{saved_clip}")
+    assert named.fingerprint() == direct.fingerprint() and named.name == "open_clip:ViT-B-32"
+    # no variable: the cache file (a link to the same weights)
+    monkeypatch.delenv("CM3EVAL_CLIP_WEIGHTS")
+    no_clip_env.parent.mkdir(parents=True)
+    no_clip_env.symlink_to(saved_clip)
+    assert E.required_encoder_files("clip-vit-b-32")[0][0] == no_clip_env
+    assert E.canonical_spec("clip-vit-b-32") == f"open_clip:ViT-B-32:{no_clip_env}"
+    cache = E.EncoderCache()
+    assert cache.get("clip-vit-b-32").fingerprint() == direct.fingerprint()
+
+
+def test_a_backend_that_is_not_installed_is_known_before_loading(monkeypatch):
+    import importlib.util
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "open_clip" else real_find(name, *a))
+    with pytest.raises(E.EncoderUnavailable, match="needs the open_clip package, which is not installed"):
+        E.required_encoder_files("open_clip:ViT-B-32:/w/c.safetensors")

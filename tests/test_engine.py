@@ -36,14 +36,7 @@ def root(tmp_path_factory) -> Path:
     return fixtures.write_all(tmp_path_factory.mktemp("data"))
 
 
-def spec(name: str, **over):
-    return apply_overrides(tasks.get(name), over) if over else tasks.get(name)
-
-
-def run(specs, out, root, predictor=None, **kw):
-    predictor = predictor or fixtures.EchoPredictor()
-    opts = engine.RunOptions(out=out, data_root=root, progress=False, **kw)
-    return engine.run(specs if isinstance(specs, list) else [specs], predictor, opts), predictor
+spec, run = fixtures.spec, fixtures.run_engine  # shared with the other engine tests
 
 
 def lines(task_dir: Path) -> list[dict]:

@@ -45,14 +45,7 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CM3EVAL_CACHE", str(tmp_path / "cache"))
 
 
-def spec(name: str, **over):
-    return apply_overrides(tasks.get(name), over) if over else tasks.get(name)
-
-
-def run(specs, out, root, predictor=None, **kw):
-    predictor = predictor or fixtures.EchoPredictor()
-    opts = engine.RunOptions(out=out, data_root=root, progress=False, **kw)
-    return engine.run(specs if isinstance(specs, list) else [specs], predictor, opts), predictor
+spec, run = fixtures.spec, fixtures.run_engine  # shared with the other engine tests
 
 
 def metric_values(out: Path) -> dict:

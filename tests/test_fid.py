@@ -197,20 +197,7 @@ def test_pytorch_fid_and_clean_preprocessing():
 # ------------------------------------------------------------------ the Inception network
 
 
-def _random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights that keep activations O(1) through the 94 conv layers (He init, jittered BN)."""
-    torch.manual_seed(seed)
-    model = FIDInceptionV3()
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.Conv2d):
-                nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-            elif isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.1)
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-    return model.state_dict()
+from real_fixtures import random_inception_state as _random_inception_state  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -222,3 +222,64 @@ def test_required_files_name_weights_and_how_to_get_them(tmp_path, monkeypatch):
     bad = _spec("shapes-edit", {"metrics.clip_i.encoder": "clip-vit"})
     with pytest.raises(EncoderUnavailable, match="not a known kind"):
         scoring.required_files(bad)
+
+
+# ----------------------------------------------------------------------------- inputs known missing before the model loads
+def _edit_named(**extra):
+    return _spec("magicbrush-edit", {"metrics.clip_i.encoder": "demo", "metrics.clip_t.encoder": "demo", **extra})
+
+
+def test_a_clip_metric_without_its_captions_file_is_refused(tmp_path):
+    with pytest.raises(scoring.MetricInputMissing) as e:
+        scoring.check_inputs(_edit_named())
+    msg = str(e.value)
+    assert "metrics.clip_t" in msg and "dataset.files.descriptions" in msg and "\n" not in msg
+    assert e.value.exit_code == 2 and isinstance(e.value, Cm3evalError)
+    scoring.check_inputs(_edit_named(**{"dataset.files.descriptions": "magicbrush/test/global_descriptions.json"}))
+    # clip_dir reads the input captions from the same file
+    spec = _edit_named(**{"dataset.files.descriptions": "d.json"})
+    spec.metrics["clip_dir"] = {"encoder": "demo"}
+    scoring.check_inputs(spec)
+    del spec.dataset.files["descriptions"]
+    spec.metrics = {"clip_dir": {"encoder": "demo"}}
+    with pytest.raises(scoring.MetricInputMissing, match="metrics.clip_dir needs the input and output"):
+        scoring.check_inputs(spec)
+
+
+@pytest.mark.parametrize("key", ["clip_i", "clip_t", "clip_img", "clip_dir", "clip_score"])
+def test_every_encoder_metric_refuses_an_unset_encoder(key):
+    spec = _spec("shapes-fid" if key == "clip_score" else "shapes-edit")
+    spec.metrics = {key: {"encoder": None}}
+    with pytest.raises(scoring.MetricInputMissing, match=rf"metrics\.{key}\.encoder is not set.*clip-vit-b-32"):
+        scoring.required_files(spec)
+
+
+def test_captioning_without_java_is_refused_unless_nothing_needs_it(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    with pytest.raises(scoring.MetricInputMissing, match="PTB tokenizer.*and METEOR need Java"):
+        scoring.check_inputs(_spec("coco-caption"))
+    python_only = _spec("coco-caption")
+    python_only.metrics["captioning"] = {"tokenize": "none", "report": ["BLEU-4", "CIDEr", "ROUGE-L"]}
+    scoring.check_inputs(python_only)
+
+
+def test_spice_requested_without_its_jars_is_refused(monkeypatch):
+    from evals.metrics import captioning
+
+    monkeypatch.setattr(captioning, "spice_status", lambda: (False, "not installed: spice-1.0.jar missing in /x"))
+    spec = _spec("coco-caption")
+    spec.metrics["captioning"] = {**spec.metrics["captioning"], "spice": True}
+    with pytest.raises(scoring.MetricInputMissing, match="metrics.captioning.spice is on but SPICE is not installed"):
+        scoring.check_inputs(spec)
+
+
+def test_the_named_clip_default_is_a_required_file_naming_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.delenv("CM3EVAL_CLIP_WEIGHTS", raising=False)
+    monkeypatch.setenv("CM3EVAL_CACHE", str(tmp_path / "cache"))
+    spec = _spec("shapes-edit", {"metrics.clip_i.encoder": "clip-vit-b-32"})
+    (req,) = [r for r in scoring.required_files(spec) if r.metric == "clip_i"]
+    assert not req.exists and req.path == tmp_path / "cache" / "weights" / "open_clip_vit_b32.safetensors"
+    assert "$CM3EVAL_CLIP_WEIGHTS" in req.what and "metrics.clip_i.encoder" in req.what
+    assert "--set metrics.clip_i.encoder=open_clip:ViT-B-32:PATH" in req.what
