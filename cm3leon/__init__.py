@@ -5,7 +5,7 @@ The public API (everything else is reachable through the submodules):
     import cm3leon
     bundle = cm3leon.load("demo")                       # or a folder: native, HF Chameleon, Meta's release
     info = cm3leon.inspect("/models/anole-7b")          # what a checkpoint can do, without reading weights
-    codec = cm3leon.DocumentCodec(bundle.tokenizer, bundle.config)
+    codec = cm3leon.DocumentCodec(bundle.tokenizer, bundle.vq, bundle.config)
     sampler = cm3leon.Sampler(bundle.model, bundle.config)
     out = sampler.generate([cm3leon.GenerationRequest(prompt_ids, "text", seed=0)], cm3leon.SamplingConfig(greedy=True))
 
@@ -20,7 +20,7 @@ from typing import Any
 # public name -> the submodule that defines it
 _EXPORTS = {
     "load": "checkpoint", "save": "checkpoint", "inspect": "checkpoint", "ModelBundle": "checkpoint",
-    "CheckpointInfo": "checkpoint", "ModelConfig": "config", "Sampler": "sampling", "SamplingConfig": "sampling",
+    "CheckpointInfo": "checkpoint", "ModelConfig": "config", "Sampler": "sampling", "SamplingConfig": "sampling_config",
     "GenerationRequest": "sampling", "DocumentCodec": "document", "Cm3evalError": "errors",
 }
 

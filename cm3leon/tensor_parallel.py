@@ -57,10 +57,16 @@ def check_tp(model_or_cfg, tp: int, world: int | None = None) -> None:
             raise TensorParallelError(f"tp: the model's {name}={n} is not divisible by tp={tp}")
 
 
+# (tp, device type) -> (the default process group it was built on, the layout): the engine's Dist
+# and the predictor ask for the same mesh, and building one is a collective that makes new groups
+_LAYOUTS: dict[tuple[int, str], tuple[object, ParallelLayout]] = {}
+
+
 def layout(tp: int = 1, device: str = "cpu") -> ParallelLayout:
     """The mesh for this process from torchrun's environment (an initialised process group).
 
-    tp=1 needs no process group: data parallelism alone, as the engine's Dist does it."""
+    tp=1 needs no process group: data parallelism alone, as the engine's Dist does it. The same
+    (tp, device type) on the same process group gives the same layout object (built once)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     import torch.distributed as dist
@@ -75,8 +81,27 @@ def layout(tp: int = 1, device: str = "cpu") -> ParallelLayout:
         raise TensorParallelError(f"tp: tp={tp} needs torchrun (or an initialised torch.distributed process group)")
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(torch.device(device).type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    return ParallelLayout(tp, mesh["tp"].get_local_rank(), world // tp, mesh["dp"].get_local_rank(), mesh)
+    key, default_group = (tp, torch.device(device).type), dist.group.WORLD
+    cached = _LAYOUTS.get(key)
+    if cached is not None and cached[0] is default_group:
+        return cached[1]
+    mesh = init_device_mesh(key[1], (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    lay = ParallelLayout(tp, mesh["tp"].get_local_rank(), world // tp, mesh["dp"].get_local_rank(), mesh)
+    _LAYOUTS[key] = (default_group, lay)
+    return lay
+
+
+def agree_min(value: int, tp_mesh) -> int:
+    """The smallest `value` over the ranks of a model copy. Every rank of a group must run the
+    same batches (their all-reduces pair up), but a batch size sized from free GPU memory can
+    differ between GPUs; all take the smallest. A collective: every rank of the group calls it."""
+    import torch.distributed as dist
+
+    if tp_mesh is None or tp_mesh.size() == 1:
+        return value
+    values: list[int] = [0] * tp_mesh.size()
+    dist.all_gather_object(values, int(value), group=tp_mesh.get_group())
+    return min(values)
 
 
 def _shard_head_norm(norm: HeadNorm | None, tp: int, rank: int) -> None:

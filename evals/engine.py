@@ -6,8 +6,10 @@ predictor protocol evals/protocol.py, provenance evals/provenance.py, torch.dist
 evals/dist.py. Reports are rendered by the CLI after a run, never here.
 
 Results never depend on batch size or on the number of processes: each sample's seed comes
-from (task seed, sample index), samples are sharded by index % world_size, and the config hash
-leaves out batch size, --out and process count. Re-running the same command resumes: finished
+from (task seed, sample index), samples are sharded by index % dp_size over the data-parallel
+groups (evals/dist.py: with --tp N each group of N ranks holds one split copy of the model, runs
+the same batches in lockstep, and only its tp_rank 0 writes), and the config hash leaves out
+batch size, --out, process count and --tp. Re-running the same command resumes: finished
 samples (by id) are skipped. What a resume must not mix is refused, naming what changed: a
 different config, model files whose bytes changed, input images whose bytes changed. A finished
 sample whose PNG is unreadable is regenerated.
@@ -50,6 +52,10 @@ __all__ = ["Batch", "Item", "Predictor", "Dist", "Engine", "RunError", "RunOptio
 
 class RunError(Cm3evalError, RuntimeError):
     """A run cannot proceed (config mismatch, changed inputs, incomplete shards ...); one line."""
+
+
+class GroupError(RunError):
+    """Another rank of this tensor-parallel group failed (its message names it); this one stops too."""
 
 
 class SystematicFailure(RunError):
@@ -163,6 +169,14 @@ def input_files(root: Path, s: Sample) -> dict[str, str | None]:
 
 # ----------------------------------------------------------------------------- one task's plan
 @dataclass
+class _Tally:
+    """Predictions of one shard so far: a run whose first ones all fail is stopped (systematic)."""
+
+    succeeded: int = 0
+    predict_failures: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TaskPlan:
     spec: TaskSpec
     root: Path
@@ -194,10 +208,10 @@ def _shared_error(e: BaseException, prefix: str = "") -> tuple[str, int]:
     return prefix + msg, int(getattr(e, "exit_code", RunError.exit_code))
 
 
-def _raise_shared(err: tuple[str, int] | None) -> None:
+def _raise_shared(err: tuple[str, int] | None, cls: type[RunError] = RunError) -> None:
     """Raise a rank's error on every rank, keeping its exit code."""
     if err:
-        e = RunError(err[0])
+        e = cls(err[0])
         e.exit_code = err[1]
         raise e
 
@@ -283,25 +297,33 @@ class Engine:
 
     # --- one task
     def run_task(self, spec: TaskSpec) -> TaskResult | None:
-        """Predict every unfinished sample of this rank's shard, then (rank 0) merge and score.
-        Returns the result on rank 0, None on the other ranks."""
+        """Predict every unfinished sample of this data-parallel group's shard, then (rank 0)
+        merge and score. Returns the result on rank 0, None on the other ranks."""
         plan = self.plan(spec)
         self._on_rank0(lambda: self._prepare_dir(plan))
-        err = None
+        mine = [s for s in plan.samples if s.index % self.dist.dp_size == self.dist.dp_rank]
+        # Every rank reads the run folder before any rank writes to it: the ranks of a
+        # tensor-parallel group must compute the same to-do list, and a refusal (changed
+        # inputs) stops every rank before compute is spent.
+        todo = self._on_every_rank(lambda: self._todo(plan, mine))
+        self._on_every_rank(lambda: self._predict_shard(plan, mine, todo))  # doubles as the barrier
+        return self._on_rank0(lambda: self._finish(plan))
+
+    def _on_every_rank(self, fn: Callable[[], Any]) -> Any:
+        """fn() on every rank; the first rank's error (one line) raised on all of them."""
+        value, err = None, None
         try:
-            self._predict_shard(plan)
+            value = fn()
         except (Cm3evalError, OSError) as e:
             if not self.dist.enabled:
                 raise
-            err = _shared_error(e, f"rank {self.dist.rank}: ")
-        _raise_shared(self.dist.first_error(err))  # doubles as the barrier: every rank has finished its shard
-        return self._on_rank0(lambda: self._finish(plan))
+            err = _shared_error(e, "" if isinstance(e, GroupError) else f"rank {self.dist.rank}: ")
+        _raise_shared(self.dist.first_error(err))
+        return value
 
-    def _predict_shard(self, plan: TaskPlan) -> None:
+    def _predict_shard(self, plan: TaskPlan, mine: list[Sample], todo: list[Sample]) -> None:
         dist, spec = self.dist, plan.spec
-        mine = [s for s in plan.samples if s.index % dist.world == dist.rank]
-        todo = self._todo(plan, mine)
-        if len(todo) < len(mine):
+        if len(todo) < len(mine) and dist.writes_outputs:
             log.info("%s: resuming, %d of %d samples already done", spec.name, len(mine) - len(todo), len(mine))
         mode = resolve_mode(self.opts.progress) if dist.rank == 0 else "off"
         with make_progress(mode, len(mine), len(mine) - len(todo), spec.name) as bar:
@@ -337,31 +359,58 @@ class Engine:
         return todo
 
     def _predict_all(self, plan: TaskPlan, todo: list[Sample], bar: Any) -> None:
-        spec = plan.spec
-        succeeded, predict_failures = 0, []
-        with runs.SampleWriter(plan.task_dir, self.dist.rank) as writer:
+        """Batches of `batch_size` in order. Only the group's writing rank (tp_rank 0) opens a
+        samples file (named by its data-parallel rank) and saves PNGs; its tensor-parallel peers
+        run the same batches for the model's all-reduces and check in after each one, so an
+        error on any of them stops the whole group instead of leaving the others blocked."""
+        dist = self.dist
+        tally = _Tally()
+        writer = runs.SampleWriter(plan.task_dir, dist.dp_rank) if dist.writes_outputs else None
+        try:
             step = max(1, self.opts.batch_size)
             for start in range(0, len(todo), step):
-                items = []
-                for s in todo[start:start + step]:
-                    try:
-                        items.append(Item(s, *self._open_inputs(spec, plan.root, s)))
-                    except ValueError as e:
-                        writer.write(failure_record(plan.spec, s, plan.inputs.get(s.id), str(e), "data"))
-                        bar.advance()
-                for item, out in self._predict_batch(spec, plan.root, items):
-                    if out.get("failure") is not None:
-                        rec = failure_record(spec, item.sample, plan.inputs.get(item.sample.id), str(out["failure"]),
-                                             "predict")
-                        predict_failures.append(rec["failure"])
-                    else:
-                        rec = output_record(spec, plan.task_dir, item, plan.inputs.get(item.sample.id), out)
-                        succeeded += 1
-                    writer.write(rec)
-                    bar.advance()
-                if not succeeded and len(predict_failures) >= self.opts.max_systematic_failures:
-                    raise SystematicFailure(f"{spec.name}: the first {len(predict_failures)} samples all failed in "
-                                            f"the predictor (systematic?); first error: {predict_failures[0]}")
+                err = None
+                try:
+                    self._run_batch(plan, todo[start:start + step], writer, bar, tally)
+                except Exception as e:
+                    if dist.tp == 1:
+                        raise
+                    err = e
+                shared = dist.group_error(_shared_error(err, f"rank {dist.rank}: ") if err else None)
+                if err is not None:
+                    raise err
+                _raise_shared(shared, GroupError)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _run_batch(self, plan: TaskPlan, chunk: list[Sample], writer: runs.SampleWriter | None, bar: Any,
+                   tally: "_Tally") -> None:
+        """One batch: decode its inputs, predict, write a line per sample (writing rank only)."""
+        spec = plan.spec
+        items = []
+        for s in chunk:
+            try:
+                items.append(Item(s, *self._open_inputs(spec, plan.root, s)))
+            except ValueError as e:
+                if writer is not None:
+                    writer.write(failure_record(spec, s, plan.inputs.get(s.id), str(e), "data"))
+                bar.advance()
+        for item, out in self._predict_batch(spec, plan.root, items):
+            inputs = plan.inputs.get(item.sample.id)
+            if out.get("failure") is not None:
+                rec = failure_record(spec, item.sample, inputs, str(out["failure"]), "predict")
+                tally.predict_failures.append(rec["failure"])
+            else:
+                tally.succeeded += 1
+                # output_record saves the PNGs: only on the rank that writes
+                rec = output_record(spec, plan.task_dir, item, inputs, out) if writer is not None else None
+            if writer is not None:
+                writer.write(rec)
+            bar.advance()
+        if not tally.succeeded and len(tally.predict_failures) >= self.opts.max_systematic_failures:
+            raise SystematicFailure(f"{spec.name}: the first {len(tally.predict_failures)} samples all failed in "
+                                    f"the predictor (systematic?); first error: {tally.predict_failures[0]}")
 
     def _open_inputs(self, spec: TaskSpec, root: Path, s: Sample) -> tuple[dict, dict]:
         """(predictor inputs, report-only images). Every image a sample needs is decoded here, so
@@ -475,7 +524,7 @@ def _model_files(predictor: Predictor, options: RunOptions) -> dict[str, str]:
 def _run_meta(predictor: Predictor, options: RunOptions, dist: Dist) -> dict[str, Any]:
     return {"created": _now(), "versions": versions(), "git_hash": git_hash(), "model": options.model_name,
             "model_fingerprint": str(getattr(predictor, "fingerprint", "")), "argv": options.argv,
-            "world_size": dist.world, "device": options.device, "dtype": options.dtype}
+            "world_size": dist.world, "tp": dist.tp, "device": options.device, "dtype": options.dtype}
 
 
 def run(specs: list[TaskSpec], predictor: Predictor, options: RunOptions, dist: Dist | None = None,

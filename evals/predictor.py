@@ -15,6 +15,7 @@ raise `PredictorSetupError`, a Cm3evalError the engine treats as fatal.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from cm3leon.sampling import (GenerationRequest, Sampler, SamplingConfig, auto_b
 from evals.protocol import Batch, FatalPredictorError, Item
 from tasks import prompts
 from tasks.spec import TaskSpec
+
+log = logging.getLogger("cm3eval")
 
 # an estimate of one text part's tokens, for sizing batches before the prompts exist
 TEXT_PART_TOKENS = 64
@@ -101,16 +104,23 @@ class ModelPredictor:
         options = dict(sampler_options or {})
         self.tp = int(options.pop("tp", 1) or 1)  # tensor-parallel ranks per model copy
         self.fingerprint = bundle.fingerprint or self._weights_hash()  # before any split of the weights
+        self._tp_mesh = None  # the ranks of this model copy (tp > 1): they agree on every batch size
         if self.tp > 1:
             from cm3leon import tensor_parallel
 
-            tensor_parallel.parallelize(bundle.model, tensor_parallel.layout(self.tp, device).mesh["tp"])
+            lay = tensor_parallel.layout(self.tp, device)  # the engine's Dist built it (cached)
+            self._tp_mesh = lay.mesh["tp"]
+            tensor_parallel.parallelize(bundle.model, self._tp_mesh)
+            if lay.tp_rank == 0 and lay.dp_rank == 0:
+                log.info("tensor parallel: the model is split over %d ranks per copy (%d of %d KV heads per "
+                         "rank), %d data-parallel copies", self.tp, bundle.model.local_kv_heads,
+                         bundle.config.n_kv_heads, lay.dp_size)
         self.sampler = Sampler(bundle.model, bundle.config, text_barred=self.codec.text_barred(), **options)
         self.device = device
         self.dtype = bundle.model.tok_embeddings.weight.dtype
         self.user_batch_size = batch_size
         # the engine's default chunk when it does not ask per task (batch_size_for)
-        self.batch_size = batch_size or auto_batch_size(bundle.config, device, self.dtype)
+        self.batch_size = batch_size or self._agreed(auto_batch_size(bundle.config, device, self.dtype))
         self.save_candidates = save_candidates
         self.encoder = bundle.encoder
         self.encoders = EncoderCache(model_bundle=bundle, device=device)
@@ -140,15 +150,24 @@ class ModelPredictor:
         """Samples per predict() call for this task (the engine's chunk); see task_batch_size."""
         if self.user_batch_size:
             return self.user_batch_size
-        return task_batch_size(self.cfg, spec, self.device, self.dtype, self.tp)
+        return self._agreed(task_batch_size(self.cfg, spec, self.device, self.dtype, self.tp))
+
+    def _agreed(self, size: int) -> int:
+        """A batch size sized from free memory, the same on every rank of a tensor-parallel copy
+        (their batches must match, or the model's all-reduces would pair different shapes)."""
+        if self._tp_mesh is None:
+            return size
+        from cm3leon.tensor_parallel import agree_min
+
+        return agree_min(size, self._tp_mesh)
 
     def _sampler_batch(self, spec: TaskSpec, built: list[prompts.Prompt], sampling: SamplingConfig) -> int:
         if self.user_batch_size:
             return self.user_batch_size
         budget = self.cfg.image_seq_len if spec.output_modality == "image" else spec.generation.max_new_tokens
         longest = max(len(s) for p in built for s in p.streams)
-        return kv_batch_size(self.cfg, self.device, self.dtype, streams=len(built[0].streams),
-                             seq_len=longest + budget, tp=self.tp)
+        return self._agreed(kv_batch_size(self.cfg, self.device, self.dtype, streams=len(built[0].streams),
+                                          seq_len=longest + budget, tp=self.tp))
 
     # --- identities that change results besides the weights
     def task_fingerprint(self, spec: TaskSpec, data_root: Path | None = None) -> dict[str, str]:

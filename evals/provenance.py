@@ -22,6 +22,7 @@ import platform
 import sqlite3
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +130,7 @@ class DigestCache:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 db = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_S, check_same_thread=False,
                                      isolation_level=None)
-                try:
-                    # readers never block the writer nor the reverse; on a filesystem without shared
-                    # memory (some network mounts) SQLite keeps its rollback journal, still correct
-                    db.execute("PRAGMA journal_mode=WAL")
-                except sqlite3.Error as e:
-                    log.debug("digest cache %s: WAL unavailable (%s)", self.path, e)
+                _use_wal(db, self.path)
                 db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, stamp TEXT, sha256 TEXT)")
                 self._db = db
             except (OSError, sqlite3.Error) as e:
@@ -182,6 +178,24 @@ class DigestCache:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _use_wal(db: sqlite3.Connection, path: Path, tries: int = 20) -> None:
+    """WAL mode: readers never block the writer nor the reverse. Switching needs a moment alone
+    with the file, which SQLite refuses at once (no busy wait) while another process is opening
+    the same fresh cache; the mode is persistent, so a later try, or that other process, sets it.
+    On a filesystem without shared memory (some network mounts) the rollback journal stays:
+    slower under contention, still correct."""
+    for attempt in range(tries):
+        try:
+            if str(db.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower() == "wal":
+                return
+        except sqlite3.Error as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                log.debug("digest cache %s: WAL unavailable (%s)", path, e)
+                return
+        time.sleep(0.01 * (attempt + 1))
+    log.debug("digest cache %s: still in its rollback-journal mode", path)
 
 
 def _sha256_file(path: Path) -> str:

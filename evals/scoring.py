@@ -10,10 +10,14 @@ metrics.json uses ("FID", "CIDEr", "accuracy", "L1", ...). Options are checked a
 Metrics that need what this machine does not have (Inception / DINO weights, a CLIP checkpoint)
 raise `MetricUnavailable`: left out with a note in metrics.json, never replaced by another number;
 the finished samples stay, so scoring again after providing the weights is cheap. The plan phase
-calls `check_metrics` and `required_files` so a run can be refused before the model loads.
+calls `check_metrics` (names and options; also what `cm3eval show` runs) and `required_files`
+(which first runs `check_inputs`: an encoder left unset, a texts file not given, Java or SPICE jars
+absent are `MetricInputMissing`, exit 2) so a run is refused before the model loads, not after it
+generated everything.
 
 Encoders for CLIP-style metrics are named by a string and resolved by `evals.encoders` ("model",
-"demo", "open_clip:ARCH:PATH", "hf-clip:DIR" or an HF CLIP folder, "native:PATH"). `cm3eval score
+"demo", "clip-vit-b-32" (the named default), "open_clip:ARCH:PATH", "hf-clip:DIR" or an HF CLIP
+folder, "native:PATH"). `cm3eval score
 edit` goes through `score_metrics` with the same edit adapters as a run.
 """
 
@@ -444,6 +448,10 @@ def check_inputs(spec: Any) -> None:
                     f"{spec.name}: metrics.{key} needs {what}, from dataset.files.{role}, which is not set; pass "
                     f"--set dataset.files.{role}=PATH (under the data root; MagicBrush: global_descriptions.json "
                     "beside edit_sessions.json)")
+        if key == "fid" and not opts["feature_space"]:
+            raise MetricInputMissing(f"{spec.name}: metrics.fid.feature_space is not set; pass --set "
+                                     "metrics.fid.feature_space=inception (FID) or an encoder name (FD-<name>), e.g. "
+                                     f"{_encoder_hint()}")
         if key == "captioning":
             _check_captioning(spec.name, opts)
 

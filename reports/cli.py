@@ -13,11 +13,12 @@ import math
 import webbrowser
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from cm3leon.errors import Cm3evalError
+from evals.errors import exit_with
 
 
 class Format(str, Enum):
@@ -28,9 +29,7 @@ class Format(str, Enum):
     all = "all"
 
 
-def _fail(e: Cm3evalError) -> NoReturn:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(e.exit_code)
+_fail = exit_with  # the one conversion of an error into `error: ...` and its exit code
 
 
 def _clean(x: Any) -> Any:

@@ -254,6 +254,13 @@ def test_every_encoder_metric_refuses_an_unset_encoder(key):
         scoring.required_files(spec)
 
 
+def test_fd_without_a_feature_space_is_refused():
+    spec = _spec("shapes-fid")
+    spec.metrics = {"fid": {"feature_space": None}}
+    with pytest.raises(scoring.MetricInputMissing, match="metrics.fid.feature_space is not set"):
+        scoring.required_files(spec)
+
+
 def test_captioning_without_java_is_refused_unless_nothing_needs_it(monkeypatch):
     import shutil
 

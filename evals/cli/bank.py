@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Iterator
 import typer
 
 from cm3leon.errors import Cm3evalError
+from evals.errors import OneLineErrors, exit_with
 
 if TYPE_CHECKING:
     from cm3leon.retrieval import RetrievalDoc
 
-bank_app = typer.Typer(help="Retrieval memory banks: build one from documents, search one.", no_args_is_help=True)
+bank_app = typer.Typer(cls=OneLineErrors, help="Retrieval memory banks: build one from documents, search one.", no_args_is_help=True)
 
 
 def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
+    exit_with(Cm3evalError(msg))
 
 
 def _jsonl_docs(path: Path, with_images: bool) -> Iterator["RetrievalDoc"]:

@@ -229,7 +229,7 @@ def execute(plan: Any, settings: PredictorSettings, factory: Callable[..., Any] 
     from evals import engine
     from evals.dist import init_distributed
 
-    dist = init_distributed(settings.device)
+    dist = init_distributed(settings.device, settings.tp)  # with --tp: the ("dp", "tp") mesh the predictor splits on
     if dist.enabled and settings.device == "cuda":
         settings = PredictorSettings(**{**settings.__dict__, "device": f"cuda:{dist.local_rank}"})
     predictor = make_predictor(settings, factory)

@@ -23,16 +23,14 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cm3leon.errors import Cm3evalError
+from evals.errors import OneLineErrors, exit_with
 
-score_app = typer.Typer(help="Score result files in the official formats.", no_args_is_help=True)
+score_app = typer.Typer(cls=OneLineErrors, help="Score result files in the official formats.", no_args_is_help=True)
 
 _PROTOCOLS = "pytorch-fid, torch-fidelity, clean"  # evals.metrics.fid_resize.PROTOCOLS (not imported: start-up)
 
 
-def _fail(e: Exception) -> None:
-    """One line on stderr and the error's exit code (2 for bad input)."""
-    typer.echo(f"error: {' '.join(str(e).split())}", err=True)
-    raise typer.Exit(int(getattr(e, "exit_code", 2))) from None
+_fail = exit_with  # a library's ValueError on a result file is bad input: one line, exit 2
 
 
 def _directed(results: dict[str, Any], key: str) -> dict[str, Any]:
