@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from cm3leon.errors import Cm3evalError
+from tasks.images import ImageError, open_image
 from evals.metrics.errors import MetricUnavailable
 
 EMBED_CHUNK = 64  # = evals.metrics.clip_score.ENCODE_BATCH: the same batches, so the same numbers
@@ -29,11 +30,11 @@ class ImageUnreadable(Cm3evalError, OSError):
 
 
 def open_rgb(path: Path) -> Image.Image:
+    """The image fully decoded as RGB (a truncated file fails here, naming the path)."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")  # forces the full decode: a truncated file fails here
-    except OSError as e:
-        raise ImageUnreadable(f"cannot read image {path}: {e}") from None
+        return open_image(path)
+    except ImageError as e:
+        raise ImageUnreadable(str(e)) from None
 
 
 def _text(record: dict[str, Any], role: str) -> str | None:

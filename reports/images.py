@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image
 
+from tasks.images import ImageError, open_image
+
 DEFAULT_IMAGE_MAX_SIDE = 256  # px; larger images are downscaled before embedding
 MIN_DISPLAY_SIDE = 128  # tiny demo images are enlarged (nearest) so they are visible
 MAX_PIXELS = 64_000_000  # larger files are listed as unreadable, not decoded
@@ -53,22 +55,17 @@ class ImageEmbedder:
         return self._cache[path]
 
     def _encode(self, path: Path) -> str | None:
-        try:
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:  # decoding it would cost gigabytes
-                    return None
-                im.draft("RGB", (self.max_side, self.max_side))  # JPEG: decode at reduced size
-                im.load()
-                im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-                im.thumbnail((self.max_side, self.max_side), Image.Resampling.LANCZOS)
-                side = max(im.size)
-                if side < MIN_DISPLAY_SIDE:
-                    f = -(-MIN_DISPLAY_SIDE // side)
-                    im = im.resize((im.width * f, im.height * f), Image.Resampling.NEAREST)
-                buf = io.BytesIO()
-                im.save(buf, "PNG")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        try:  # the one opener: pixel limit, JPEG draft decoding at reduced size, thumbnail
+            im = open_image(path, mode=None, max_side=self.max_side, max_pixels=MAX_PIXELS)
+        except ImageError:
             return None
+        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+        side = max(im.size)
+        if side < MIN_DISPLAY_SIDE:
+            f = -(-MIN_DISPLAY_SIDE // side)
+            im = im.resize((im.width * f, im.height * f), Image.Resampling.NEAREST)
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
     def figure(self, rel: Any, base: Path, caption: str = "", winner: bool = False) -> Figure:
