@@ -431,19 +431,27 @@ class Engine:
     def _predict_batch(self, spec: TaskSpec, root: Path, items: list[Item]) -> list[tuple[Item, dict[str, Any]]]:
         """Predictions for a batch; when the batch raises, each item is retried alone so one bad
         sample becomes one recorded failure instead of taking its neighbours down. A fatal error
-        (protocol.is_fatal: a missing decoder, missing weights) stops the run: no retry can fix it."""
+        (protocol.is_fatal: a missing decoder, missing weights) stops the run: no retry can fix it.
+        With tp > 1 the ranks of the group agree on the outcome first (_group_outcome)."""
         if not items:
             return []
+        outs, err = None, None
         try:
             outs = self.predictor.predict(Batch(spec, items, root))
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:
-            if is_fatal(e):
+            if is_fatal(e) and self.dist.tp == 1:
                 raise
+            err = e
+        if self.dist.tp > 1:
+            err = self._group_outcome(err)
+        if err is not None:
+            if is_fatal(err):
+                raise err
             if len(items) == 1:
-                return [(items[0], {"failure": _one_line(e)})]
-            log.warning("%s: a batch of %d failed (%s); retrying its samples one by one", spec.name, len(items), e)
+                return [(items[0], {"failure": _one_line(err)})]
+            log.warning("%s: a batch of %d failed (%s); retrying its samples one by one", spec.name, len(items), err)
             out = []
             for it in items:
                 out += self._predict_batch(spec, root, [it])
@@ -452,6 +460,21 @@ class Engine:
             raise PredictorProtocolError(f"predictor returned {len(outs) if isinstance(outs, list) else type(outs).__name__}"
                                          f" results for {len(items)} samples")
         return [(it, check_output(spec, o)) for it, o in zip(items, outs)]
+
+    def _group_outcome(self, err: Exception | None) -> Exception | None:
+        """A batch failed on one rank of a tensor-parallel group (outside the model's collectives:
+        image decoding, a reranker): every rank of the group treats it as failed, so all retry
+        the same samples one by one in lockstep; a fatal error on any rank stops all of them."""
+        mine = None if err is None else (f"rank {self.dist.rank}: {_one_line(err)}", is_fatal(err),
+                                         int(getattr(err, "exit_code", RunError.exit_code)))
+        first = self.dist.group_error(mine)
+        if err is not None or first is None:
+            return err
+        peer = GroupError(first[0])
+        peer.exit_code = first[2]
+        if first[1]:
+            raise peer
+        return peer
 
     # --- merge and score (rank 0)
     def _finish(self, plan: TaskPlan) -> TaskResult:

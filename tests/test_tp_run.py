@@ -6,9 +6,9 @@ halves of the model (cm3leon/tensor_parallel.py), only the group's tp_rank 0 wri
 rank 0 scores every group's lines. On gloo/CPU with the shipped demo model, a text task and an
 image task must give the metrics, sample lines and PNG bytes of a 1-process run, with `--tp 2`
 on 2 processes, with `--tp 1` on 2 processes (pure data parallelism) and with `--tp 2` on 4
-processes (2 copies x 2 ranks), and a cut-off run must resume under `--tp 2` to the same result;
-the whole file takes about 50 s on 2 cores. The in-process tests check the engine's side of
-the contract on one simulated rank (sharding by dp_rank, the silent peer, the group's error).
+processes (2 copies x 2 ranks), and a cut-off run must resume under `--tp 2` to the same
+result (about 40 s in all on 2 cores). The in-process tests check the engine's side of the
+contract on one simulated rank (sharding by dp_rank, the silent peer, the group's errors).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from evals import engine
 from evals.dist import Dist
 
 REPO = Path(__file__).resolve().parents[1]
-# a text task (8 samples) and an image task (t2i: CFG, reranking, PNGs); --limit 8 leaves each
+# a text task and an image task (t2i: sampled with top-p and CFG, PNGs); --limit 8 leaves each
 # of 2 data-parallel shards 4 samples, i.e. uneven batches of 3 + 1 at --batch-size 3
 TASKS = ["shapes-vqa", "shapes-fid"]
 LIMIT = "8"
@@ -196,7 +196,8 @@ def test_a_tp_peer_runs_its_groups_shard_and_writes_nothing(root, tmp_path):
     assert pred.calls == want  # group 1's shard of each task, in order
     for task in ("vqav2", "magicbrush-edit"):
         assert not [p for p in (tmp_path / "run" / task).rglob("*") if p.is_file() and p.name != "config.json"]
-    assert peer.group_checks == len(pred.batch_sizes)  # checked in with its group after every batch
+    # checked in with its group after every predict() call and after every batch
+    assert peer.group_checks == 2 * len(pred.batch_sizes) > 0
 
 
 def test_the_writing_rank_of_a_group_names_its_file_by_dp_rank(root, tmp_path):
@@ -211,11 +212,42 @@ def test_the_writing_rank_of_a_group_names_its_file_by_dp_rank(root, tmp_path):
 
 def test_an_error_of_a_tp_peer_stops_its_group_after_the_batch(root, tmp_path):
     class PeerFailed(OneRank):
-        def group_error(self, err):
-            return err or ("rank 1: the peer's disk is full", 2)
+        def group_error(self, err):  # 1st call: after predict() (fine); 2nd: after the batch was written
+            self.group_checks += 1
+            return err or (("rank 1: the peer's disk is full", 2) if self.group_checks == 2 else None)
 
     with pytest.raises(engine.RunError, match="^rank 1: the peer's disk is full$") as e:
         _sim_run(["vqav2"], root, tmp_path / "run", PeerFailed(0, 2, tp=2))
     assert e.value.exit_code == 2
     assert len(_selected("vqav2", root)) > 2  # there was more than one batch to run
     assert (tmp_path / "run" / "vqav2" / "samples" / "rank-00000.jsonl").read_text().count("\n") == 2
+
+
+class PeerFailsFirstPredict(OneRank):
+    """The other rank of the copy saw the first predict() raise outside the model (e.g. decoding)."""
+
+    fatal = False
+
+    def group_error(self, err):
+        self.group_checks += 1
+        if self.group_checks == 1:
+            return err or ("rank 1: RuntimeError: decoding failed", self.fatal, 2)
+        return err
+
+
+def test_a_batch_that_failed_on_a_peer_is_retried_one_by_one_here_too(root, tmp_path):
+    ref, _ = _sim_run(["vqav2"], root, tmp_path / "ref", OneRank(0, 1))
+    _results, pred = _sim_run(["vqav2"], root, tmp_path / "run", PeerFailsFirstPredict(0, 2, tp=2))
+    assert pred.batch_sizes[:3] == [2, 1, 1]  # its own batch succeeded, yet it retries with the group
+    assert _results["vqav2"].metrics == ref["vqav2"].metrics  # the retries gave the same predictions
+    strip = lambda rs: [{k: r[k] for k in ("id", "index", "prediction", "failure")} for r in rs]  # noqa: E731
+    assert strip(_lines(tmp_path / "run" / "vqav2")) == strip(_lines(tmp_path / "ref" / "vqav2"))
+
+
+def test_a_fatal_error_on_a_peer_stops_this_rank_too(root, tmp_path):
+    class Fatal(PeerFailsFirstPredict):
+        fatal = True
+
+    with pytest.raises(engine.RunError, match="^rank 1: RuntimeError: decoding failed$"):
+        _sim_run(["vqav2"], root, tmp_path / "run", Fatal(0, 2, tp=2))
+    assert not (tmp_path / "run" / "vqav2" / "samples" / "rank-00000.jsonl").read_text()  # nothing written

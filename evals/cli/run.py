@@ -16,6 +16,8 @@ commands: this module is imported by `cm3eval --help`.
 
 from __future__ import annotations
 
+import os
+
 import json
 import logging
 import sys
@@ -215,7 +217,7 @@ def run(
     plan = build_plan(RunRequest(tuple(names), tuple(set_), tuple(sweep), shorthands, model, data_root, out, vq,
                                  max_failures, tp=tp, inspect_model=factory is None,
                                  save_candidates=save_candidates, force_disk=force_disk))
-    if plan.disk is not None:
+    if plan.disk is not None and os.environ.get("RANK", "0") == "0":  # once per torchrun job, not per rank
         typer.echo(plan.disk.describe(), err=True)  # before anything loads: the run may take hours
     code = execute(plan, PredictorSettings(plan.model, device, dtype, batch_size, vq, compile_, tp, save_candidates),
                    factory, overwrite=overwrite, data_root=data_root, as_json=json_)
