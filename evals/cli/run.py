@@ -16,10 +16,9 @@ commands: this module is imported by `cm3eval --help`.
 
 from __future__ import annotations
 
-import os
-
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
