@@ -225,7 +225,7 @@ class Engine:
         self.model_files = model_files or {}  # {file: digest} of the checkpoint folder, when known
 
     # --- configuration
-    def hashed_config(self, spec: TaskSpec, data_fp: str) -> dict[str, Any]:
+    def hashed_config(self, spec: TaskSpec, data_fp: str, root: Path | None = None) -> dict[str, Any]:
         """Everything that changes a sample's output; NOT batch size, --out, process count, limit.
 
         Metric options are left out too: scoring is recomputed from the sample lines at the end of
@@ -236,7 +236,8 @@ class Engine:
             task.pop(k, None)
         extra = {}
         if hasattr(self.predictor, "task_fingerprint"):
-            extra = dict(self.predictor.task_fingerprint(spec) or {})
+            # the data root: a bank named data:REL lives under it
+            extra = dict(self.predictor.task_fingerprint(spec, data_root=root) or {})
         hashed = {"task": task, "model": str(getattr(self.predictor, "fingerprint", "")), "predictor": extra,
                   "data": data_fp, PACKAGE: package_version(), "dtype": self.opts.dtype,
                   "device": self.opts.device.split(":")[0]}
@@ -254,7 +255,7 @@ class Engine:
             support = load_dataset(spec, root, support=True)
             data_fp = hashlib.sha256(f"{data_fp}+{support.fingerprint}".encode()).hexdigest()[:16]
             attach_shots(samples, support.samples, spec)
-        hashed = self.hashed_config(spec, data_fp)
+        hashed = self.hashed_config(spec, data_fp, root)
         config = {"task": spec.to_dict(), "model": self.opts.model_name, "overrides": self.opts.overrides,
                   "hash": config_hash(hashed), "hashed": hashed, "data_root": str(root), "limit": spec.limit,
                   "n_selected": len(samples), "data_files": dataset.files, "created": _now(),

@@ -303,11 +303,11 @@ def _wanted_files(spec: TaskSpec, root: Path) -> list[tuple[Path, str, str]]:
               for f in required_files(spec)]
     encoders = []
     if _uses_retrieval(spec):
-        encoders.append((spec.retrieval.encoder, "--set retrieval.encoder=NAME"))
+        encoders.append((spec.retrieval.encoder, "retrieval.encoder", "--set retrieval.encoder=NAME"))
     if _reranks(spec) and spec.generation.scorer != "lm":
-        encoders.append((spec.generation.scorer, "--set generation.scorer=NAME (or lm)"))
-    for name, flag in encoders:
-        for path, what in required_encoder_files(name):
+        encoders.append((spec.generation.scorer, "generation.scorer", "--set generation.scorer=NAME (or lm)"))
+    for name, option, flag in encoders:
+        for path, what in required_encoder_files(name, option):
             wanted.append((path, what, f"give the file in {flag}"))
     return wanted
 
@@ -322,9 +322,15 @@ def local_files(spec: TaskSpec, root: Path) -> list[Path]:
             raise PlanError(f"{spec.name}: {what} not found: {path}; {how}")
         present.append(Path(path))
     bank = spec.retrieval.bank
-    if _uses_retrieval(spec) and bank != "model" and not Path(bank).expanduser().is_dir():
-        raise PlanError(f"{spec.name}: retrieval.bank {bank}: no such folder; build one with `cm3eval bank build "
-                        "--out DIR` and pass --set retrieval.bank=DIR, or turn retrieval off with --retrieval-k 0")
+    if _uses_retrieval(spec) and bank != "model":
+        from evals.bank_path import BankPathError, missing_bank, resolve_bank
+
+        try:
+            folder = resolve_bank(bank, root)  # a path, or data:REL under the task's data root
+        except BankPathError as e:
+            raise PlanError(f"{spec.name}: {e}") from None
+        if not folder.is_dir():
+            raise PlanError(missing_bank(spec.name, bank, folder))
     return present
 
 
@@ -345,9 +351,10 @@ def check_capabilities(spec: TaskSpec, info: Any) -> None:
         raise PlanError(f"{spec.name}: generation.scorer=model but {no_encoder}; pass --set "
                         "generation.scorer=open_clip:ViT-B-32:PATH, or generation.scorer=lm")
     for metric, opts in spec.metrics.items():
-        if opts.get("encoder") == "model" and not info.has_encoder:
-            raise PlanError(f"{spec.name}: metrics.{metric}.encoder=model but {no_encoder}; pass --set "
-                            f"metrics.{metric}.encoder=open_clip:ARCH:PATH")
+        for option in ("encoder", "feature_space"):  # fid's feature_space names an encoder too (FD-<name>)
+            if (opts or {}).get(option) == "model" and not info.has_encoder:
+                raise PlanError(f"{spec.name}: metrics.{metric}.{option}=model but {no_encoder}; pass --set "
+                                f"metrics.{metric}.{option}=clip-vit-b-32 or open_clip:ARCH:PATH")
 
 
 def check_family_templates(spec: TaskSpec, info: Any) -> None:

@@ -53,6 +53,8 @@ TEMPLATE_FIELDS = {
 # reranking), or a CLIP-style one: "model" (the checkpoint's own dual encoder), "demo", or a
 # cm3leon.encoder.load_encoder spec: "open_clip:ARCH:PATH", "hf-clip:DIR", "native:PATH".
 SCORER_PREFIXES = ("open_clip:", "hf-clip:", "native:")
+# named defaults resolved by evals/encoders.py NAMED (tasks may not import evals: keep the two in step)
+NAMED_ENCODERS = ("clip-vit-b-32",)
 
 
 class SpecError(Cm3evalError, ValueError):
@@ -188,12 +190,12 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "limit": (lambda v: v >= 1, "a positive integer or null"),
     "prompt.k_shot": (lambda v: v >= 0, "an integer >= 0"),
     "generation.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "generation.scorer": (lambda v: v in ("lm", "model", "demo") or v.startswith(SCORER_PREFIXES),
-                          "lm, model, demo, open_clip:ARCH:PATH, hf-clip:DIR or native:PATH"),
+    "generation.scorer": (lambda v: v in ("lm", "model", "demo", *NAMED_ENCODERS) or v.startswith(SCORER_PREFIXES),
+                          "lm, model, demo, clip-vit-b-32, open_clip:ARCH:PATH, hf-clip:DIR or native:PATH"),
     "retrieval.k": (lambda v: v >= 0, "an integer >= 0"),
     "retrieval.max_similarity": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "retrieval.encoder": (lambda v: v in ("model", "demo") or v.startswith(SCORER_PREFIXES),
-                          "model, demo, open_clip:ARCH:PATH, hf-clip:DIR or native:PATH"),
+    "retrieval.encoder": (lambda v: v in ("model", "demo", *NAMED_ENCODERS) or v.startswith(SCORER_PREFIXES),
+                          "model, demo, clip-vit-b-32, open_clip:ARCH:PATH, hf-clip:DIR or native:PATH"),
     "dataset.builtin": (lambda v: v in ("shapes",), "null or 'shapes'"),
     "protocol.name": (lambda v: v in PUBLISHED, "a published protocol (tasks/published.py)"),
     "protocol.manifest_hash": (lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None,

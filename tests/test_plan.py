@@ -95,8 +95,10 @@ def test_chameleon_without_decoder_bank_or_encoder_is_refused_with_the_flag(tmp_
     monkeypatch.setattr(cm3leon.checkpoint, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     weights = tmp_path / "inception.pth"
     weights.write_bytes(b"present")
+    # the encoder-in-the-model settings (the registry's defaults name CLIP files instead)
     base = ["run", "coco-fid", "--model", str(hf_folder), "--data-root", str(coco_root), "--out",
-            str(tmp_path / "r"), "--set", f"metrics.fid.weights={weights}"]
+            str(tmp_path / "r"), "--set", f"metrics.fid.weights={weights}", "--set", "retrieval.bank=model",
+            "--set", "retrieval.encoder=model", "--set", "generation.scorer=model"]
 
     def refused(*extra: str) -> str:
         assert main([*base, *extra]) == 2
@@ -115,7 +117,8 @@ def test_chameleon_without_decoder_bank_or_encoder_is_refused_with_the_flag(tmp_
 
 def test_capabilities_from_the_checkpoint_info():
     demo = inspect("demo")
-    fid = tasks.get("coco-fid")
+    fid = tasks.apply_overrides(tasks.get("coco-fid"), {"retrieval.bank": "model", "retrieval.encoder": "model",
+                                                        "generation.scorer": "model"})
     plan.check_capabilities(fid, demo)  # the demo ships a decoder, an encoder and a bank
     plan.check_capabilities(tasks.get("coco-caption"), dataclasses.replace(demo, has_vq_decoder=False))
     with pytest.raises(Exception, match="--vq PATH"):

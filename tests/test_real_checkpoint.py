@@ -47,7 +47,7 @@ def hermetic(tmp_path_factory):
     """No weights from this machine's caches or environment (only the files a test names), and a
     cache folder of the module's own (digests, FID statistics), shared with no other process."""
     with pytest.MonkeyPatch.context() as mp:
-        for var in ("CM3EVAL_INCEPTION_WEIGHTS", "CM3EVAL_DINO_WEIGHTS"):
+        for var in ("CM3EVAL_INCEPTION_WEIGHTS", "CM3EVAL_DINO_WEIGHTS", "CM3EVAL_CLIP_WEIGHTS", "CM3EVAL_DATA_ROOT"):
             mp.delenv(var, raising=False)
         mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty-torch-home")))
         mp.setenv("CM3EVAL_CACHE", str(tmp_path_factory.mktemp("cm3eval-cache")))
@@ -333,14 +333,34 @@ def test_inception_weights_default_search_names_where_it_looked(real, bank, tmp_
 def test_registry_defaults_on_a_chameleon_folder_say_which_file_to_give(real, tmp_path, capfd, no_model_load,
                                                                          monkeypatch):
     """`cm3eval run coco-fid --model HF --vq ...` with the Inception weights found through their environment
-    variable, and the spec's retrieval defaults (bank and encoder "model"), which no Chameleon folder
-    has: no traceback, one line naming the option to set."""
+    variable and nothing else: the spec's defaults name CLIP ViT-B/32 (`clip-vit-b-32`) and a bank under the
+    data root, neither of which exists yet. No traceback: one line naming the file and how to get it."""
     monkeypatch.setenv("CM3EVAL_INCEPTION_WEIGHTS", str(real.inception))
     rc, out, err = cli(capfd, "run", "coco-fid", "--model", real.hf, "--vq", real.vq, "--data-root", real.data_root,
                        "--out", tmp_path / "run")
     line = one_error_line(err)
-    assert rc == 2 and "retrieval" in line and ("bank" in line or "encoder" in line), line
+    assert rc == 2 and ("CM3EVAL_CLIP_WEIGHTS" in line or "cm3eval bank build" in line), line
     assert no_model_load == []
+
+
+def test_coco_fid_on_the_registry_defaults_once_their_files_exist(real, bank, tmp_path, capfd, monkeypatch):
+    """The README's short form: the CLIP weights where `clip-vit-b-32` looks ($CM3EVAL_CLIP_WEIGHTS), the
+    bank built into the data root's default place, the Inception file through its variable; then
+    `cm3eval run coco-fid --model HF --vq VQ --data-root ROOT` needs no other setting."""
+    root = tmp_path / "data"
+    shutil.copytree(real.data_root, root)
+    monkeypatch.setenv("CM3EVAL_CLIP_WEIGHTS", str(real.clip))
+    monkeypatch.setenv("CM3EVAL_INCEPTION_WEIGHTS", str(real.inception))
+    default_bank = root / "banks" / "coco-train2014-clip-vit-b-32"
+    assert main(["bank", "build", "--out", str(default_bank), "--encoder", "clip-vit-b-32",
+                 "--coco-root", str(root)]) == 0
+    rc, out, err = cli(capfd, "run", "coco-fid", "--model", real.hf, "--vq", real.vq, "--data-root", root,
+                       "--limit", "2", "--out", tmp_path / "run")
+    assert rc == 0, err
+    entry = json.loads((tmp_path / "run" / "metrics.json").read_text())["tasks"]["coco-fid"]
+    assert math.isfinite(entry["metrics"]["FID"]["value"]) and entry["n_failed"] == 0
+    recs = samples(tmp_path / "run" / "coco-fid")
+    assert all(len(r["retrieved"]) == 2 and len(r["scores"]) == 8 for r in recs)
 
 
 # ----------------------------------------------------------------------------- every sample failed
