@@ -1,6 +1,6 @@
 """Test fixtures in the official layouts, and a deterministic predictor for engine tests.
 
-Writers (real COCO val2017 images and captions from ../shared/data/coco-mini where available):
+Writers (real COCO val2017 images and captions, vendored under tests/data/coco-mini):
   write_mini_coco(root)       annotations/captions_val2014.json, annotations/dataset_coco.json
                               (Karpathy), val2014/<file>.jpg, train2014/ (k-shot support)
   write_mini_vqav2(root)      annotations/v2_OpenEnded_mscoco_{val,train}2014_questions.json,
@@ -33,8 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-SHARED = Path(os.environ.get("CM3EVAL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-COCO_MINI = SHARED / "coco-mini"
+from real_data import COCO_MINI  # noqa: E402  (the vendored real COCO val2017 images and captions)
 TESTS = Path(__file__).resolve().parent
 # `python -c ECHO_MAIN run ...`: the CLI with the echo predictor injected, in a fresh process
 ECHO_MAIN = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); from evals.cli import main; "
