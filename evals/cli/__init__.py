@@ -15,6 +15,7 @@ CliRunner on `app` all behave the same. Exit codes: 0 ok, 1 regression or failur
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 import typer
@@ -52,6 +53,19 @@ app.add_typer(protocol_app, name="protocol")
 report.mount(app)
 
 
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
+def _one_line_warnings() -> None:
+    """Warnings of the package family as `warning: ...` lines, each said once per process (the plan
+    and the loader both read a checkpoint's config: a disagreeing bos id is one warning, not two)."""
+    warnings.formatwarning = _format_warning
+    for module in (r"cm3leon(\..*)?", r"evals(\..*)?", r"tasks(\..*)?", r"reports(\..*)?"):
+        warnings.filterwarnings("once", module=module)
+
+
 def main(argv: Sequence[str] | None = None, *, predictor_factory: PredictorFactory | None = None) -> int:
     """Run the command line and return its exit code (never raises SystemExit).
 
@@ -59,6 +73,7 @@ def main(argv: Sequence[str] | None = None, *, predictor_factory: PredictorFacto
     instead of a cm3leon checkpoint. Tests inject a deterministic one here; the model named by
     --model is then the factory's business (no checkpoint is inspected or loaded)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _one_line_warnings()
     try:
         # standalone mode: typer formats its own usage errors (exit 2) and ends every command,
         # successful or not, with SystemExit carrying the code
