@@ -41,8 +41,13 @@ def fid_spec(**over):
     return apply_overrides(tasks.get("coco-fid"), over) if over else tasks.get("coco-fid")
 
 
+# the echo predictor stands in for the model's own encoder and bank (the registry's defaults name CLIP files)
+MODEL_ENCODER = ("retrieval.bank=model", "retrieval.encoder=model", "generation.scorer=model")
+
+
 def request(out: Path, root: Path, *sets: str, **kw) -> RunRequest:
-    return RunRequest(("coco-fid",), tuple(sets), model="echo", data_root=root, out=out, inspect_model=False, **kw)
+    return RunRequest(("coco-fid",), (*MODEL_ENCODER, *sets), model="echo", data_root=root, out=out,
+                      inspect_model=False, **kw)
 
 
 # ----------------------------------------------------------------------------- the selection rule
@@ -180,7 +185,8 @@ def pooled_fid(monkeypatch):
 def test_metrics_json_records_the_protocol_and_a_resume_checks_it(root, tmp_path, weights, pooled_fid, capsys):
     out = tmp_path / "run"
     args = ["run", "coco-fid", "--model", "echo", "--data-root", str(root), "--out", str(out), "--limit", "4",
-            "--candidates", "2", "--set", "retrieval.k=0", "--set", f"metrics.fid.cache_dir={tmp_path / 'c'}"]
+            "--candidates", "2", "--set", "retrieval.k=0", "--set", f"metrics.fid.cache_dir={tmp_path / 'c'}",
+            *[a for kv in MODEL_ENCODER for a in ("--set", kv)]]
     assert main(args, predictor_factory=fixtures.make_echo) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert err.startswith("disk: about ") and " free" in err.splitlines()[0]
@@ -212,7 +218,8 @@ def test_disk_need_is_estimated_and_refused_when_clearly_insufficient(root, tmp_
         build_plan(request(tmp_path / "r", root, "retrieval.k=0"))
     assert build_plan(request(tmp_path / "r", root, "retrieval.k=0", force_disk=True)).disk.insufficient
     code = main(["run", "coco-fid", "--model", "echo", "--data-root", str(root), "--out", str(tmp_path / "x"),
-                 "--set", "retrieval.k=0"], predictor_factory=fixtures.make_echo)
+                 "--set", "retrieval.k=0", *[a for kv in MODEL_ENCODER for a in ("--set", kv)]],
+                predictor_factory=fixtures.make_echo)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: disk: about ") and err.count("\n") == 1
 
