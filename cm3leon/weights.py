@@ -199,16 +199,21 @@ def torch_load_weights(path: str | Path, *, mmap: bool = False) -> Any:
 
 
 # ----------------------------------------------------------------------------- checks and copies
-def check_against(model_shapes: dict[str, tuple[int, ...]], found: dict[str, TensorInfo], source: str,
-                  what: str = "the model", where: dict[str, Path] | None = None) -> None:
-    """Names, shapes and dtypes of a checkpoint's tensors against the model's, before any allocation.
-    `where`: the file each tensor is in, named in its error."""
-    missing = [k for k in model_shapes if k not in found]
-    unexpected = [k for k in found if k not in model_shapes]
+def _check_names(expected: Any, found: Any, source: str, what: str) -> None:
+    """The same tensor names on both sides, or one line naming the first few that differ."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
     for names, label in ((missing, "missing"), (unexpected, "unexpected")):
         if names:
             more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
             raise CheckpointError(f"{source}: {label} tensor(s) {', '.join(names[:3])}{more} for {what}")
+
+
+def check_against(model_shapes: dict[str, tuple[int, ...]], found: dict[str, TensorInfo], source: str,
+                  what: str = "the model", where: dict[str, Path] | None = None) -> None:
+    """Names, shapes and dtypes of a checkpoint's tensors against the model's, before any allocation.
+    `where`: the file each tensor is in, named in its error."""
+    _check_names(model_shapes, found, source, what)
     for name, info in found.items():
         file = (where or {}).get(name, source)
         if not info.is_float:
@@ -258,12 +263,7 @@ def stream_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], s
 def load_strict(model: nn.Module, state_dict: dict[str, Any], source: str, what: str = "the model") -> None:
     """load_state_dict with one-line errors naming the file and the tensor; NaN/Inf weights refused."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    for names, label in ((missing, "missing"), (unexpected, "unexpected")):
-        if names:
-            more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
-            raise CheckpointError(f"{source}: {label} tensor(s) {', '.join(names[:3])}{more} for {what}")
+    _check_names(own, state_dict, source, what)
     for name, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{source}: entry {name} is a {type(value).__name__}, not a tensor")

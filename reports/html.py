@@ -25,6 +25,7 @@ from typing import Any
 from markupsafe import Markup
 
 from evals import runs
+from evals.provenance import flatten  # the one dotted-key flattening (config diffs use it too)
 from reports import protocol
 from reports.format import direction_word, family, finite, fmt, fmt_ci, recorded_direction
 from reports.images import DEFAULT_IMAGE_MAX_SIDE, ImageEmbedder
@@ -232,7 +233,7 @@ def _task_view(run_dir: Path, i: int, task: str, entry: dict[str, Any], emb: Ima
                                    if k in ("task version", "split", "n", "candidates", "k", "shots", "resolution"))]]
     overrides = cfg.get("overrides") if isinstance(cfg.get("overrides"), dict) else {}
     info += [[f"override {k}", v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)]
-             for k, v in _flat(overrides).items()]
+             for k, v in flatten(overrides).items()]
     shown = samples[:max(0, max_samples)]
     built: dict[str, SampleView] = {}
 
@@ -255,16 +256,6 @@ def _task_view(run_dir: Path, i: int, task: str, entry: dict[str, Any], emb: Ima
             "extremes": [(h, [card(s) for s in group]) for h, group in extremes], "extremes_note": note,
             "cards": [card(s) for s in shown],
             "n_samples": len(samples), "sort_metrics": sort_metrics}
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def render_run_report(run_dir: Path | str, *, max_samples: int = DEFAULT_MAX_SAMPLES, n_extremes: int = 3,
