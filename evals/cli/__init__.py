@@ -20,7 +20,6 @@ from typing import Any, Callable, Sequence
 
 import typer
 
-from cm3leon.errors import Cm3evalError
 from evals.cli import report
 from evals.errors import OneLineErrors
 from evals.cli.bank import bank_app
