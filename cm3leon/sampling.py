@@ -103,7 +103,7 @@ class _Sample:
 
 
 def _stream_prompts(req: GenerationRequest, sampling: SamplingConfig) -> list[list[int]]:
-    needs_uncond = sampling.cfg_scale != 1.0 or sampling.cdk_alpha is not None or sampling.image_cfg_scale is not None
+    needs_uncond = sampling.needs_uncond
     if needs_uncond and req.uncond_prompt is None:
         raise ValueError("guidance or CD-K needs an unconditional prompt (GenerationRequest.uncond_prompt)")
     if sampling.image_cfg_scale is not None and req.image_cond_prompt is None:

@@ -62,6 +62,11 @@ class SamplingConfig:
         if not (_is_count(self.n_candidates) and self.n_candidates >= 1):
             raise ValueError(f"n_candidates: must be an integer >= 1, got {self.n_candidates!r}")
 
+    @property
+    def needs_uncond(self) -> bool:
+        """Whether decoding reads an unconditional stream (CFG, CD-K's amateur, 3-stream edit)."""
+        return self.cfg_scale != 1.0 or self.cdk_alpha is not None or self.image_cfg_scale is not None
+
     def uses_cdk(self, candidate: int) -> bool:
         if self.cdk_alpha is None:
             return False

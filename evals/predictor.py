@@ -43,11 +43,8 @@ class PredictorSetupError(FatalPredictorError):
 
 
 def sampling_config(spec: TaskSpec) -> SamplingConfig:
-    g = spec.generation
-    return SamplingConfig(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, greedy=g.greedy,
-                          cfg_scale=g.cfg_scale, image_cfg_scale=g.image_cfg_scale if spec.kind == "edit" else None,
-                          cdk_alpha=g.cdk_alpha, cdk_k=g.cdk_k, mix_cdk_fraction=g.mix_cdk_fraction,
-                          n_candidates=g.n_candidates if spec.output_modality == "image" else 1)
+    """The task's sampler settings (TaskSpec.sampling_config owns the per-kind rules)."""
+    return spec.sampling_config()
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:

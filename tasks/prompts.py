@@ -143,8 +143,8 @@ def retrieved_document(kind: str, text: str | None, image: ImageLike | None) -> 
 
 # ----------------------------------------------------------------------------- requests
 def needs_uncond(sampling: SamplingConfig) -> bool:
-    """Whether the sampler will read an unconditional stream (CFG, CD-K's amateur, 3-stream edit)."""
-    return sampling.cfg_scale != 1.0 or sampling.cdk_alpha is not None or sampling.image_cfg_scale is not None
+    """Whether the sampler will read an unconditional stream (SamplingConfig owns the rule)."""
+    return sampling.needs_uncond
 
 
 def build(codec: DocumentCodec, kind: str, template: str, sample_text: str, *, seed: int,
