@@ -82,6 +82,10 @@ def direction_arrow(hib: bool | None) -> str:
 
 
 # ---------------------------------------------------------------- one scale per metric family
+# The one place that decides how a metric is shown. metrics.json keeps what the metric code
+# returned (pycocoevalcap's 0-1 captioning scores, VQA accuracy already in %); every view (the
+# CLI table, the report, the leaderboard, compare) multiplies by `factor` and labels it with
+# `unit`, so one number reads the same everywhere and beside the papers (baselines.csv).
 
 @dataclass(frozen=True)
 class Family:
@@ -89,13 +93,14 @@ class Family:
     name: str
     factor: float
     scale: str
+    unit: str = ""  # short label for a table column ("x100", "%"); "" when shown as stored
 
 
-CAPTIONING = Family("captioning", 100.0, "pycocoevalcap scores x100 (the papers' scale)")
+CAPTIONING = Family("captioning", 100.0, "pycocoevalcap scores x100 (the papers' scale)", "x100")
 _FAMILIES: list[tuple[re.Pattern[str], Family]] = [
     (re.compile(r"^(BLEU-[1-4]|METEOR|ROUGE-L|CIDEr|SPICE)$"), CAPTIONING),
-    (re.compile(r"^(accuracy|vqa_accuracy)$"), Family("vqa", 1.0, "VQA accuracy in % (0-100)")),
-    (re.compile(r"^t2i_R@\d+$"), Family("retrieval", 1.0, "recall at k in % (0-100)")),
+    (re.compile(r"^(accuracy|vqa_accuracy)$"), Family("vqa", 1.0, "VQA accuracy in % (0-100)", "%")),
+    (re.compile(r"^t2i_R@\d+$"), Family("retrieval", 1.0, "recall at k in % (0-100)", "%")),
     (re.compile(r"^t2i_rank$"), Family("rank", 1.0, "mean rank of the true image (1 is best)")),
     (re.compile(r"^(FID|FD-.+|FD_.+)$"), Family("frechet", 1.0, "Frechet distance in feature space")),
     (re.compile(r"^KID$"), Family("kid", 1.0, "kernel inception distance")),
@@ -110,6 +115,18 @@ def family(metric: str) -> Family:
         if pattern.match(str(metric)):
             return fam
     return Family(f"other:{metric}", 1.0, "as recorded")
+
+
+def shown(metric: str, value: Any) -> float | None:
+    """A stored value of `metric` on its display scale; None when it is not a finite number."""
+    v = finite(value)
+    return None if v is None else v * family(canonical_metric(metric)).factor
+
+
+def metric_label(metric: str) -> str:
+    """A column header: the metric and its scale when it is not shown as stored ("CIDEr (x100)")."""
+    unit = family(canonical_metric(metric)).unit
+    return f"{metric} ({unit})" if unit else str(metric)
 
 
 # ---------------------------------------------------------------- escaping per output format

@@ -1,14 +1,17 @@
 """Leaderboards: one tidy DataFrame across run folders, with published baselines beside it.
 
-Units: every value here is what metrics.json holds, except in `leaderboard()`, which puts
-measured CIDEr on the paper's scale (x100) so it can sit beside the published rows; that
-table says so in its `scale` column. baselines.csv keeps the paper's numbers verbatim, so
-the file can be checked against the paper line by line, plus the protocol each number was
+Units: collect_runs() holds what metrics.json holds; `leaderboard()` puts every measured value
+on its metric's display scale (reports.format.family: captioning metrics x100, as the papers
+print them), named in the `unit` column, so it sits beside the published rows. baselines.csv
+keeps the paper's numbers verbatim (already on that scale), plus the protocol each number was
 measured under (split, n, resolution, candidates, k, shots) where the paper states it.
 
 Every measured row carries its protocol (columns split, n_samples, candidates, k, shots,
-resolution, task_version); a measured row that does not match the published protocol of
-its task/metric gets comparable=False and a footnote naming what differs.
+resolution, task_version, limit, decoding) and its status (complete / partial / failed /
+in progress). A measured row that does not match the published protocol of its task/metric,
+or that ran on a --limit subset or with a decoding mode that changes the sampled tokens, gets
+comparable=False and a footnote naming what differs. Only complete rows are ranked (`rank`);
+the others are listed below them, marked, never dropped.
 
 Works on pandas 2.x and 3.x (no astype(str) on columns that may hold missing values, no
 chained assignment).
@@ -17,28 +20,25 @@ chained assignment).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from reports.errors import ReportError
-from reports.format import canonical_metric, fmt, fmt_ci, is_missing
+from reports.format import canonical_metric, direction_arrow, family, fmt, fmt_ci, is_missing, metric_label
 from reports.runtable import (  # noqa: F401 - re-exported: the leaderboard's public names
     FIXED_COLUMNS, LEADERBOARD_COLUMNS, Sweep, collect_runs, find_sweeps, flatten, model_info, settings_columns,
 )
 
 __all__ = ["ReportError", "BASELINES_CSV", "FIXED_COLUMNS", "LEADERBOARD_COLUMNS", "Sweep", "collect_runs",
            "leaderboard", "load_baselines", "pivot", "find_sweeps", "model_info", "flatten", "display_table",
-           "entry_label", "settings_columns", "protocol_gaps"]
+           "entry_label", "settings_columns", "protocol_gaps", "TaskTable", "task_tables"]
 
 BASELINES_CSV = Path(__file__).with_name("baselines.csv")
 BASELINE_COLUMNS = ["model", "task", "metric", "value", "source", "notes"]
 PROTOCOL_COLUMNS = ["split", "n", "resolution", "candidates", "k", "shots"]  # in baselines.csv
-
-# Measured metric -> factor that puts it on the published scale. pycocoevalcap returns
-# CIDEr as ~1.2; papers print 120.
-DISPLAY_SCALE = {"CIDEr": 100.0}
 
 
 # ---------------------------------------------------------------- baselines
@@ -121,12 +121,25 @@ def protocol_gaps(row: dict[str, Any], published: pd.DataFrame) -> list[str]:
     return gaps
 
 
+def own_gaps(row: dict[str, Any]) -> list[str]:
+    """Deviations a row carries whatever the papers state: a --limit subset of the split (the
+    published numbers use the whole split) and a decoding mode that changes the sampled tokens."""
+    gaps = []
+    limit = None if is_missing(row.get("limit")) else _whole(row.get("limit"))
+    if limit is not None:
+        gaps.append(f"n={fmt(row.get('n_samples'))}: a --limit {limit} subset (published: the whole split)")
+    decoding = row.get("decoding")
+    if not is_missing(decoding) and decoding not in ("", "ar"):
+        gaps.append(f"decoding {decoding} (published: ar)")
+    return gaps
+
+
 def _mark_comparability(measured: pd.DataFrame, pub: pd.DataFrame) -> pd.DataFrame:
     comparable, notes = [], []
     for r, note in zip(measured.to_dict("records"), measured["notes"]):
         rows = pub[(pub["task"] == r["task"]) & (pub["metric"] == r["metric"])] if not pub.empty else pub
-        gaps = protocol_gaps(r, rows) if not rows.empty else []
-        comparable.append(not gaps if not rows.empty else None)
+        gaps = (protocol_gaps(r, rows) if not rows.empty else []) + own_gaps(r)
+        comparable.append(not gaps if not (rows.empty and not gaps) else None)
         if gaps:
             note = "; ".join(x for x in (note, "† not the published protocol: " + ", ".join(gaps)) if x)
         notes.append(note)
@@ -141,21 +154,32 @@ def _sort_key(value: float, hib: Any) -> float:
     return -value if hib is True else value if hib is False else math.inf
 
 
-def leaderboard(df: pd.DataFrame, baselines: bool = True, baselines_path: Path = BASELINES_CSV) -> pd.DataFrame:
-    """Measured rows (source="measured", CIDEr x100) then published ones (source="published").
+def _group(source: str, status: Any) -> int:
+    """Row blocks within a task/metric: complete measured rows (ranked), the other measured
+    rows (partial, failed, in progress: listed, never ranked), then the published rows."""
+    if source != "measured":
+        return 2
+    return 0 if status in ("complete", None) or is_missing(status) else 1
 
-    Within each task/metric measured rows come first, each group best first (direction as
-    recorded; a metric without one keeps its order); the two are never interleaved.
+
+def leaderboard(df: pd.DataFrame, baselines: bool = True, baselines_path: Path = BASELINES_CSV) -> pd.DataFrame:
+    """Measured rows (source="measured", on the display scale) then published ones.
+
+    Within each task/metric: complete measured rows best first (direction as recorded; a metric
+    without one keeps its order) with their `rank`, then the measured rows that are not complete
+    (status partial / failed / in progress; no rank), then the published rows best first.
     """
     measured = df.copy()
     measured["metric"] = [canonical_metric(m) for m in measured["metric"]]
     measured["source"] = "measured"
-    scale = pd.Series([DISPLAY_SCALE.get(m, 1.0) for m in measured["metric"]], index=measured.index, dtype=float)
+    scale = pd.Series([family(m).factor for m in measured["metric"]], index=measured.index, dtype=float)
     for col in ("value", "ci_low", "ci_high"):
         measured[col] = measured[col].astype(float) * scale
     measured["scale"] = scale
     measured["citation"] = ""
-    measured["notes"] = [f"x{s:g} to match published {m}" if s != 1 else "" for s, m in zip(scale, measured["metric"])]
+    measured["notes"] = [f"{st}: {why}" if st not in ("complete", None) and not is_missing(st) else ""
+                         for st, why in zip(measured.get("status", [None] * len(measured)),
+                                            measured.get("status_note", [""] * len(measured)))]
     measured["protocol"] = [_protocol_text(r) for r in measured.to_dict("records")]
     pub = load_baselines(baselines_path, with_protocol=True) if baselines else pd.DataFrame()
     measured = _mark_comparability(measured, pub)
@@ -168,6 +192,7 @@ def leaderboard(df: pd.DataFrame, baselines: bool = True, baselines_path: Path =
         pub["ci_low"] = math.nan
         pub["ci_high"] = math.nan
         pub["comparable"] = None
+        pub["status"] = "published"
         pub["protocol"] = [_protocol_text(r) for r in pub.to_dict("records")]
         parts.append(pub)
     # object columns on both sides: concat then never drops all-NA columns' dtypes (pandas 2 warns)
@@ -183,10 +208,29 @@ def leaderboard(df: pd.DataFrame, baselines: bool = True, baselines_path: Path =
         out[c] = pd.to_numeric(out[c], errors="coerce").astype(float)
     direction = _directions(out)
     out["higher_is_better"] = pd.Series(direction, index=out.index, dtype=object)
-    out["_src"] = [0 if s == "measured" else 1 for s in out["source"]]
+    out["unit"] = [family(m).unit for m in out["metric"]]
+    out["_src"] = [_group(s, st) for s, st in zip(out["source"], out.get("status", [None] * len(out)))]
     out["_key"] = [_sort_key(v, h) for v, h in zip(out["value"], direction)]
-    out = out.sort_values(["task", "metric", "_src", "_key"], kind="stable", na_position="last")
-    return out.drop(columns=["_src", "_key"]).reset_index(drop=True)
+    out["_blank"] = [m == "" for m in out["metric"]]  # a failed task's row without a metric: last
+    out = out.sort_values(["task", "_blank", "metric", "_src", "_key"], kind="stable", na_position="last")
+    out["rank"] = _ranks(out)
+    return out.drop(columns=["_src", "_key", "_blank"]).reset_index(drop=True)
+
+
+def _ranks(out: pd.DataFrame) -> pd.Series:
+    """1, 2, ... over the complete measured rows of each task/metric with a value and a
+    recorded direction (ties share a rank); missing elsewhere."""
+    ranks: list[Any] = []
+    last: dict[tuple[str, str], tuple[float, int, int]] = {}
+    for t, m, g, k in zip(out["task"], out["metric"], out["_src"], out["_key"]):
+        if g != 0 or not math.isfinite(k):
+            ranks.append(pd.NA)
+            continue
+        key, count = last.get((t, m), (math.nan, 0, 0))[0], last.get((t, m), (math.nan, 0, 0))[1] + 1
+        rank = last[(t, m)][2] if k == key else count
+        last[(t, m)] = (k, count, rank)
+        ranks.append(rank)
+    return pd.Series(ranks, index=out.index, dtype="Int64")
 
 
 def _directions(out: pd.DataFrame) -> list[bool | None]:
@@ -237,3 +281,67 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
     } for r in lb.to_dict("records")]
     cols = ["source", "model", "run", "task", "metric", "value", "95% CI", "n", "protocol", "notes"]
     return pd.DataFrame(rows, columns=cols)
+
+
+# ---------------------------------------------------------------- one table per task
+
+@dataclass
+class TaskTable:
+    """One task's leaderboard: a row per run or published entry, a column per metric."""
+    task: str
+    headers: list[str]
+    rows: list[list[str]]
+    classes: list[str]  # per row: "measured complete", "measured partial", ..., "published"
+    numeric: set[int] = field(default_factory=set)  # column indices right-aligned
+
+
+def _primary_metric(rows: pd.DataFrame, metrics: list[str]) -> str:
+    """The metric a task's rows are ranked by: the one the papers report, else the first with
+    a recorded direction, else the first."""
+    published = [m for m in metrics if ((rows["metric"] == m) & (rows["source"] == "published")).any()]
+    directed = [m for m in metrics if any(isinstance(h, bool) for h in rows.loc[rows["metric"] == m,
+                                                                                  "higher_is_better"])]
+    return (published or directed or metrics or [""])[0]
+
+
+def _cell(r: dict[str, Any]) -> str:
+    return fmt(r["value"]) + (" †" if r.get("comparable") is False else "")
+
+
+def task_tables(lb: pd.DataFrame) -> list[TaskTable]:
+    """The leaderboard() frame as one table per task: rows in the frame's order of the task's
+    primary metric (complete runs ranked, then the others marked, then the papers), a column
+    per metric headed by its name, scale and direction arrow, and the row's status and notes."""
+    tables = []
+    measured = set(lb.loc[lb["source"] == "measured", "task"])
+    for task, rows in lb.groupby("task", sort=False):
+        if measured and task not in measured:  # the papers' other tasks: in the long table only
+            continue
+        metrics = [m for m in dict.fromkeys(rows["metric"]) if m]
+        primary = _primary_metric(rows, metrics)
+        hib = {m: next((h for h in rows.loc[rows["metric"] == m, "higher_is_better"] if isinstance(h, bool)), None)
+               for m in metrics}
+        order = [m for m in [primary] + metrics if m][:1] + [m for m in metrics if m != primary]
+        entries: dict[tuple[str, str], dict[str, Any]] = {}
+        ranked = rows.assign(_first=[m != primary for m in rows["metric"]]).sort_values("_first", kind="stable")
+        for r in ranked.to_dict("records"):
+            e = entries.setdefault((r["source"], entry_label(r)), {"row": r, "cells": {}, "notes": []})
+            if r["metric"]:
+                e["cells"][r["metric"]] = _cell(r)
+            notes = r.get("notes") if r["source"] == "measured" else r.get("citation")
+            for part in str(notes or "").split("; "):
+                if part and part not in e["notes"]:
+                    e["notes"].append(part)
+        headers = ["model", "run", "status", "rank", *(f"{metric_label(m)} {direction_arrow(hib[m])}" for m in order),
+                   "protocol deviations and notes"]
+        out, classes = [], []
+        for (source, _), e in entries.items():
+            r = e["row"]
+            status = str(r.get("status") or ("published" if source == "published" else "complete"))
+            rank = r.get("rank") if r.get("metric") == primary else None
+            out.append([str(r.get("model") or ""), str(r.get("run") or ""), status,
+                        "" if is_missing(rank) or rank is None else str(int(rank)),
+                        *(e["cells"].get(m, "") for m in order), "; ".join(e["notes"])])
+            classes.append(source if source == "published" else f"measured {status.replace(' ', '-')}")
+        tables.append(TaskTable(str(task), headers, out, classes, set(range(3, 4 + len(order)))))
+    return tables

@@ -14,13 +14,16 @@ import pandas as pd
 
 from evals import runs
 from reports.format import csv_cell, latex_cell, md_cell
-from reports.leaderboard import display_table, pivot
+from reports.leaderboard import TaskTable, display_table, task_tables
 
 FORMATS = ("csv", "md", "html", "tex")
-INTRO = ("Measured rows come from the run folders; published rows are copied from papers "
-         "(reports/baselines.csv) and were not measured here. Measured CIDEr is shown x100 (the papers' scale).")
-DAGGER = ("† measured under another protocol than the published rows beside it (fewer samples, another split, "
-          "resolution, number of candidates, retrieved documents or shots); see the row's notes.")
+INTRO = ("One table per task. Measured rows come from the run folders; published rows are copied from papers "
+         "(reports/baselines.csv) and were not measured here. Captioning metrics are shown x100 (the papers' "
+         "scale), named in each column header; ↑ higher is better, ↓ lower is better. Only complete runs are "
+         "ranked; partial, failed and in-progress runs are listed below them with their status.")
+DAGGER = ("† measured under another protocol than the published rows beside it (fewer samples or a --limit "
+          "subset, another split, resolution, number of candidates, retrieved documents, shots or decoding); "
+          "see the row's notes.")
 
 
 def _md_table(headers: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
@@ -30,14 +33,6 @@ def _md_table(headers: list[str], rows: list[list[Any]], numeric: set[int] = fro
     lines = ["| " + " | ".join(md_cell(h) for h in headers) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def _pivot_rows(lb: pd.DataFrame) -> tuple[list[str], list[list[Any]]]:
-    p = pivot(lb, marks=True)
-    if p.empty:
-        return [], []
-    headers = ["source", "model", *map(str, p.columns)]
-    return headers, [[src, entry, *vals] for (src, entry), vals in zip(p.index, p.values.tolist())]
 
 
 def _long_rows(lb: pd.DataFrame, source: str) -> tuple[list[str], list[list[Any]]]:
@@ -53,8 +48,9 @@ def _has_dagger(lb: pd.DataFrame) -> bool:
 
 
 def to_markdown(lb: pd.DataFrame) -> str:
-    headers, rows = _pivot_rows(lb)
-    parts = ["# Leaderboard", "", INTRO, "", _md_table(headers, rows, set(range(2, len(headers)))), ""]
+    parts = ["# Leaderboard", "", INTRO, ""]
+    for t in task_tables(lb):
+        parts += [f"## {md_cell(t.task)}", "", _md_table(t.headers, t.rows, t.numeric), ""]
     for source in ("measured", "published"):
         h, r = _long_rows(lb, source)
         parts += [f"## {source.capitalize()}", "", _md_table(h, r, {h.index("value")} if r else set()), ""]
@@ -77,9 +73,8 @@ def to_latex(lb: pd.DataFrame) -> str:
     lines = ["% cm3eval leaderboard; needs \\usepackage{booktabs}", f"% {INTRO}"]
     if _has_dagger(lb):
         lines.append(f"% {DAGGER}")
-    headers, rows = _pivot_rows(lb)
-    if rows:
-        lines += _latex_table(headers, rows, set(range(2, len(headers))), "Leaderboard (measured and published)")
+    for t in task_tables(lb):
+        lines += _latex_table(t.headers, t.rows, t.numeric, f"{t.task} (measured and published)")
     for source in ("measured", "published"):
         h, r = _long_rows(lb, source)
         if r:
@@ -96,7 +91,7 @@ def to_csv(lb: pd.DataFrame) -> str:
 
 
 def render_leaderboard_html(lb: pd.DataFrame) -> str:
-    """The leaderboard() table (or a collect_runs() frame) as a page: overview, plots, long tables."""
+    """The leaderboard() table (or a collect_runs() frame) as a page: a table per task, plots, long tables."""
     import json
 
     from reports import html
@@ -104,9 +99,8 @@ def render_leaderboard_html(lb: pd.DataFrame) -> str:
 
     if "source" not in lb.columns:
         lb = leaderboard(lb, baselines=False)
-    headers, rows = _pivot_rows(lb)
-    overview = {"headers": headers, "rows": rows, "classes": [r[0] for r in rows],
-                "num_cols": set(range(2, len(headers)))} if rows else None
+    tables = [{"task": t.task, "headers": t.headers, "rows": t.rows, "classes": t.classes, "num_cols": t.numeric}
+              for t in task_tables(lb)]
     parts = []
     for source in ("measured", "published"):
         h, r = _long_rows(lb, source)
@@ -115,7 +109,7 @@ def render_leaderboard_html(lb: pd.DataFrame) -> str:
                           "num_cols": {h.index("value")}})
     data = json.loads(lb.to_json(orient="records"))
     return html.render_page("leaderboard.html.j2", title="cm3eval leaderboard", data=data, intro=INTRO,
-                            overview=overview, charts=html.charts(lb), parts=parts,
+                            tables=tables, charts=html.charts(lb), parts=parts,
                             dagger=DAGGER if _has_dagger(lb) else "")
 
 

@@ -25,8 +25,9 @@ FIXED_COLUMNS = [
     "run", "model", "checkpoint", "step", "task", "task_name", "metric", "value",
     "ci_low", "ci_high", "n", "n_samples", "n_failures", "settings_hash", "run_dir",
     "higher_is_better", "task_version", "split", "candidates", "k", "shots", "resolution",
+    "limit", "decoding", "status", "status_note",
 ]
-LEADERBOARD_COLUMNS = ["source", "scale", "citation", "notes", "comparable", "protocol"]
+LEADERBOARD_COLUMNS = ["source", "scale", "unit", "rank", "citation", "notes", "comparable", "protocol"]
 
 
 _STEP_RE = re.compile(r"(?:step|global_step|checkpoint|ckpt|iter|iteration)[-_=]?(\d+)$", re.IGNORECASE)
@@ -88,15 +89,43 @@ def _run_labels(paths: list[Path]) -> list[str]:
     return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
-def _task_rows(label: str, run_dir: Path, run_meta: dict[str, Any], task: str, entry: dict[str, Any]
+def task_status(entry: dict[str, Any] | None) -> tuple[str, str]:
+    """(status, why) of one task of a run: "complete", "partial" (some samples failed or a
+    requested metric is missing), "failed" (no metric value at all) or "in progress" (a task
+    folder without a metrics.json entry). Only complete rows are ranked."""
+    if entry is None:
+        return "in progress", "no metrics.json entry yet (still running, or stopped before scoring)"
+    n = entry.get("n_samples")
+    failed = entry.get("n_failed", len(entry.get("failures") or []))
+    of = f"{failed} of {n} samples failed" if n is not None else f"{failed} samples failed"
+    values = [finite(m.get("value")) for m in (entry.get("metrics") or {}).values() if isinstance(m, dict)]
+    missing = entry.get("missing_metrics") if isinstance(entry.get("missing_metrics"), dict) else {}
+    if not any(v is not None for v in values):
+        why = [of] if failed else []
+        why += [f"{k}: {v}" for k, v in missing.items()] or ["no metric was computed"]
+        return "failed", "; ".join(why)
+    if failed:
+        return "partial", of
+    if missing:
+        return "partial", "not computed: " + ", ".join(missing)
+    return "complete", ""
+
+
+def _task_rows(label: str, run_dir: Path, run_meta: dict[str, Any], task: str, entry: dict[str, Any] | None
                ) -> list[dict[str, Any]]:
     cfg = load_task_config(run_dir, task) or {}
     spec = cfg.get("task") if isinstance(cfg.get("task"), dict) else {}
     overrides = cfg.get("overrides") if isinstance(cfg.get("overrides"), dict) else {}
     model, checkpoint, step = model_info(run_meta.get("model"), cfg.get("model"))
+    status, note = task_status(entry)
+    entry = entry or {}
     man = protocol.manifest(entry, cfg)
+    gen = spec.get("generation") if isinstance(spec.get("generation"), dict) else {}
+    limit = entry.get("limit", spec.get("limit"))
+    metrics = {n: m for n, m in (entry.get("metrics") or {}).items() if finite(m.get("value")) is not None}
+    # a task without a single value still gets a row: a failed run is listed, never dropped
     rows = []
-    for name, m in (entry.get("metrics") or {}).items():
+    for name, m in (metrics or {"": {}}).items():
         ci = m.get("ci") or [None, None]
         rows.append({
             "run": label, "model": model, "checkpoint": checkpoint, "step": step,
@@ -108,7 +137,8 @@ def _task_rows(label: str, run_dir: Path, run_meta: dict[str, Any], task: str, e
             "run_dir": str(run_dir), "higher_is_better": recorded_direction(m),
             "task_version": man.get("task version"), "split": man.get("split"),
             "candidates": man.get("candidates"), "k": man.get("k"), "shots": man.get("shots"),
-            "resolution": man.get("resolution"),
+            "resolution": man.get("resolution"), "limit": limit, "decoding": gen.get("decoding"),
+            "status": status, "status_note": note,
             "_overrides": flatten(overrides), "_spec": flatten(spec),
         })
     return rows
@@ -123,6 +153,8 @@ def collect_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
         data = load_metrics(run_dir)
         for task, entry in data["tasks"].items():
             rows += _task_rows(label, run_dir, data.get("run") or {}, task, entry)
+        for task in _unfinished_tasks(run_dir, data["tasks"]):
+            rows += _task_rows(label, run_dir, data.get("run") or {}, task, None)
     # A column per overridden key; runs that did not override it get the spec's own value,
     # so a sweep's default point still lines up with the overridden ones.
     keys: list[str] = []
@@ -138,6 +170,12 @@ def collect_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
     df["n"] = pd.to_numeric(df["n"], errors="coerce").astype("Int64")
     df["higher_is_better"] = df["higher_is_better"].astype(object)
     return df
+
+
+def _unfinished_tasks(run_dir: Path, finished: dict[str, Any]) -> list[str]:
+    """Task folders of a run (they hold config.json) that metrics.json does not list yet."""
+    return [p.name for p in sorted(Path(run_dir).iterdir())
+            if p.is_dir() and p.name not in finished and (p / "config.json").is_file()]
 
 
 def _float(x: Any) -> float:
@@ -185,6 +223,7 @@ def find_sweeps(df: pd.DataFrame) -> list[Sweep]:
         return []
     if "source" in df.columns:
         df = df[df["source"] == "measured"]
+    df = df[df["metric"] != ""]  # a failed task's placeholder row has no value to plot
     settings = settings_columns(df)
     sweeps: list[Sweep] = []
     for axis in settings + ["step"]:

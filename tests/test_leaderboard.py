@@ -95,8 +95,10 @@ def test_published_rows_kept_apart_and_cider_scaled(runs):
     # Measured CIDEr on the paper's x100 scale, beside Flamingo's 79.4.
     cider = meas[meas.metric == "CIDEr"].iloc[0]
     assert cider.value == pytest.approx(124.2) and cider.ci_low == pytest.approx(110.0) and cider.scale == 100
-    assert "x100" in cider.notes
-    assert meas[meas.metric == "BLEU-4"].value.iloc[0] == 0.31  # other metrics untouched
+    assert cider.unit == "x100"
+    # One scale per metric family: BLEU-4 beside CIDEr is x100 too; VQA accuracy is already in %.
+    assert meas[meas.metric == "BLEU-4"].value.iloc[0] == pytest.approx(31.0)
+    assert meas[meas.metric == "accuracy"].value.iloc[0] == 55.5
     # vqa_accuracy lines up with the published "accuracy" column.
     assert canonical_metric("vqa_accuracy") == "accuracy"
     assert {"vqav2 / accuracy", "coco-caption / CIDEr"} <= set(pivot(lb).columns)
