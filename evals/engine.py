@@ -79,6 +79,7 @@ class RunOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # for config.json (already applied to the spec)
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
     max_systematic_failures: int = 8  # abort when this many predictor failures come before any success
+    label: str = ""  # the sweep point ("generation.cfg_scale=3"), named in the progress lines
 
 
 @dataclass
@@ -327,7 +328,8 @@ class Engine:
         if len(todo) < len(mine) and dist.writes_outputs:
             log.info("%s: resuming, %d of %d samples already done", spec.name, len(mine) - len(todo), len(mine))
         mode = resolve_mode(self.opts.progress) if dist.rank == 0 else "off"
-        with make_progress(mode, len(mine), len(mine) - len(todo), spec.name) as bar:
+        label = f"{spec.name} [{self.opts.label}]" if self.opts.label else spec.name
+        with make_progress(mode, len(mine), len(mine) - len(todo), label) as bar:
             self._predict_all(plan, todo, bar)
 
     def _todo(self, plan: TaskPlan, mine: list[Sample]) -> list[Sample]:

@@ -219,6 +219,32 @@ def test_run_sweep_writes_one_folder_per_point(tmp_path, capsys):
         ["max_new_tokens=4", "max_new_tokens=8"]
     cfg = json.loads((tmp_path / "s" / "max_new_tokens=8" / "shapes-vqa" / "config.json").read_text())
     assert cfg["overrides"]["generation.max_new_tokens"] == 8  # typed, as the spec holds it
+    # a CI log names the swept values: the progress lines and the results table's rows
+    out, err = capsys.readouterr()
+    assert "cm3eval: shapes-vqa [generation.max_new_tokens=8]: start, 2 samples" in err
+    rows = [line for line in out.splitlines() if "shapes-vqa" in line and "accuracy" in line]
+    assert len(rows) == 2 and "max_new_tokens=4" in rows[0] and "max_new_tokens=8" in rows[1]
+
+
+def test_list_is_readable_at_80_columns():
+    res = _python("from evals.cli import cli; cli()", "list", env={"COLUMNS": "80"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    coco = next(line for line in lines if line.startswith("coco-fid "))
+    assert coco.split()[:4] == ["coco-fid", "t2i", "30000", "fid"]  # one task, one line
+    assert any(line.startswith("suite demo:") for line in lines)
+
+
+def test_caption_scores_on_the_papers_scale_in_the_results_table(tmp_path, capsys):
+    code = main(["run", "shapes-caption", "--limit", "3", "--out", str(tmp_path / "c")],
+                predictor_factory=fixtures.make_echo)
+    out = capsys.readouterr().out
+    assert code == 0
+    raw = json.loads((tmp_path / "c" / "metrics.json").read_text())["tasks"]["shapes-caption"]["metrics"]["CIDEr"]
+    row = next(line for line in out.splitlines() if "CIDEr" in line)
+    from reports.format import fmt
+    assert fmt(raw["value"] * 100) in row and "x100" in row  # metrics.json keeps the raw 0-1 value
 
 
 def test_model_flags_reach_the_loader_and_the_predictor(monkeypatch, tmp_path):

@@ -99,34 +99,42 @@ def make_predictor(settings: PredictorSettings, factory: Callable[..., Any] | No
 
 # ----------------------------------------------------------------------------- printing
 def print_results(all_results: dict[str, dict[str, Any]], as_json: bool) -> None:
+    """The results table on stdout, plain fixed-width columns (a CI log keeps every cell whole):
+    each value on its metric's display scale (reports.format: captioning x100, as the papers
+    print them; metrics.json keeps the raw value), named in the `scale` column; a sweep's rows
+    are named by the swept values (the point's folder name)."""
     if as_json:
         payload = {run: {name: r.entry for name, r in res.items()} for run, res in all_results.items()}
         typer.echo(json.dumps(payload, indent=2, default=str))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from reports.format import family, fmt, fmt_ci, shown
 
     sweep = len(all_results) > 1
-    table = Table(title="cm3eval results")
-    for col in (["run"] if sweep else []) + ["task", "metric", "value", "95% CI", "n", "failures"]:
-        table.add_column(col)
+    rows = [(["sweep point"] if sweep else []) + ["task", "metric", "value", "95% CI", "scale", "n", "failures"]]
     for run_dir, res in all_results.items():
         for name, r in res.items():
-            lead = [run_dir] if sweep else []
+            lead = [Path(run_dir).name] if sweep else []
             failed = str(getattr(r, "n_failed", len(r.failures)))
             if not r.metrics:
-                table.add_row(*lead, name, "—", "—", "", str(r.n_samples), failed)
+                rows.append([*lead, name, "—", "—", "", "", str(r.n_samples), failed])
             for metric, m in r.metrics.items():
-                ci = m.get("ci")
-                value = m.get("value")
-                table.add_row(*lead, name, metric, f"{value:.4g}" if isinstance(value, (int, float)) else str(value),
-                              f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "", str(m.get("n")), failed)
-    console = Console()
-    console.print(table)
+                ci = m.get("ci") or [None, None]
+                value = shown(metric, m.get("value"))
+                rows.append([*lead, name, metric, fmt(value) if value is not None else "not computed",
+                             fmt_ci(shown(metric, ci[0]), shown(metric, ci[1])), family(metric).unit,
+                             str(m.get("n")), failed])
+    typer.echo(fixed_width(rows))
     for line in _notes(all_results):
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        typer.echo(line)
     for run_dir in all_results:
-        console.print(f"results: {run_dir}/metrics.json", markup=False, highlight=False)
+        typer.echo(f"results: {run_dir}/metrics.json")
+
+
+def fixed_width(rows: list[list[str]]) -> str:
+    """Rows as left-aligned columns two spaces apart, the header underlined."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
 def _notes(all_results: dict[str, dict[str, Any]]) -> list[str]:
@@ -241,7 +249,8 @@ def execute(plan: Any, settings: PredictorSettings, factory: Callable[..., Any] 
         for batch, specs in batch_groups(run_plan.specs, predictor, settings.batch_size):
             opts = engine.RunOptions(out=run_plan.out, data_root=data_root, batch_size=batch, overwrite=overwrite,
                                      device=settings.device, dtype=settings.dtype, model_name=plan.model,
-                                     model_path=model_path, overrides=run_plan.overrides, argv=list(sys.argv))
+                                     model_path=model_path, overrides=run_plan.overrides, argv=list(sys.argv),
+                                     label=", ".join(f"{k}={v}" for k, v in run_plan.point.items()))
             results.update(engine.run(specs, predictor, opts, dist))
         if dist.rank == 0:
             record_protocols(run_plan, results)
@@ -296,18 +305,25 @@ def list_tasks(json_: bool = typer.Option(False, "--json", help="Print as JSON."
                                              "metrics": list(s.metrics), "description": s.description}
                                          for n, s in rows}, "suites": suites}, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
+    typer.echo(tasks_text(rows, suites), nl=False)
 
-    table = Table(title="tasks")
-    for col in ("task", "kind", "loader", "metrics", "limit", "description"):
-        table.add_column(col, overflow="fold")
+
+def tasks_text(rows: list[tuple[str, Any]], suites: dict[str, list[str]]) -> str:
+    """The registry as plain fixed-width lines (no terminal needed, readable at 80 columns): one
+    line per task (name, kind, limit, metrics) with its description indented below, then the suites."""
+    import textwrap
+
+    width = max([len(n) for n, _ in rows] + [4])
+    lines = [f"{'task':<{width}}  {'kind':<7} {'limit':<6} metrics"]
     for n, s in rows:
-        table.add_row(n, s.kind, s.dataset.loader, ", ".join(s.metrics), str(s.limit or "all"), s.description)
-    console = Console()
-    console.print(table)
+        lines.append(f"{n:<{width}}  {s.kind:<7} {str(s.limit or 'all'):<6} {', '.join(s.metrics)}")
+        desc = " ".join(str(s.description or "").split())
+        lines += textwrap.wrap(f"{desc} (loader: {s.dataset.loader})", 78, initial_indent="    ",
+                               subsequent_indent="    ")
+    lines.append("")
     for name, members in suites.items():
-        console.print(f"suite [bold]{name}[/bold]: {', '.join(members)}")
+        lines += textwrap.wrap(f"suite {name}: {', '.join(members)}", 78, subsequent_indent="    ")
+    return "\n".join(lines) + "\n"
 
 
 def show(
