@@ -424,6 +424,8 @@ class Engine:
             img = open_image(s.image, root=root)  # t2i: the FID reference, verified here, used when scoring
             if spec.kind != "t2i":
                 images["image"] = img
+            else:  # shown on the report's card beside the candidates
+                report["reference"] = img
         if s.target is not None:
             report["target"] = open_image(s.target, root=root)
         for j, shot in enumerate(s.shots):

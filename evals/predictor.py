@@ -259,7 +259,9 @@ class ModelPredictor:
         out = []
         for docs in self._retriever(spec, data_root).augment_batch(queries, r.k, exclude=exclude):
             built = [prompts.retrieved_document(spec.kind, d.text, d.image) for d in docs]
-            records = [{"id": d.id, "text": d.text, "image": d.image_path, "score": d.meta.get("score")} for d in docs]
+            # image_data: the decoded picture, for the report's thumbnail (records.py saves it, never the line)
+            records = [{"id": d.id, "text": d.text, "image": d.image_path, "score": d.meta.get("score"),
+                        "image_data": d.image} for d in docs]
             out.append((built, records))
         return out
 
@@ -376,5 +378,7 @@ class ModelPredictor:
                 out["scores"] = gen.scores
                 if self.save_candidates:
                     out["candidates"] = images[i]
+                elif images is not None:  # decoded for the reranker anyway: the report's thumbnails
+                    out["candidate_images"] = images[i]
             outs.append(out)
         return outs

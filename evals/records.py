@@ -7,12 +7,19 @@ import re
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from evals import runs
 from evals.protocol import Item
 from tasks.loaders import Sample
 from tasks.spec import TaskSpec
 
 THUMBNAIL = 256  # input/target images are copied into the run as PNG thumbnails for the report
+# The first REPORT_SAMPLES samples of a task are the report's sample cards: for them (only, so a
+# 30K-prompt run writes no extra gigabytes) the t2i reference, the candidates the reranker
+# decoded anyway and the retrieved documents' images are saved as small thumbnails too.
+REPORT_SAMPLES = 24
+SMALL_THUMBNAIL = 128
 
 
 def base_record(spec: TaskSpec, s: Sample, inputs: dict[str, str | None] | None) -> dict[str, Any]:
@@ -48,13 +55,25 @@ def output_record(spec: TaskSpec, task_dir: Path, item: Item, inputs: dict[str, 
     for role, img in (out.get("images") or {}).items():
         paths[role] = save(img, f"{stem}-{re.sub(r'[^A-Za-z0-9_-]', '_', role)}.png")
     # thumbnails of the input and the ground truth, for the report (source → edited → target)
-    for role, img in (("input", item.images.get("image")), ("target", item.report_images.get("target"))):
+    shown = s.index < REPORT_SAMPLES
+    for role, img in (("input", item.images.get("image")), ("target", item.report_images.get("target")),
+                      ("reference", item.report_images.get("reference") if shown else None)):
         if img is not None:
             paths[role] = save(img, f"{stem}-{role}.png", THUMBNAIL)
     cands = [save(img, f"{stem}-cand{j:02d}.png") for j, img in enumerate(out.get("candidates") or [])]
+    if shown and not cands:
+        rec["candidate_thumbnails"] = [save(img, f"{stem}-cand{j:02d}-small.png", SMALL_THUMBNAIL)
+                                       for j, img in enumerate(out.get("candidate_images") or [])]
+    retrieved = []
+    for j, doc in enumerate(out.get("retrieved") or []):
+        doc = dict(doc)
+        img = doc.pop("image_data", None)
+        if shown and isinstance(img, Image.Image):
+            doc["thumbnail"] = save(img, f"{stem}-doc{j}.png", SMALL_THUMBNAIL)
+        retrieved.append(doc)
     rec.update(prompt=out.get("prompt", s.text), prediction=out.get("prediction"), images=paths,
                candidates=cands, scores=out.get("scores"), best=int(out.get("best") or 0),
-               retrieved=out.get("retrieved") or [], image_bytes=sizes)
+               retrieved=retrieved, image_bytes=sizes)
     if out.get("extra"):
         rec["extra"] = out["extra"]
     return rec

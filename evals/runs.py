@@ -361,18 +361,32 @@ def merge_task_metrics(run_dir: Path, run_meta: dict[str, Any], entries: dict[st
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         data: dict[str, Any] = {"run": {}, "tasks": {}}
+        old_run: dict[str, Any] = {}
         try:
             old = read_metrics(run_dir)
             if isinstance(old.get("tasks"), dict):
                 data["tasks"] = old["tasks"]
+            old_run = old["run"] if isinstance(old.get("run"), dict) else {}
         except RunFolderError as e:
             log.warning("%s; rewriting it with this run's tasks only", e)
-        data["run"] = run_meta
+        data["run"] = {**run_meta, "commands": _commands(old_run, run_meta)}
         data["tasks"].update(entries)
         atomic_write_json(path, data)
     finally:
         os.close(lock_fd)  # closing releases the flock
     return path
+
+
+def _commands(old_run: dict[str, Any], run_meta: dict[str, Any]) -> list[list[str]]:
+    """Every distinct command line that wrote into this run folder, oldest first (a resumed or
+    extended run is built by several), so the report can show how the run was made."""
+    cmds = [c for c in old_run.get("commands") or [] if isinstance(c, list)]
+    if not cmds and isinstance(old_run.get("argv"), list):
+        cmds = [old_run["argv"]]
+    argv = run_meta.get("argv")
+    if isinstance(argv, list) and argv not in cmds:
+        cmds.append(list(argv))
+    return cmds
 
 
 # ----------------------------------------------------------------------------- the run lock

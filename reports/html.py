@@ -27,7 +27,9 @@ from markupsafe import Markup
 from evals import runs
 from evals.provenance import flatten  # the one dotted-key flattening (config diffs use it too)
 from reports import protocol
+from reports.baselines import deviations, load_baselines
 from reports.format import direction_word, family, finite, fmt, fmt_ci, recorded_direction
+from evals.records import REPORT_SAMPLES
 from reports.images import DEFAULT_IMAGE_MAX_SIDE, ImageEmbedder
 from reports.runtable import collect_runs, find_sweeps
 from reports.samples import SampleView, build_card, card_factors
@@ -35,7 +37,7 @@ from reports.rundata import load_metrics, load_samples, load_task_config
 from reports.svg import Chart, Point, Series, line_chart
 
 TEMPLATES = Path(__file__).with_name("templates")
-DEFAULT_MAX_SAMPLES = 24
+DEFAULT_MAX_SAMPLES = REPORT_SAMPLES  # the samples whose reference, candidates and documents were saved
 MAX_FAILURES_SHOWN = 50
 
 
@@ -130,6 +132,21 @@ def _task_metric_rows(entry: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def breakdowns(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """VQA's per-answer-type and per-question-type accuracy tables, as metrics.json holds them."""
+    tables = []
+    for name, m in (entry.get("metrics") or {}).items():
+        extra = m.get("extra") if isinstance(m.get("extra"), dict) else {}
+        for key, label in (("per_answer_type", "answer type"), ("per_question_type", "question type")):
+            per = extra.get(key)
+            if isinstance(per, dict) and per:
+                rows = [[str(t), fmt(v.get("value")) if isinstance(v, dict) else fmt(v),
+                         fmt(v.get("n")) if isinstance(v, dict) else ""] for t, v in per.items()]
+                tables.append({"title": f"{name} by {label}", "headers": [label, f"{name} ({family(name).unit or 'as recorded'})", "n"],
+                               "rows": rows})
+    return tables
+
+
 def charts(df: Any) -> list[Chart]:
     """One line chart per sweep found in a collect_runs() / leaderboard() frame."""
     out = []
@@ -159,14 +176,35 @@ def _meta_rows(run_dir: Path, data: dict[str, Any], df: Any) -> list[list[Any]]:
     if not df.empty:
         r0 = df.iloc[0]
         meta += [["model", r0["model"]], ["checkpoint", r0["checkpoint"]], ["step", fmt(r0["step"])]]
-    argv = run.get("argv")
     versions = run.get("versions")
     meta += [["model fingerprint", run.get("model_fingerprint")], ["created", run.get("created")],
              ["git hash", run.get("git_hash")],
-             ["command", shlex.join(map(str, argv)) if isinstance(argv, list) else argv],
              ["versions", ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict)
               else versions]]
     return [[k, v] for k, v in meta if v not in (None, "")]
+
+
+def _commands(run: dict[str, Any]) -> list[str]:
+    """Every command line that built the run (metrics.json run.commands; run.argv when older)."""
+    cmds = run.get("commands") if isinstance(run.get("commands"), list) else [run.get("argv")]
+    return [shlex.join(map(str, c)) if isinstance(c, list) else str(c) for c in cmds if c]
+
+
+def protocol_deviations(df: Any) -> list[tuple[str, list[str]]]:
+    """(task, what departs from the published protocol or is incomplete) for the run's tasks:
+    the same checks the leaderboard marks rows with (reports.baselines), and the task's status."""
+    try:
+        published = load_baselines(with_protocol=True)
+    except Exception:  # noqa: BLE001 - a broken baselines file must not cost the report
+        published = None
+    out: dict[str, list[str]] = {}
+    for r in df.to_dict("records"):
+        items = out.setdefault(str(r["task"]), [])
+        found = deviations(r, published) if published is not None and r["metric"] else []
+        if r.get("status") not in (None, "complete"):
+            found = [f"{r['status']}: {r.get('status_note')}"] + found
+        items += [x for x in found if x not in items]
+    return [(t, items) for t, items in out.items() if items]
 
 
 def _no_metrics_reason(entry: dict[str, Any]) -> str:
@@ -251,6 +289,7 @@ def _task_view(run_dir: Path, i: int, task: str, entry: dict[str, Any], emb: Ima
     return {"name": task, "slug": f"task-{i}", "info": info,
             "metric_headers": ["metric", "value", "95% CI", "n", "better", "scale"],
             "metric_rows": _task_metric_rows(entry), "no_metrics": _no_metrics_reason(entry),
+            "breakdowns": breakdowns(entry),
             "not_computed": _missing(entry) if entry.get("metrics") else [],
             "failures": list(fails.items())[:MAX_FAILURES_SHOWN], "n_failures": len(fails),
             "extremes": [(h, [card(s) for s in group]) for h, group in extremes], "extremes_note": note,
@@ -268,6 +307,7 @@ def render_run_report(run_dir: Path | str, *, max_samples: int = DEFAULT_MAX_SAM
              for i, (task, entry) in enumerate(data["tasks"].items())]
     return render_page("report.html.j2", title=f"cm3eval report: {run_dir.resolve().name}", data=data,
                        script=True, n_tabs=len(tasks), meta=_meta_rows(run_dir, data, df),
+                       deviations=protocol_deviations(df), commands=_commands(data.get("run") or {}),
                        metric_headers=["task", "metric", "value", "95% CI", "n", "better"],
                        metric_rows=metric_families(data), charts=charts(df), tasks=tasks)
 

@@ -31,7 +31,8 @@ class Figure:
     problem: str = ""  # "missing image" | "unreadable image"
     winner: bool = False
     reference: bool = False  # a ground-truth image shown beside generated ones
-    arrow_before: bool = False  # source -> edit -> target: an arrow precedes this cell
+    arrow_before: bool = False  # input → output: an arrow precedes this cell
+    bar_before: bool = False  # output | target: a bar separates the ground truth
 
 
 class ImageEmbedder:

@@ -1,9 +1,13 @@
 """One sample line -> the view of its report card: texts, image grid, scores, badge.
 
-Per kind: text-to-image shows the prompt, then the reference image(s) and every candidate
-whose PNG exists, the reranker's winner marked (candidates kept only as VQ codes are
-counted, not drawn: decoding them needs the model); editing shows source -> edit -> target;
-captioning and VQA show the image beside the prediction and the references.
+Per kind: text-to-image shows the prompt, the reference image, then every candidate with its
+rerank score, the chosen one marked: a candidate is drawn from its PNG (--save-candidates), its
+thumbnail (the first samples of a run whose reranker decoded every candidate), or, for the
+chosen one, the output image; any other candidate was kept only as VQ codes and is shown as
+"not saved", never as another image. Editing shows input → output | target on one row;
+captioning and VQA show the image beside the prediction and the references (VQA: the bare
+question, not the prompt template). Retrieved documents are listed with their text, score and
+thumbnail (saved for the report's first samples).
 Per-sample scores are shown on their metric family's scale, the one the metrics table uses.
 """
 
@@ -38,7 +42,7 @@ class SampleView:
     refs_label: str = "references"
     refs: list[dict[str, Any]] = field(default_factory=list)
     badge: dict[str, str] | None = None
-    retrieved: list[str] = field(default_factory=list)
+    retrieved: list[dict[str, Any]] = field(default_factory=list)  # {"text", "score", "figure"}
 
 
 def cut(text: Any, limit: int = MAX_TEXT) -> str:
@@ -87,10 +91,14 @@ def _image_row(s: dict[str, Any], emb: ImageEmbedder, base: Path, order: list[st
     imgs = _images(s)
     roles = [r for r in order if r in imgs] + [r for r in imgs if r not in order]
     figs = [emb.figure(imgs[r], base, caption=str(r)) for r in roles]
-    for j, f in enumerate(figs):
-        f.arrow_before = arrows and j > 0
+    for j, f in enumerate(figs):  # input → output | target: the arrow leads to what was generated
         f.reference = roles[j] in ("target", "reference")
+        f.arrow_before = arrows and j > 0 and roles[j] in _GENERATED
+        f.bar_before = arrows and j > 0 and f.reference
     return figs
+
+
+NOT_SAVED = "not saved (run with --save-candidates)"
 
 
 def _candidate(c: Any) -> tuple[str | None, float | None]:
@@ -104,35 +112,46 @@ def _candidate(c: Any) -> tuple[str | None, float | None]:
     return None, None
 
 
+def _list(x: Any) -> list[Any]:
+    return x if isinstance(x, list) else []
+
+
 def _t2i(s: dict[str, Any], v: SampleView, emb: ImageEmbedder, base: Path) -> None:
     v.fields.append(("prompt", cut(s.get("prompt"))))
     imgs = _images(s)
-    refs = {r: p for r, p in imgs.items() if r not in _GENERATED}
-    for role, rel in refs.items():
-        f = emb.figure(rel, base, caption=f"{role} (reference)")
-        f.reference = True
-        v.figures.append(f)
-    cands = s.get("candidates") if isinstance(s.get("candidates"), list) else []
-    scores = s.get("scores") if isinstance(s.get("scores"), list) else []
+    for role, rel in imgs.items():
+        if role not in _GENERATED:
+            f = emb.figure(rel, base, caption=f"{role} (reference)")
+            f.reference = True
+            v.figures.append(f)
+    cands, scores = _list(s.get("candidates")), _list(s.get("scores"))
+    thumbs, codes = _list(s.get("candidate_thumbnails")), _list((s.get("extra") or {}).get("codes"))
+    n = max(len(cands), len(scores), len(thumbs), len(codes))
+    chosen = next((imgs[r] for r in _EDIT_ORDER if r in _GENERATED and r in imgs), None)
+    if n <= 1:  # one candidate: the output is it
+        path = (_candidate(cands[0])[0] if cands else None) or chosen
+        if path is not None:
+            v.figures.append(emb.figure(path, base, caption="generated"))
+        return
     best = s.get("best")
-    drawn = 0
-    for i, c in enumerate(cands):
-        path, score = _candidate(c)
-        if score is None and i < len(scores):
-            score = finite(scores[i])
+    for j in range(n):
+        path, score = _candidate(cands[j]) if j < len(cands) else (None, None)
+        if score is None and j < len(scores):
+            score = finite(scores[j])
+        path = path or (thumbs[j] if j < len(thumbs) and isinstance(thumbs[j], str) else None)
+        winner = best == j
+        path = path or (chosen if winner else None)
+        cap = f"#{j} · score {fmt(score) if score is not None else '?'}" + (" ★ chosen" if winner else "")
         if path is None:
-            continue
-        winner = len(cands) > 1 and best == i
-        cap = f"#{i}" + (f" · {fmt(score)}" if score is not None else "") + (" ★ reranked best" if winner else "")
-        v.figures.append(emb.figure(path, base, caption=cap, winner=winner))
-        drawn += 1
-    if drawn == 0:  # the chosen image only (or no candidates list at all)
-        for role in (r for r in imgs if r in _GENERATED):
-            v.figures.append(emb.figure(imgs[role], base, caption=role + (" ★ chosen" if len(cands) > 1 else ""),
-                                        winner=len(cands) > 1))
-    if len(cands) > 1 and drawn < len(cands):
-        v.grid_note = (f"{len(cands)} candidates generated, {drawn} saved as PNG; the others are kept as VQ codes "
-                       "in the sample line (drawing them needs the model's decoder)")
+            f = Figure(cap, "", problem=NOT_SAVED)
+        else:
+            f = emb.figure(path, base, caption=cap, winner=winner)
+        f.winner = winner
+        v.figures.append(f)
+    saved = sum(f.uri is not None for f in v.figures if not f.reference)
+    if saved < n:
+        v.grid_note = (f"{n} candidates generated, {saved} shown as images; the others were kept only as VQ "
+                       "codes in the sample line (run with --save-candidates to save every candidate)")
 
 
 def _vqa_badge(s: dict[str, Any]) -> dict[str, str] | None:
@@ -168,7 +187,12 @@ def build_card(s: dict[str, Any], emb: ImageEmbedder, base: Path, factors: dict[
         _t2i(s, v, emb, base)
     elif kind == "vqa":
         v.figures = _image_row(s, emb, base, ["image"])
-        v.fields += [("question", cut(s.get("prompt"))), ("answer", cut(pred))]
+        question = (s.get("input") or {}).get("text") if isinstance(s.get("input"), dict) else None
+        v.fields += [("question", cut(question or s.get("prompt"))), ("answer", cut(pred))]
+        meta = s.get("meta") if isinstance(s.get("meta"), dict) else {}
+        kinds = [f"{k.replace('_', ' ')} {meta[k]}" for k in ("question_type", "answer_type") if meta.get(k)]
+        if kinds:
+            v.fields.append(("type", " · ".join(kinds)))
         v.badge = _vqa_badge(s)
         p = _norm(str(pred or ""))
         v.refs_label = "ground-truth answers"
@@ -186,6 +210,17 @@ def build_card(s: dict[str, Any], emb: ImageEmbedder, base: Path, factors: dict[
         v.fields += [("prompt", cut(s.get("prompt"))), ("prediction", cut(pred))]
         v.refs = [{"text": cut(r, 500), "match": False} for r in _refs(s)]
         v.figures = _image_row(s, emb, base)
-    docs = s.get("retrieved")
-    v.retrieved = [cut(_ref_text(d), 300) for d in docs] if isinstance(docs, list) else []
+    v.retrieved = [_document(d, emb, base) for d in _list(s.get("retrieved"))]
     return v
+
+
+def _document(d: Any, emb: ImageEmbedder, base: Path) -> dict[str, Any]:
+    """A retrieved document: its text, retrieval score and thumbnail (or why there is none)."""
+    if not isinstance(d, dict):
+        return {"text": cut(_ref_text(d), 300), "score": "", "figure": None, "note": ""}
+    thumb = d.get("thumbnail")
+    fig = emb.figure(thumb, base, caption=str(d.get("id") or "")) if isinstance(thumb, str) else None
+    note = "" if fig is not None or not d.get("image") else f"image {d['image']} (thumbnail not saved)"
+    score = finite(d.get("score"))
+    return {"text": cut(_ref_text(d), 300), "score": fmt(score) if score is not None else "", "figure": fig,
+            "note": note}

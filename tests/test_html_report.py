@@ -177,7 +177,7 @@ def test_images_embedded_and_capped(report_html):
 
 def test_sample_galleries_by_kind(report_html):
     assert report_html.count('<figure class="winner">') == 3  # one per multi-candidate t2i sample
-    assert "★ reranked best" in report_html
+    assert "#1 · score 0.9 ★ chosen" in report_html and "#2 · score 0.3</figcaption>" in report_html
     assert "a red circle 0" in report_html
     assert '<span class="ok">correct (100%)</span>' in report_html
     assert '<span class="bad">incorrect (0%)</span>' in report_html
@@ -263,7 +263,10 @@ def test_one_scale_per_metric_family(report_html):
 
 def test_edit_grid_source_edit_target(report_html):
     card = report_html.split("make the circle green", 1)[1].split("</article>", 1)[0]
-    assert card.count('<span class="arrow">→</span>') == 2
+    # input → output | target, on one row
+    assert card.count('<span class="arrow">→</span>') == 1 and card.count('<span class="bar"') == 1
+    assert card.index("source</figcaption>") < card.index('class="arrow"') < card.index("generated</figcaption>") \
+        < card.index('class="bar"') < card.index("target</figcaption>")
     assert '<figure class="reference"><img' in card  # the target is the ground truth
 
 
@@ -292,10 +295,14 @@ def test_t2i_grid_shows_reference_then_candidates_and_codes_only_candidates(tmp_
     html = render_run_report(_one_task_run(tmp_path, "t2i", [with_pngs, codes_only], entry))
     first = html.split("a dog", 1)[1].split("</article>", 1)[0]
     assert first.index('<figure class="reference">') < first.index('<figure class="winner">')
-    assert first.count("<figure") == 3 and "#1 · 0.7 ★ reranked best" in first
+    assert first.count("<figure") == 3 and "#1 · score 0.7 ★ chosen" in first and "#0 · score 0.2<" in first
+    # 8 candidates kept as VQ codes: each listed with its score; the chosen one is the output image,
+    # the others say they were not saved (never another image in their place)
     second = html.split("a cat", 1)[1].split("</article>", 1)[0]
-    assert "8 candidates generated, 0 saved as PNG" in second and "generated ★ chosen" in second
-    assert second.count("<img") == 2  # the reference and the chosen image: what exists as PNG
+    assert second.count("<figure") == 1 + 8 and second.count("<img") == 2  # the reference and the chosen one
+    assert second.count("not saved (run with --save-candidates)") == 7
+    assert "#3 · score 0.3 ★ chosen" in second and "#7 · score 0.7" in second
+    assert "8 candidates generated, 1 shown as images" in second
 
 
 def test_no_metrics_says_why(tmp_path):
