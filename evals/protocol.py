@@ -19,8 +19,10 @@ from cm3leon.errors import Cm3evalError
 from tasks.loaders import Sample
 from tasks.spec import TaskSpec
 
-RESULT_KEYS = frozenset({"prediction", "prompt", "images", "candidates", "scores", "best", "retrieved", "failure",
-                         "extra"})
+# candidates: images saved as full PNGs (--save-candidates); candidate_images: the ones decoded anyway
+# (for a CLIP reranker), of which the report's first samples keep small thumbnails (evals/records.py)
+RESULT_KEYS = frozenset({"prediction", "prompt", "images", "candidates", "candidate_images", "scores", "best",
+                         "retrieved", "failure", "extra"})
 
 
 @dataclass

@@ -105,7 +105,7 @@ _FAMILIES: list[tuple[re.Pattern[str], Family]] = [
     (re.compile(r"^(FID|FD-.+|FD_.+)$"), Family("frechet", 1.0, "Frechet distance in feature space")),
     (re.compile(r"^KID$"), Family("kid", 1.0, "kernel inception distance")),
     (re.compile(r"^CLIPScore$"), Family("clipscore", 1.0, "CLIPScore = w * max(cos, 0), w as recorded")),
-    (re.compile(r"^(CLIP-I|CLIP-T|CLIP-img|CLIP-dir|DINO)$"), Family("similarity", 1.0, "cosine similarity (-1..1)")),
+    (re.compile(r"^(CLIP-I|CLIP-T|CLIP-img|CLIP-dir|DINO|DEMO-I|DEMO-T)$"), Family("similarity", 1.0, "cosine similarity (-1..1)")),
     (re.compile(r"^(L1|L2 \(MSE\)|L2|MSE)$"), Family("pixel", 1.0, "pixel error on [0,1] RGB")),
 ]
 

@@ -121,7 +121,7 @@ def _t2i(s: dict[str, Any], v: SampleView, emb: ImageEmbedder, base: Path) -> No
     imgs = _images(s)
     for role, rel in imgs.items():
         if role not in _GENERATED:
-            f = emb.figure(rel, base, caption=f"{role} (reference)")
+            f = emb.figure(rel, base, caption=role if role == "reference" else f"{role} (reference)")
             f.reference = True
             v.figures.append(f)
     cands, scores = _list(s.get("candidates")), _list(s.get("scores"))

@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None, *, predictor_factory: PredictorFacto
     try:
         # standalone mode: typer formats its own usage errors (exit 2) and ends every command,
         # successful or not, with SystemExit carrying the code
-        app(args=args, prog_name="cm3eval", standalone_mode=True, obj={"predictor_factory": predictor_factory})
+        app(args=args, prog_name="cm3eval", standalone_mode=True,
+            obj={"predictor_factory": predictor_factory, "argv": ["cm3eval", *args]})  # the command as given
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             return int(e.code or 0)

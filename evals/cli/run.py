@@ -218,7 +218,8 @@ def run(
 
     _setup_logging()
     check_device(device, dtype, tp)
-    factory = (ctx.find_root().obj or {}).get("predictor_factory")
+    obj = ctx.find_root().obj or {}
+    factory = obj.get("predictor_factory")
     shorthands = dict(retrieval_k=retrieval_k, cfg_scale=cfg_scale, cdk_alpha=cdk_alpha, candidates=candidates,
                       limit=limit)
     plan = build_plan(RunRequest(tuple(names), tuple(set_), tuple(sweep), shorthands, model, data_root, out, vq,
@@ -227,14 +228,15 @@ def run(
     if plan.disk is not None and os.environ.get("RANK", "0") == "0":  # once per torchrun job, not per rank
         typer.echo(plan.disk.describe(), err=True)  # before anything loads: the run may take hours
     code = execute(plan, PredictorSettings(plan.model, device, dtype, batch_size, vq, compile_, tp, save_candidates),
-                   factory, overwrite=overwrite, data_root=data_root, as_json=json_)
+                   factory, overwrite=overwrite, data_root=data_root, as_json=json_, argv=obj.get("argv"))
     if code:
         raise typer.Exit(code)
 
 
 def execute(plan: Any, settings: PredictorSettings, factory: Callable[..., Any] | None, *, overwrite: bool,
-            data_root: Path | None, as_json: bool) -> int:
-    """Load the model once, run every sweep point's tasks, write the views, return the exit code."""
+            data_root: Path | None, as_json: bool, argv: list[str] | None = None) -> int:
+    """Load the model once, run every sweep point's tasks, write the views, return the exit code.
+    argv: the command recorded in metrics.json (default: this process's)."""
     from evals import engine
     from evals.dist import init_distributed
 
@@ -249,7 +251,7 @@ def execute(plan: Any, settings: PredictorSettings, factory: Callable[..., Any] 
         for batch, specs in batch_groups(run_plan.specs, predictor, settings.batch_size):
             opts = engine.RunOptions(out=run_plan.out, data_root=data_root, batch_size=batch, overwrite=overwrite,
                                      device=settings.device, dtype=settings.dtype, model_name=plan.model,
-                                     model_path=model_path, overrides=run_plan.overrides, argv=list(sys.argv),
+                                     model_path=model_path, overrides=run_plan.overrides, argv=list(argv or sys.argv),
                                      label=", ".join(f"{k}={v}" for k, v in run_plan.point.items()))
             results.update(engine.run(specs, predictor, opts, dist))
         if dist.rank == 0:
