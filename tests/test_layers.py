@@ -74,7 +74,8 @@ def _imports(module: str, path: Path) -> set[str]:
                     prefix = child.module or ""
                 for alias in child.names:
                     found.add(f"{prefix}.{alias.name}")  # `from pkg import mod` imports pkg.mod
-                found.add(prefix)
+                if not all(f"{prefix}.{a.name}" in MODULES for a in child.names):
+                    found.add(prefix)  # a name the package (its __init__) defines
             visit(child)
 
     visit(tree)

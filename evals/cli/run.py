@@ -237,6 +237,17 @@ def execute(plan: Any, settings: PredictorSettings, factory: Callable[..., Any] 
             data_root: Path | None, as_json: bool, argv: list[str] | None = None) -> int:
     """Load the model once, run every sweep point's tasks, write the views, return the exit code.
     argv: the command recorded in metrics.json (default: this process's)."""
+    all_results = run_plans(plan, settings, factory, overwrite=overwrite, data_root=data_root, argv=argv)
+    if all_results is None:  # not rank 0: rank 0 reports
+        return 0
+    print_results(all_results, as_json)
+    return verdict(all_results, plan.max_failures)
+
+
+def run_plans(plan: Any, settings: PredictorSettings, factory: Callable[..., Any] | None, *, overwrite: bool,
+              data_root: Path | None, argv: list[str] | None = None) -> dict[str, dict[str, Any]] | None:
+    """The run itself, shared by `cm3eval run` and `evals.evaluate`: {run folder: {task: TaskResult}}
+    after every sweep point ran and its views were written; None on ranks other than 0."""
     from evals import engine
     from evals.dist import init_distributed
 
@@ -258,10 +269,9 @@ def execute(plan: Any, settings: PredictorSettings, factory: Callable[..., Any] 
             record_protocols(run_plan, results)
         all_results[str(run_plan.out)] = results
     if dist.rank != 0:
-        return 0
+        return None
     write_views([r.out for r in plan.runs], plan.runs[0].out.parent if len(plan.runs) > 1 else plan.runs[0].out)
-    print_results(all_results, as_json)
-    return verdict(all_results, plan.max_failures)
+    return all_results
 
 
 def batch_groups(specs: list[Any], predictor: Any, batch_size: int | None) -> list[tuple[int, list[Any]]]:
