@@ -31,7 +31,7 @@ import numpy as np
 from evals.metrics.result import bootstrap_ci
 from reports import protocol
 from reports.errors import CompareRefused, InconsistentRun, ReportError
-from reports.format import direction_arrow, finite, fmt, md_cell, recorded_direction
+from reports.format import direction_arrow, finite, fmt, md_cell, metric_label, recorded_direction, shown
 from reports.persample import mean_scale, per_sample
 from reports.rundata import load_metrics, load_samples, load_task_config
 
@@ -354,12 +354,15 @@ def to_markdown(result: Comparison | list[Verdict], base_dir: Path | str | None 
     if cmp.verdicts:
         lines += ["| task | metric | base | new | Δ | 95% CI of Δ | tolerance | verdict | note |",
                   "|---|---|---:|---:|---:|---|---:|---|---|"]
-    for v in cmp.verdicts:
-        ci = f"[{fmt(v.ci_low)}, {fmt(v.ci_high)}] ({v.ci_method})" if v.ci_low is not None else "–"
-        delta = f"{v.delta:+.4g}" if v.delta is not None else "–"
+    for v in cmp.verdicts:  # on the metric's display scale (reports.format.family), named in the metric cell
+        def show(x: Any, m: str = v.metric) -> str:
+            return fmt(shown(m, x))
+
+        ci = f"[{show(v.ci_low)}, {show(v.ci_high)}] ({v.ci_method})" if v.ci_low is not None else "–"
+        delta = f"{shown(v.metric, v.delta):+.4g}" if v.delta is not None else "–"
         verdict = f"**{v.verdict.upper()}**" if v.verdict in FAILING else v.verdict
-        lines.append(f"| {md_cell(v.task)} | {md_cell(v.metric)} {direction_arrow(v.higher_is_better)} | "
-                     f"{fmt(v.base)} | {fmt(v.new)} | {delta} | {md_cell(ci)} | {fmt(v.tolerance) or '0'} | "
+        lines.append(f"| {md_cell(v.task)} | {md_cell(metric_label(v.metric))} {direction_arrow(v.higher_is_better)} | "
+                     f"{show(v.base)} | {show(v.new)} | {delta} | {md_cell(ci)} | {show(v.tolerance) or '0'} | "
                      f"{verdict} | {md_cell(v.note)} |")
     lines += ["", "A regression is a metric worse by more than its tolerance with the CI of the delta "
               "excluding zero (↑ higher is better, ↓ lower is better, as recorded in metrics.json; ? not "

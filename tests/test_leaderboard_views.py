@@ -88,3 +88,12 @@ def test_a_decoding_mode_that_changes_tokens_is_a_deviation(tmp_path, decoding, 
     (run / "vqav2" / "config.json").write_text(json.dumps(cfg))
     row = leaderboard(collect_runs([run])).query("source == 'measured'").iloc[0]
     assert ("decoding jacobi" in row.notes) is marked
+
+
+def test_compare_prints_caption_metrics_on_the_same_scale():
+    from reports.compare import Verdict, to_markdown
+
+    v = Verdict("coco-caption", "CIDEr", 1.20, 1.25, 0.05, 0.01, 0.09, "paired bootstrap", 500, 0.0, True,
+                "improvement")
+    row = next(line for line in to_markdown([v], "a", "b").splitlines() if line.startswith("| coco-caption"))
+    assert "CIDEr (x100) ↑" in row and r"| 120 | 125 | +5 | \[1, 9\] (paired bootstrap)" in row
