@@ -369,7 +369,8 @@ def merge_task_metrics(run_dir: Path, run_meta: dict[str, Any], entries: dict[st
             old_run = old["run"] if isinstance(old.get("run"), dict) else {}
         except RunFolderError as e:
             log.warning("%s; rewriting it with this run's tasks only", e)
-        data["run"] = {**run_meta, "commands": _commands(old_run, run_meta)}
+        commands = _commands(old_run, run_meta)
+        data["run"] = {**run_meta, **({"commands": commands} if commands else {})}
         data["tasks"].update(entries)
         atomic_write_json(path, data)
     finally:
