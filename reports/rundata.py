@@ -2,8 +2,8 @@
 
 evals.runs owns the files and their torn-line rule; this module adds what the views need on
 top: metrics.json checked for the fields they use, samples as a list, and `discover_runs`,
-which turns command-line paths into finished runs (a sweep parent expands to its points;
-folders that are not finished runs are listed with the reason, not fatal).
+which turns command-line paths into runs, finished or started (a sweep parent expands to its
+points; folders that are neither are listed with the reason, not fatal).
 """
 
 from __future__ import annotations
@@ -24,12 +24,23 @@ def _read(fn: Any, *args: Any) -> Any:
         raise ReportError(str(e)) from None
 
 
-def load_metrics(run_dir: Path | str) -> dict[str, Any]:
-    """metrics.json of a run, checked for the fields the reports use."""
+def is_started_run(path: Path | str) -> bool:
+    """A run folder with a task folder (its config.json) and no finished task: still running, or
+    stopped before any task was scored. The leaderboard lists its tasks as in progress."""
+    path = Path(path)
+    return path.is_dir() and not runs.is_finished_run(path) and any(
+        p.is_dir() and (p / runs.CONFIG).is_file() for p in path.iterdir())
+
+
+def load_metrics(run_dir: Path | str, *, started: bool = False) -> dict[str, Any]:
+    """metrics.json of a run, checked for the fields the reports use. started=True: a started
+    run without one reads as no finished task ({"run": {}, "tasks": {}})."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: not a run folder (no such directory)")
     path = run_dir / runs.METRICS
+    if started and not path.is_file() and is_started_run(run_dir):
+        return {"run": {}, "tasks": {}}
     if not path.is_file():
         raise ReportError(f"{path}: file not found (not a finished run)")
     data = _read(runs.read_json, path)
@@ -114,12 +125,12 @@ def discover_runs(paths: Iterable[Path | str]) -> Discovered:
             found.skipped.append((p, "not a folder"))
             continue
         kids = _child_runs(p)
-        if runs.is_finished_run(p):
+        if runs.is_finished_run(p) or is_started_run(p):
             take(p)
         elif not kids:
             found.skipped.append((p, _why_not_a_run(p)))
         for k in kids:
-            if runs.is_finished_run(k):
+            if runs.is_finished_run(k) or is_started_run(k):
                 take(k)
             else:
                 found.skipped.append((k, _why_not_a_run(k)))

@@ -145,12 +145,13 @@ def _task_rows(label: str, run_dir: Path, run_meta: dict[str, Any], task: str, e
 
 
 def collect_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
-    """One row per (run, task, metric); settings columns from each task's config overrides.
-    Every path must be a finished run (reports.rundata.discover_runs picks them)."""
+    """One row per (run, task, metric); settings columns from each task's config overrides; a task
+    without a metric value (failed, in progress) gets one row with metric "". Every path must be a
+    run, finished or started (reports.rundata.discover_runs picks them)."""
     paths = [Path(p) for p in paths]
     rows: list[dict[str, Any]] = []
     for run_dir, label in zip(paths, _run_labels(paths)):
-        data = load_metrics(run_dir)
+        data = load_metrics(run_dir, started=True)
         for task, entry in data["tasks"].items():
             rows += _task_rows(label, run_dir, data.get("run") or {}, task, entry)
         for task in _unfinished_tasks(run_dir, data["tasks"]):

@@ -97,3 +97,31 @@ def test_compare_prints_caption_metrics_on_the_same_scale():
                 "improvement")
     row = next(line for line in to_markdown([v], "a", "b").splitlines() if line.startswith("| coco-caption"))
     assert "CIDEr (x100) ↑" in row and r"| 120 | 125 | +5 | \[1, 9\] (paired bootstrap)" in row
+
+
+def test_the_command_lists_every_run_of_a_runs_folder_marked(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from reports import cli as reports_cli
+
+    runs = tmp_path / "runs"
+    vqa_run(runs / "full", "zoo/full", 60.0)
+    vqa_run(runs / "partial", "zoo/partial", 90.0, failed=1)
+    vqa_run(runs / "dead", "zoo/dead", None, failed=4)
+    started = runs / "started" / "vqav2"  # killed before its first task was scored: no metrics.json
+    started.mkdir(parents=True)
+    (started / "config.json").write_text(json.dumps({"task": {"name": "vqav2"}, "model": "zoo/started"}))
+    (runs / "empty").mkdir()
+    app = typer.Typer()
+    app.command("leaderboard")(reports_cli.leaderboard)
+    app.command("report")(reports_cli.report)
+    r = CliRunner().invoke(app, ["leaderboard", *map(str, sorted(runs.iterdir())), "--no-baselines"])
+    assert r.exit_code == 0, r.output
+    rows = [line for line in r.output.split("## vqav2", 1)[1].split("##", 1)[0].splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[1] for row in rows[1:]] == ["full", "partial", "dead", "started"]
+    assert "| full | complete | 1 | 60 |" in rows[1]
+    assert "| partial | partial |  | 90 |" in rows[2] and "1 of 4 samples failed" in rows[2]
+    assert "| dead | failed |" in rows[3] and "4 of 4 samples failed" in rows[3]
+    assert "| started | in progress |" in rows[4]
+    assert f"skipped {runs / 'empty'}: no metrics.json" in r.output
