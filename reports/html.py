@@ -118,7 +118,8 @@ def metric_families(data: dict[str, Any]) -> list[dict[str, Any]]:
     for task, entry in data["tasks"].items():
         for name, m in (entry.get("metrics") or {}).items():
             fam = family(name)
-            g = groups.setdefault(fam.name, {"label": f"{fam.name.split(':')[0]}: {fam.scale}", "rows": []})
+            key = fam.name.split(":")[0]  # metrics without a family share one "other: as recorded" group
+            g = groups.setdefault(key, {"label": f"{key}: {fam.scale}", "rows": []})
             value, ci = _metric_cells(m, name)
             g["rows"].append([task, name, value, ci, fmt(m.get("n")), direction_word(recorded_direction(m))])
     return list(groups.values())

@@ -59,11 +59,22 @@ def to_markdown(lb: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
+_TEX_SYMBOLS = {"†": r"$^\dagger$", "↑": r"$\uparrow$", "↓": r"$\downarrow$"}
+
+
+def _tex(x: Any) -> str:
+    """A cell escaped for LaTeX, with the table's symbols (dagger, direction arrows) as math."""
+    s = latex_cell(x)
+    for symbol, tex in _TEX_SYMBOLS.items():
+        s = s.replace(symbol, tex)
+    return s
+
+
 def _latex_table(headers: list[str], rows: list[list[Any]], numeric: set[int], caption: str) -> list[str]:
     spec = "".join("r" if i in numeric else "l" for i in range(len(headers)))
     out = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_cell(caption)}}}", rf"\begin{{tabular}}{{{spec}}}",
-           r"\toprule", " & ".join(latex_cell(h) for h in headers) + r" \\", r"\midrule"]
-    out += [" & ".join(latex_cell(c).replace("†", r"$^\dagger$") for c in row) + r" \\" for row in rows]
+           r"\toprule", " & ".join(_tex(h) for h in headers) + r" \\", r"\midrule"]
+    out += [" & ".join(_tex(c) for c in row) + r" \\" for row in rows]
     out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return out
 

@@ -62,7 +62,8 @@ def test_partial_and_failed_runs_are_marked_and_never_ranked_above_a_complete_on
     assert "| dead | failed |" in md and "| partial | partial |  | 90 |" in md and "in progress" in md
     html = paths[2].read_text()
     assert '<tr class="measured partial">' in html and '<tr class="measured failed">' in html
-    assert "dead" in to_latex(lb)
+    tex = to_latex(lb)
+    assert "dead" in tex and r"accuracy (\%) $\uparrow$" in tex and "↑" not in tex.split("\n", 2)[2]
 
 
 def test_every_caption_metric_on_one_scale_with_its_unit(tmp_path):
