@@ -251,7 +251,8 @@ def task_tables(lb: pd.DataFrame) -> list[TaskTable]:
         headers = ["model", "run", "status", "rank", *(f"{metric_label(m)} {direction_arrow(hib[m])}" for m in order),
                    "protocol deviations and notes"]
         out, classes = [], []
-        for (source, _), e in entries.items():
+        blocks = sorted(entries.items(), key=lambda kv: _group(kv[0][0], kv[1]["row"].get("status")))
+        for (source, _), e in blocks:  # complete runs (ranked), the other runs, then the papers
             r = e["row"]
             status = str(r.get("status") or ("published" if source == "published" else "complete"))
             rank = r.get("rank") if r.get("metric") == primary else None

@@ -55,6 +55,9 @@ def test_partial_and_failed_runs_are_marked_and_never_ranked_above_a_complete_on
     assert vqa["rank"].tolist()[:2] == [1, 2] and vqa["rank"].isna().tolist()[2:] == [True, True]
     assert vqa.status.tolist() == ["complete", "complete", "partial", "failed"]
     assert "1 of 4 samples failed" in vqa.notes.iloc[2] and "4 of 4 samples failed" in vqa.notes.iloc[3]
+    (vqa_table,) = [t for t in task_tables(leaderboard(collect_runs([full, partial, dead]))) if t.task == "vqav2"]
+    statuses = [r[2] for r in vqa_table.rows]  # every run above the papers' rows, complete ones first
+    assert statuses[:3] == ["complete", "partial", "failed"] and set(statuses[3:]) == {"published"}
     ok = lb[lb.task == "okvqa"]
     assert ok.status.tolist() == ["in progress"] and ok.metric.tolist() == [""]
     paths = write_leaderboard(lb, tmp_path / "lb", ["csv", "md", "html", "tex"])
