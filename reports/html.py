@@ -28,7 +28,7 @@ from evals import runs
 from evals.provenance import flatten  # the one dotted-key flattening (config diffs use it too)
 from reports import protocol
 from reports.baselines import deviations, load_baselines
-from reports.format import direction_word, family, finite, fmt, fmt_ci, recorded_direction
+from reports.format import direction_word, family, finite, fmt, fmt_ci, metric_label, recorded_direction
 from evals.records import REPORT_SAMPLES
 from reports.images import DEFAULT_IMAGE_MAX_SIDE, ImageEmbedder
 from reports.runtable import collect_runs, find_sweeps
@@ -149,21 +149,28 @@ def breakdowns(entry: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def charts(df: Any) -> list[Chart]:
-    """One line chart per sweep found in a collect_runs() / leaderboard() frame."""
+    """One line chart per sweep found in a collect_runs() / leaderboard() frame, on the metric's
+    display scale (a leaderboard() frame is on it already: its `scale` column says so)."""
     out = []
     for sw in find_sweeps(df):
+        factor = 1.0 if "scale" in df.columns else family(sw.metric).factor
+
+        def y(v: Any) -> float | None:
+            v = finite(v)
+            return None if v is None else v * factor
+
         series = []
         for label, rows in sw.series:
-            pts = [Point(float(r["_x"]), float(r["value"]), finite(r["ci_low"]), finite(r["ci_high"]),
-                         tip=f"{r['run']} {r['task']}: {sw.axis}={r['_x']:g} → {sw.metric} {fmt(r['value'])}")
+            pts = [Point(float(r["_x"]), y(r["value"]) if y(r["value"]) is not None else math.nan, y(r["ci_low"]),
+                         y(r["ci_high"]),
+                         tip=f"{r['run']} {r['task']}: {sw.axis}={r['_x']:g} → {sw.metric} {fmt(y(r['value']))}")
                    for r in rows.to_dict("records")]
             series.append(Series(label, pts))
         first = sw.series[0][1]
-        scale = float(first["scale"].iloc[0]) if "scale" in first else 1.0
         hib = next((h for h in first.get("higher_is_better", []) if isinstance(h, bool)), None)
         better = {True: " ↑ better", False: " ↓ better", None: ""}[hib]
         c = line_chart(series, title=f"{sw.task}: {sw.metric} vs {sw.axis}", x_label=sw.axis,
-                       y_label=sw.metric + (f" (x{scale:g})" if scale != 1 else "") + better)
+                       y_label=metric_label(sw.metric) + better)
         if c is not None:
             out.append(c)
     return out

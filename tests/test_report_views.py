@@ -162,3 +162,21 @@ def test_leaderboard_marks_an_n2_vqa_row_in_chromium(run_dir, tmp_path):
             assert not flamingo[col].endswith("†")
         finally:
             browser.close()
+
+
+def test_sweep_plot_on_the_display_scale(tmp_path):
+    from reports.html import charts
+
+    for cider, point in ((1.1, "cfg_scale=1"), (1.3, "cfg_scale=3")):
+        (tmp_path / point / "cap").mkdir(parents=True)
+        (tmp_path / point / "cap" / "config.json").write_text(json.dumps(
+            {"task": {"name": "cap"}, "model": "m", "overrides": {"generation.cfg_scale": float(point[-1])}}))
+        entry = {"metrics": {"CIDEr": {"value": cider, "ci": None, "n": 5, "higher_is_better": True}},
+                 "failures": [], "n_samples": 5}
+        (tmp_path / point / "metrics.json").write_text(json.dumps({"run": {"model": "m"}, "tasks": {"cap": entry}}))
+    runs = [tmp_path / "cfg_scale=1", tmp_path / "cfg_scale=3"]
+    for frame in (collect_runs(runs), leaderboard(collect_runs(runs), baselines=False)):  # raw and scaled frames
+        (chart,) = charts(frame)
+        tips = [m.tip for line in chart.lines for m in line.marks]
+        assert [t.rsplit(" ", 1)[1] for t in tips] == ["110", "130"], tips
+        assert chart.y_label.startswith("CIDEr (x100)")
