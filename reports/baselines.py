@@ -89,12 +89,14 @@ def protocol_gaps(row: dict[str, Any], published: pd.DataFrame) -> list[str]:
     return gaps
 
 
-def own_gaps(row: dict[str, Any]) -> list[str]:
-    """Deviations a row carries whatever the papers state: a --limit subset of the split (the
-    published numbers use the whole split) and a decoding mode that changes the sampled tokens."""
+def own_gaps(row: dict[str, Any], published: pd.DataFrame | None = None) -> list[str]:
+    """Deviations a row carries whatever the papers state: a --limit subset of the split (when
+    the papers' rows state no n to compare with; protocol_gaps compares it otherwise) and a
+    decoding mode that changes the sampled tokens."""
     gaps = []
     limit = None if is_missing(row.get("limit")) else _whole(row.get("limit"))
-    if limit is not None:
+    stated_n = published is not None and "n" in published and any(not is_missing(v) for v in published["n"])
+    if limit is not None and not stated_n:
         gaps.append(f"n={fmt(row.get('n_samples'))}: a --limit {limit} subset (published: the whole split)")
     decoding = row.get("decoding")
     if not is_missing(decoding) and decoding not in ("", "ar"):
@@ -108,4 +110,4 @@ def deviations(row: dict[str, Any], published: pd.DataFrame) -> list[str]:
     if published.empty:
         return own_gaps(row)
     rows = published[(published["task"] == row["task"]) & (published["metric"] == row["metric"])]
-    return (protocol_gaps(row, rows) if not rows.empty else []) + own_gaps(row)
+    return (protocol_gaps(row, rows) if not rows.empty else []) + own_gaps(row, rows)

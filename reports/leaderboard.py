@@ -54,7 +54,7 @@ def _mark_comparability(measured: pd.DataFrame, pub: pd.DataFrame) -> pd.DataFra
     comparable, notes = [], []
     for r, note in zip(measured.to_dict("records"), measured["notes"]):
         rows = pub[(pub["task"] == r["task"]) & (pub["metric"] == r["metric"])] if not pub.empty else pub
-        gaps = (protocol_gaps(r, rows) if not rows.empty else []) + own_gaps(r)
+        gaps = (protocol_gaps(r, rows) if not rows.empty else []) + own_gaps(r, rows)
         comparable.append(not gaps if not (rows.empty and not gaps) else None)
         if gaps:
             note = "; ".join(x for x in (note, "† not the published protocol: " + ", ".join(gaps)) if x)

@@ -121,7 +121,7 @@ def _task_rows(label: str, run_dir: Path, run_meta: dict[str, Any], task: str, e
     entry = entry or {}
     man = protocol.manifest(entry, cfg)
     gen = spec.get("generation") if isinstance(spec.get("generation"), dict) else {}
-    limit = entry.get("limit", spec.get("limit"))
+    limit = flatten(overrides).get("limit")  # --limit / --set limit=; a spec's own limit (FID-30K) is its protocol
     metrics = {n: m for n, m in (entry.get("metrics") or {}).items() if finite(m.get("value")) is not None}
     # a task without a single value still gets a row: a failed run is listed, never dropped
     rows = []

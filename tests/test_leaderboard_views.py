@@ -18,7 +18,8 @@ def vqa_run(folder: Path, model: str, acc: float | None, *, n: int = 4, failed: 
     (folder / "vqav2").mkdir(parents=True)
     spec = {"name": "vqav2", "version": 1, "dataset": {"split": "val2014"}, "prompt": {"k_shot": 0},
             "generation": {"greedy": True}, "limit": limit}
-    (folder / "vqav2" / "config.json").write_text(json.dumps({"task": spec, "model": model, "overrides": {}}))
+    overrides = {"limit": limit} if limit else {}
+    (folder / "vqav2" / "config.json").write_text(json.dumps({"task": spec, "model": model, "overrides": overrides}))
     metrics = {} if acc is None else {"accuracy": {"value": acc, "ci": [acc - 5, acc + 5], "n": n - failed,
                                                    "higher_is_better": True}}
     entry = {"metrics": metrics, "failures": [{"id": f"q{i}", "error": "boom"} for i in range(failed)],
@@ -84,6 +85,15 @@ def test_every_caption_metric_on_one_scale_with_its_unit(tmp_path):
     assert next(r for r in t.rows if r[0] == "Flamingo-9B")[4] == "79.4"
 
 
+def test_a_specs_own_limit_is_its_protocol_not_a_deviation(tmp_path):
+    run = vqa_run(tmp_path / "r", "zoo/m", 50.0, n=2, limit=2)
+    cfg = json.loads((run / "vqav2" / "config.json").read_text())
+    cfg["overrides"] = {}  # limit 2 came with the spec (as coco-fid's 30000 does), not from --limit
+    (run / "vqav2" / "config.json").write_text(json.dumps(cfg))
+    row = leaderboard(collect_runs([run])).query("source == 'measured'").iloc[0]
+    assert "--limit" not in row.notes
+
+
 @pytest.mark.parametrize("decoding,marked", [("ar", False), ("jacobi", True)])
 def test_a_decoding_mode_that_changes_tokens_is_a_deviation(tmp_path, decoding, marked):
     run = vqa_run(tmp_path / "r", "zoo/m", 50.0)
@@ -129,3 +139,22 @@ def test_the_command_lists_every_run_of_a_runs_folder_marked(tmp_path):
     assert "| dead | failed |" in rows[3] and "4 of 4 samples failed" in rows[3]
     assert "| started | in progress |" in rows[4]
     assert f"skipped {runs / 'empty'}: no metrics.json" in r.output
+
+
+def test_a_limit_the_papers_n_covers_is_compared_by_n(tmp_path):
+    """coco-fid's published rows state n=30000: --limit 30000 is the protocol, --limit 4 is n=4."""
+    def fid_run(folder: Path, n: int) -> Path:
+        (folder / "coco-fid").mkdir(parents=True)
+        spec = {"name": "coco-fid", "dataset": {"split": "val2014"}, "generation": {"n_candidates": 8},
+                "retrieval": {"enabled": True, "k": 2}, "prompt": {"k_shot": 0}, "metrics": {"fid": {"resolution": 256}}}
+        (folder / "coco-fid" / "config.json").write_text(json.dumps(
+            {"task": spec, "model": "m", "overrides": {"limit": n}}))
+        entry = {"metrics": {"FID": {"value": 9.0, "ci": None, "n": n, "higher_is_better": False}},
+                 "failures": [], "n_samples": n}
+        (folder / "metrics.json").write_text(json.dumps({"run": {"model": "m"}, "tasks": {"coco-fid": entry}}))
+        return folder
+
+    lb = leaderboard(collect_runs([fid_run(tmp_path / "full", 30000), fid_run(tmp_path / "small", 4)]))
+    meas = lb[lb.source == "measured"].set_index("run")
+    assert meas.loc["full", "comparable"] is True and meas.loc["small", "comparable"] is False
+    assert "n=4 (published: 30000)" in meas.loc["small", "notes"] and "--limit" not in meas.loc["small", "notes"]
