@@ -224,10 +224,24 @@ def _cell(r: dict[str, Any]) -> str:
     return fmt(r["value"]) + (" †" if r.get("comparable") is False else "")
 
 
+def _entries(rows: pd.DataFrame, primary: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """(source, entry label) -> its first row (of the primary metric when it has one), formatted
+    cells per metric and notes, in the frame's order of the primary metric."""
+    entries: dict[tuple[str, str], dict[str, Any]] = {}
+    ranked = rows.assign(_other=[m != primary for m in rows["metric"]]).sort_values("_other", kind="stable")
+    for r in ranked.to_dict("records"):
+        e = entries.setdefault((r["source"], entry_label(r)), {"row": r, "cells": {}, "notes": []})
+        if r["metric"]:
+            e["cells"][r["metric"]] = _cell(r)
+        notes = r.get("notes") if r["source"] == "measured" else r.get("citation")
+        e["notes"] += [p for p in str(notes or "").split("; ") if p and p not in e["notes"]]
+    return entries
+
+
 def task_tables(lb: pd.DataFrame) -> list[TaskTable]:
-    """The leaderboard() frame as one table per task: rows in the frame's order of the task's
-    primary metric (complete runs ranked, then the others marked, then the papers), a column
-    per metric headed by its name, scale and direction arrow, and the row's status and notes."""
+    """The leaderboard() frame as one table per task: complete runs ranked by the task's primary
+    metric, then the other runs (marked), then the papers; a column per metric headed by its name,
+    scale and direction arrow; the row's status, rank and notes (deviations)."""
     tables = []
     measured = set(lb.loc[lb["source"] == "measured", "task"])
     for task, rows in lb.groupby("task", sort=False):
@@ -235,29 +249,19 @@ def task_tables(lb: pd.DataFrame) -> list[TaskTable]:
             continue
         metrics = [m for m in dict.fromkeys(rows["metric"]) if m]
         primary = _primary_metric(rows, metrics)
+        order = ([primary] if primary else []) + [m for m in metrics if m != primary]
         hib = {m: next((h for h in rows.loc[rows["metric"] == m, "higher_is_better"] if isinstance(h, bool)), None)
-               for m in metrics}
-        order = [m for m in [primary] + metrics if m][:1] + [m for m in metrics if m != primary]
-        entries: dict[tuple[str, str], dict[str, Any]] = {}
-        ranked = rows.assign(_first=[m != primary for m in rows["metric"]]).sort_values("_first", kind="stable")
-        for r in ranked.to_dict("records"):
-            e = entries.setdefault((r["source"], entry_label(r)), {"row": r, "cells": {}, "notes": []})
-            if r["metric"]:
-                e["cells"][r["metric"]] = _cell(r)
-            notes = r.get("notes") if r["source"] == "measured" else r.get("citation")
-            for part in str(notes or "").split("; "):
-                if part and part not in e["notes"]:
-                    e["notes"].append(part)
+               for m in order}
         headers = ["model", "run", "status", "rank", *(f"{metric_label(m)} {direction_arrow(hib[m])}" for m in order),
                    "protocol deviations and notes"]
         out, classes = [], []
-        blocks = sorted(entries.items(), key=lambda kv: _group(kv[0][0], kv[1]["row"].get("status")))
-        for (source, _), e in blocks:  # complete runs (ranked), the other runs, then the papers
+        entries = _entries(rows, primary)
+        for (source, _), e in sorted(entries.items(), key=lambda kv: _group(kv[0][0], kv[1]["row"].get("status"))):
             r = e["row"]
             status = str(r.get("status") or ("published" if source == "published" else "complete"))
             rank = r.get("rank") if r.get("metric") == primary else None
             out.append([str(r.get("model") or ""), str(r.get("run") or ""), status,
-                        "" if is_missing(rank) or rank is None else str(int(rank)),
+                        "" if rank is None or is_missing(rank) else str(int(rank)),
                         *(e["cells"].get(m, "") for m in order), "; ".join(e["notes"])])
             classes.append(source if source == "published" else f"measured {status.replace(' ', '-')}")
         tables.append(TaskTable(str(task), headers, out, classes, set(range(3, 4 + len(order)))))
