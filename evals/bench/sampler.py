@@ -80,7 +80,7 @@ def _vs_transformers(res: dict, hf, model, cfg, dev, new_tokens: int, hf_batch: 
     with torch.no_grad():
         ref = hf.generate(**hf_kwargs)[:, T:].tolist()
     identical = True
-    for gen, row in zip(sampler.generate(reqs, greedy, batch_size=hf_batch), ref):
+    for gen, row in zip(sampler.generate(reqs, greedy, prompts_per_step=hf_batch), ref):
         expected = []
         for t in row:
             if t in sampler.stop_set:
@@ -89,7 +89,7 @@ def _vs_transformers(res: dict, hf, model, cfg, dev, new_tokens: int, hf_batch: 
         identical &= gen.output == expected
     no_stop = _no_stop_sampler(model, cfg, compile)
     t_hf = median_time(lambda: hf.generate(**hf_kwargs), dev, repeats)
-    t_ours = median_time(lambda: no_stop.generate(reqs, greedy, batch_size=hf_batch), dev, repeats)
+    t_ours = median_time(lambda: no_stop.generate(reqs, greedy, prompts_per_step=hf_batch), dev, repeats)
     n_tokens = hf_batch * new_tokens
     res.update(identical_greedy_tokens=bool(identical), transformers_tokens_per_s=n_tokens / t_hf,
                tokens_per_s=n_tokens / t_ours, speedup_vs_transformers=t_hf / t_ours, batch_for_speedup=hf_batch)
@@ -106,7 +106,7 @@ def _vs_minimal_loop(res: dict, model, cfg, dev, batches, new_tokens: int, repea
     for b in batches:
         prompts = _prompts(cfg, b, ragged=False)
         ids = torch.tensor(prompts, device=dev)
-        t = paired_step_seconds({"ours": lambda n: sampler.generate(_text(cfg, prompts, n), greedy, batch_size=b),
+        t = paired_step_seconds({"ours": lambda n: sampler.generate(_text(cfg, prompts, n), greedy, prompts_per_step=b),
                                  "minimal": lambda n: minimal(ids, n)}, new_tokens, dev, repeats)
         ours, mini = t["ours"], t["minimal"]
         rows.append({"batch": b, "step_ms": ours * 1e3, "minimal_step_ms": mini * 1e3, "overhead": ours / mini,
@@ -126,14 +126,14 @@ def _batch_table(res: dict, model, cfg, dev, batches, new_tokens: int, repeats: 
         for cfg_scale in (1.0, 3.0):
             s = SamplingConfig(top_p=0.9, cfg_scale=cfg_scale)
             txt, img = _text(cfg, ps, new_tokens, uncond=True), _images(cfg, ps)
-            t = median_time(lambda: sampler.generate(txt, s, batch_size=b), dev, repeats)
-            ti = median_time(lambda: sampler.generate(img, s, batch_size=b), dev, repeats)
+            t = median_time(lambda: sampler.generate(txt, s, prompts_per_step=b), dev, repeats)
+            ti = median_time(lambda: sampler.generate(img, s, prompts_per_step=b), dev, repeats)
             rows.append({"batch": b, "cfg_scale": cfg_scale, "tokens_per_s": b * new_tokens / t,
                          "images_per_s": b / ti, "image_tokens": cfg.image_seq_len})
     res["by_batch"] = rows
     s = SamplingConfig(top_p=0.9, cfg_scale=3.0)
     img = _images(cfg, _prompts(cfg, image_batch))
-    res["images_per_s"] = image_batch / median_time(lambda: sampler.generate(img, s, batch_size=image_batch), dev, repeats)
+    res["images_per_s"] = image_batch / median_time(lambda: sampler.generate(img, s, prompts_per_step=image_batch), dev, repeats)
     res["images_per_s_batch"] = image_batch
 
 
@@ -160,7 +160,7 @@ def _roofline(res: dict, model, cfg, dev, new_tokens: int, repeats: int, compile
 
     sampler, greedy = _no_stop_sampler(model, cfg, compile), SamplingConfig(greedy=True)
     p = _prompts(cfg, 1)
-    run = lambda n: sampler.generate(_text(cfg, p, n), greedy, batch_size=1)  # noqa: E731
+    run = lambda n: sampler.generate(_text(cfg, p, n), greedy, prompts_per_step=1)  # noqa: E731
     step_s = paired_step_seconds({"ours": run}, new_tokens, dev, repeats)["ours"]
     bw, weights = measure_bandwidth(dev), param_bytes(model)
     roofline_s = weights / bw  # bw counts bytes moved per second (read + write); a step reads each weight once
