@@ -8,6 +8,8 @@ and images/s across batch sizes with and without CFG, images/s with CFG at batch
 over a minimal gpt-fast-style loop on the same weights (`overhead_vs_minimal_loop`), eager aten
 ops and host reads per step, peak memory, and the decode-step roofline (weight bytes / measured
 memory bandwidth). Every timing is the median of `--repeats` runs after a warm-up.
+`--geometry coco-fid` instead runs the paper's FID prompt geometry through the previous engine and
+the library's sampler side by side and reports counters (evals/bench/sampler_geometry.py).
 """
 
 from __future__ import annotations
@@ -197,9 +199,13 @@ def run_bench(size: str | None = "small", batches: tuple[int, ...] = (1, 8, 32),
         from evals.bench.sampler_models import load_imported
 
         cfg, model, hf = load_imported(size, dev, torch_dtype)
+    from cm3leon.attention import prefill_backend
+
     res: dict = {"size": size if config is None else None, "config": config, "device": str(dev), "dtype": dtype,
                  "params": model.num_parameters(), "threads": torch.get_num_threads(), "new_tokens": new_tokens,
-                 "compile": compile, "repeats": repeats, "torch": torch.__version__}
+                 "compile": compile, "repeats": repeats, "torch": torch.__version__,
+                 # the SDPA kernel of a prefix prefill at Chameleon-30B's head shape on this device and dtype
+                 "attention_backend": prefill_backend(dev, torch_dtype)}
     if hf is not None:
         _vs_transformers(res, hf, model, cfg, dev, new_tokens, hf_batch, repeats, compile)
     _vs_minimal_loop(res, model, cfg, dev, batches, new_tokens, repeats, compile)
@@ -224,8 +230,21 @@ def command(
     repeats: int = typer.Option(3, help="timed repeats per measurement (the median is kept)"),
     threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    geometry: str = typer.Option("", help="instead: counters of both engines at a prompt geometry (coco-fid)"),
 ) -> None:
     """Decode speed beside transformers' generate and a minimal loop, host reads, ops, and the roofline."""
+    if geometry:
+        from evals.bench.sampler_geometry import GEOMETRIES, print_geometry, run_geometry
+
+        if geometry not in GEOMETRIES:
+            raise typer.BadParameter(f"unknown geometry {geometry!r}; choose from {', '.join(GEOMETRIES)}")
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        res = run_geometry(geometry)
+        print(json.dumps(res)) if as_json else print_geometry(res)
+        return
     if config and config not in NAMED_CONFIGS:
         raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(NAMED_CONFIGS)}")
     if not config and size not in SIZES:
