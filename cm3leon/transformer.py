@@ -421,8 +421,10 @@ class Transformer(nn.Module):
         of its kind, the row's earlier suffix tokens and its own tokens up to t (causal).
 
         The multi-token append scores many continuations against one prompt's KV (e.g. 100 candidate
-        answers as the rows of one prefix) or verifies drafted tokens. `kv_len` (default: exactly the
-        filled suffix slots) lets a compiled caller attend over a fixed bucket of suffix slots."""
+        answers as the rows of one prefix: `new_prefix_cache([L], 1, 100, T)`, `prefill_prefix`, then one
+        `extend` of the answers right-padded to T; a position's logits never depend on later tokens, so
+        the padding changes none of the real ones) or verifies drafted tokens. `kv_len` (default:
+        exactly the filled suffix slots) lets a compiled caller attend over a fixed bucket of slots."""
         T = tokens.shape[1]
         self.check_extend(cache, T, kv_len)
         logits = self.extend_tensors(tokens, cache, kv_len or cache.length + T, head_weight)
