@@ -3,8 +3,10 @@
 A request is one prompt; it becomes `n_candidates` samples, and each sample becomes one to three
 *streams* that share every sampled token: the conditional prompt, the unconditional prompt
 (classifier-free guidance, CD-K's amateur) and, for InstructPix2Pix-style editing, the
-image-only prompt. All streams of a batch run as rows of ONE left-padded batch over one KV cache
-allocated once.
+image-only prompt. A batch packs `prompts_per_step` whole prompts: P prompts x R rows
+(R = candidates x streams). Each prompt's prefix of each stream kind is prefilled and stored once
+and shared by its candidate rows; each row stores only the tokens it generates
+(cm3leon/attention.py: prefix and suffix attention merged by log-sum-exp).
 
 Randomness is counter-based: a sample draws one uniform number per step from
 hash(seed, candidate, step), so its tokens do not depend on batch size, batch neighbours or
@@ -14,6 +16,10 @@ The loop is prefill -> decode_step x N -> collect. A decode step has static shap
 nothing back to the host: the uniforms are hashed on the device, non-finite logits are recorded
 there and raised after the batch, and text's stop check reads one flag every `SYNC_EVERY` steps,
 so the host queues steps ahead of a GPU and torch.compile (CUDA graphs) captures the step once.
+
+Image mode projects the final hidden state onto the image-code rows of the output weight only,
+from a float32 copy of those rows, so guidance (which multiplies differences of logits) and
+top-p run on float32 logits whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from .errors import Cm3evalError
 from .processors import (apply_guidance, cdk_candidate_mask, cdk_scores, sample_from_logits,  # noqa: F401
                          sample_top_p_prefiltered, top_k_filter)
 from .sampling_config import SamplingConfig  # torch-free (the plan phase imports it alone); the one class
-from .transformer import KVCache, Transformer
+from .attention import PrefixSuffixCache
+from .transformer import Transformer
 
 
 class NonFiniteLogitsError(Cm3evalError, RuntimeError):
@@ -45,11 +52,14 @@ class GenerationRequest:
     max_new_tokens: int = 64  # text only; an image is always exactly image_seq_len codes
     uncond_prompt: list[int] | None = None
     image_cond_prompt: list[int] | None = None
+    # image mode: the image stream's template, one entry per step: -1 = a code the sampler samples,
+    # a token id = forced at that step (sizes, end-of-line, end-of-image). None: image_seq_len codes
+    structure: list[int] | None = None
 
 
 @dataclass
 class Generation:
-    candidates: list[list[int]]  # text: token ids (stop token excluded); image: VQ codes
+    candidates: list[list[int]]  # text: token ids (stop token excluded); image: VQ codes of the free positions
     scores: list[float] | None = None
     best: int = 0
     finished: list[bool] = field(default_factory=list)  # text: stopped on a stop token (not the budget)
@@ -57,34 +67,6 @@ class Generation:
     @property
     def output(self) -> list[int]:
         return self.candidates[self.best]
-
-
-# ----------------------------------------------------------------------------- batch size
-CPU_KV_BUDGET = 1 << 30  # bytes; beyond ~1 GiB of cache a CPU batch stops getting cheaper per sample
-CUDA_KV_SHARE = 0.4  # of the free GPU memory; the rest holds activations, logits and the allocator's slack
-MAX_AUTO_BATCH = 64
-
-
-def auto_batch_size(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    streams: int = 2, cap: int = MAX_AUTO_BATCH, *, seq_len: int | None = None,
-                    tp: int = 1) -> int:
-    """Samples per batch when the user gives none: as many as fit a KV-cache budget.
-
-    A sample's cache holds `streams` rows (cond + uncond for guidance) of `seq_len` positions
-    (default max_seq_len; a caller that knows prompt + budget passes it), so a 7B Chameleon
-    (2 GiB per bf16 row) gets a handful on an 80 GB GPU and the 4M-parameter demo model the cap
-    on a laptop, where small batches would be all Python overhead. With `tp` ranks splitting the
-    KV heads, each rank holds 1/tp of a row."""
-    positions = seq_len if seq_len is not None else cfg.max_seq_len
-    per_row = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * positions * torch.empty((), dtype=dtype).element_size()
-    per_row = max(1, per_row // max(1, tp))
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        free, _total = torch.cuda.mem_get_info(device)
-        budget = CUDA_KV_SHARE * free
-    else:
-        budget = CPU_KV_BUDGET
-    return max(1, min(cap, int(budget // (per_row * streams))))
 
 
 # ----------------------------------------------------------------------------- the decode loop
@@ -123,10 +105,12 @@ class StepPlan:
     n_streams: int
     modality: str
     sampling: SamplingConfig
-    columns: torch.Tensor | None  # image mode: the image token ids (ascending) the step works on
+    columns: torch.Tensor | None  # image mode: the image token ids (ascending) the logits cover
+    head_weight: torch.Tensor | None  # image mode: float32 output rows of `columns` (logits over them only)
     barred: torch.Tensor | None  # text mode: [V] bool, tokens text may not emit
     is_stop: torch.Tensor  # [V] bool: text ends on any of these
     any_cdk: bool
+    forcing: bool  # some sample has structural tokens to force
     prefilter: int | None  # text top-p: candidates kept before the nucleus, None = full sort
     pad_id: int
     static: bool = False  # compiled: logits stay in their buffer (see Sampler._fresh_state)
@@ -134,11 +118,13 @@ class StepPlan:
 
 @dataclass
 class DecodeState:
-    """The device tensors of one batch; every step keeps their shapes."""
+    """The device tensors of one batch; every step keeps their shapes. Rows are stream-major
+    ([cond rows of every sample, uncond rows, ...]); within a stream, sample b = prompt * C + candidate."""
 
-    logits: torch.Tensor  # [rows, V] next-token logits of every stream row
-    cache: KVCache
+    logits: torch.Tensor  # [rows, V] next-token logits of every stream row (image mode: V = image codes)
+    cache: PrefixSuffixCache
     out: torch.Tensor  # [b, budget] long: sampled token ids, -1 where none
+    forced: torch.Tensor  # [b, budget] long: the token forced at each step, -1 where sampled
     done: torch.Tensor  # [b] bool
     stopped: torch.Tensor  # [b] bool: ended on a stop token
     limits: torch.Tensor  # [b] long: each sample's token budget
@@ -148,6 +134,10 @@ class DecodeState:
     bad_step: torch.Tensor  # [rows] long: first step with non-finite logits, -1 if none
     inexact: torch.Tensor  # [1] bool: a prefiltered top-p step could not prove its token
     budget: int
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.logits, self.out, self.forced, self.done, self.stopped, self.limits, self.uniforms,
+                self.cdk_rows, self.step, self.bad_step, self.inexact, *self.cache.tensors()]
 
 
 def _record_non_finite(state: DecodeState) -> None:
@@ -163,8 +153,6 @@ def _record_non_finite(state: DecodeState) -> None:
 def _choose(logits: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.Tensor:
     """Processors + sampling for one step: guided, masked, CD-K'd logits -> one token per sample."""
     s = plan.sampling
-    if plan.columns is not None:  # image mode: only the image codes can be chosen, so only they are processed
-        logits = logits.index_select(1, plan.columns)
     per_stream = logits.view(plan.n_streams, -1, logits.shape[-1])
     cond = per_stream[0]
     uncond = per_stream[1] if plan.n_streams > 1 else None
@@ -187,7 +175,11 @@ def _choose(logits: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.T
             state.inexact.logical_or_((~exact & ~state.done).any().view(1))
         else:
             nxt = sample_from_logits(scaled, u, s.top_p)
-    return plan.columns[nxt] if plan.columns is not None else nxt
+    nxt = plan.columns[nxt] if plan.columns is not None else nxt
+    if plan.forcing:  # structural tokens: the template's id where it has one (static shape: a gather + where)
+        forced = state.forced.index_select(1, state.step).squeeze(1)
+        nxt = torch.where(forced >= 0, forced, nxt)
+    return nxt
 
 
 def _record(nxt: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.Tensor:
@@ -211,7 +203,8 @@ def decode_step(model: Transformer, state: DecodeState, plan: StepPlan, kv_len: 
     _record_non_finite(state)
     nxt = _record(_choose(state.logits, state, plan), state, plan)
     if kv_len is not None:
-        logits = model.step_tensors(nxt.repeat(plan.n_streams), state.cache, kv_len).float()
+        tokens = nxt.repeat(plan.n_streams)[:, None]  # every stream of a sample is fed its token
+        logits = model.extend_tensors(tokens, state.cache, kv_len, plan.head_weight)[:, 0].float()
         if plan.static:
             state.logits.copy_(logits)  # compiled: one buffer in, the same buffer out
         else:
@@ -230,13 +223,16 @@ class Sampler:
         `compile`: run the decode step through torch.compile ("reduce-overhead", i.e. CUDA graphs,
         on CUDA; the default mode elsewhere), one graph per batch shape and KV bucket.
         `top_p_prefilter`: text top-p samples through this many candidates when that provably gives
-        the full sort's token (None: always sort the vocabulary)."""
+        the full sort's token (None: always sort the vocabulary).
+        The image-code rows of the output weight are copied to float32 here: a Sampler serves the
+        weights it was built with."""
         self.model = model
         self.cfg = cfg or model.config
         self.device = device = model.tok_embeddings.weight.device
         self.image_mask = self.cfg.is_image_token_mask(device)
         self.token_to_code = self.cfg.token_to_code_tensor(device)
         self.image_columns = self.cfg.image_token_id_tensor(device).sort().values
+        self.image_head = model.output.weight.detach().index_select(0, self.image_columns).float()
         # text ends on eos, <break>, or the start of an image
         self.stop_set = {i for i in (self.cfg.eos_id, self.cfg.break_id, self.cfg.boi_id) if i is not None}
         self.stop_ids = torch.tensor(sorted(self.stop_set), device=device)
@@ -248,21 +244,24 @@ class Sampler:
         self.compiled = compile
         self.top_p_prefilter = top_p_prefilter
         self._step_fn = _compiled_step(device) if compile else decode_step
-        self._reusable: dict[tuple[int, ...], DecodeState] = {}
+        self._reusable: dict[tuple, DecodeState] = {}
         self._bucket = KV_BUCKET if device.type == "cuda" else CPU_KV_BUCKET
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig,
-                 batch_size: int = 8) -> list[Generation]:
+                 prompts_per_step: int = 8) -> list[Generation]:
+        """Every request's `n_candidates` samples. A batch packs `prompts_per_step` whole prompts (all
+        their candidates and streams); a request's tokens depend only on its seed, never on the batch."""
         sampling.validate()
-        samples = [_Sample(r, c, req.seed, sampling.uses_cdk(c))
-                   for r, req in enumerate(requests) for c in range(sampling.n_candidates)]
+        if prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
         outputs: dict[tuple[int, int], tuple[list[int], bool]] = {}
-        # group by modality so a batch has one token budget
+        # group by modality so a batch has one kind of step
         for modality in ("image", "text"):
-            group = [s for s in samples if requests[s.request].modality == modality]
-            for start in range(0, len(group), batch_size):
-                batch = group[start:start + batch_size]
+            group = [r for r, req in enumerate(requests) if req.modality == modality]
+            for start in range(0, len(group), prompts_per_step):
+                batch = [_Sample(r, c, requests[r].seed, sampling.uses_cdk(c))
+                         for r in group[start:start + prompts_per_step] for c in range(sampling.n_candidates)]
                 for s, out in zip(batch, self._run_batch(requests, batch, sampling, modality)):
                     outputs[(s.request, s.candidate)] = out
         results = []
@@ -283,7 +282,7 @@ class Sampler:
             return self._run_batch(requests, batch, sampling, modality, exact=True)
 
     def plan(self, sampling: SamplingConfig, modality: str, n_streams: int, any_cdk: bool,
-             exact: bool = False) -> StepPlan:
+             exact: bool = False, forcing: bool = False) -> StepPlan:
         vocab = self.cfg.vocab_size
         prefilter = None
         if (modality == "text" and not exact and not sampling.greedy and self.top_p_prefilter
@@ -293,47 +292,71 @@ class Sampler:
         is_stop = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         is_stop[self.stop_ids] = True
         return StepPlan(n_streams=n_streams, modality=modality, sampling=sampling,
-                        columns=self.image_columns if image else None,
+                        columns=self.image_columns if image else None, head_weight=self.image_head if image else None,
                         barred=None if image else ~self.text_allowed, is_stop=is_stop,
-                        any_cdk=any_cdk and sampling.cdk_alpha is not None, prefilter=prefilter,
+                        any_cdk=any_cdk and sampling.cdk_alpha is not None, forcing=forcing, prefilter=prefilter,
                         pad_id=self.cfg.pad_id, static=self.compiled)
+
+    def _templates(self, requests, batch: list[_Sample], modality: str) -> list[list[int]]:
+        """Each sample's per-step template: forced token ids, -1 where sampled (its length is the budget)."""
+        out = []
+        for s in batch:
+            req = requests[s.request]
+            if req.structure is not None and modality != "image":
+                raise ValueError("GenerationRequest.structure is for image requests only")
+            if req.structure is not None:
+                if not req.structure or any(t != -1 and not 0 <= t < self.cfg.vocab_size for t in req.structure):
+                    raise ValueError("structure entries must be -1 (sampled) or token ids of the vocabulary")
+                out.append(list(req.structure))
+            else:
+                out.append([-1] * (self.cfg.image_seq_len if modality == "image" else req.max_new_tokens))
+        return out
 
     def prefill(self, requests, batch: list[_Sample], sampling: SamplingConfig, modality: str, *,
                 exact: bool = False) -> tuple[DecodeState, StepPlan]:
-        """Pack the batch's stream rows (stream-major: [cond..., uncond...]), run the prompts into
-        a fresh cache and set up the step state; all host->device copies of the batch happen here."""
-        cfg, dev, b = self.cfg, self.device, len(batch)
-        streams = [_stream_prompts(requests[s.request], sampling) for s in batch]
-        n_streams = len(streams[0])
-        rows = [streams[i][j] for j in range(n_streams) for i in range(b)]
-        if any(len(p) == 0 for p in rows):
+        """Prefill each prompt's prefix of each stream kind once (right-padded per kind), share its
+        first-step logits with its candidate rows and set up the step state; all host->device copies
+        of the batch happen here."""
+        dev, C = self.device, sampling.n_candidates
+        prompts = [_stream_prompts(requests[s.request], sampling) for s in batch[::C]]  # [P][kind]
+        P, n_streams = len(prompts), len(prompts[0])
+        if any(len(p) == 0 for streams in prompts for p in streams):
             raise ValueError("empty prompt: every stream needs at least one token (e.g. <bos>)")
-        T = max(len(p) for p in rows)
-        limits = [cfg.image_seq_len if modality == "image" else requests[s.request].max_new_tokens for s in batch]
-        tokens = torch.full((len(rows), T), cfg.pad_id, dtype=torch.long)
-        valid = torch.zeros(len(rows), T, dtype=torch.bool)
-        for i, p in enumerate(rows):
-            tokens[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            valid[i, T - len(p):] = True
-        state = self._fresh_state(len(rows), b, max(limits), T)
-        logits = self.model.prefill(tokens.to(dev), valid.to(dev), state.cache, last_only=True)[:, -1].float()
-        state.limits.copy_(torch.tensor(limits))
-        state.uniforms.copy_(sample_uniforms([s.seed for s in batch], [s.candidate for s in batch], state.budget, dev))
+        templates = self._templates(requests, batch, modality)
+        budget = max(map(len, templates))
+        lens = [max(len(streams[k]) for streams in prompts) for k in range(n_streams)]
+        if self.compiled:  # a few prefix shapes, so compiled steps are reused across batches
+            lens = [-(-n // self._bucket) * self._bucket for n in lens]
+        plan = self.plan(sampling, modality, n_streams, any(s.cdk for s in batch), exact,
+                         forcing=any(t >= 0 for tpl in templates for t in tpl))
+        width = self.cfg.vocab_size if plan.head_weight is None else plan.head_weight.shape[0]
+        state = self._fresh_state(P, C, lens, budget, width)
+        blocks = []
+        for kind, n in enumerate(lens):
+            tokens = torch.full((P, n), self.cfg.pad_id, dtype=torch.long)
+            for p, streams in enumerate(prompts):
+                tokens[p, :len(streams[kind])] = torch.tensor(streams[kind], dtype=torch.long)
+            lengths = torch.tensor([len(streams[kind]) for streams in prompts], dtype=torch.long)
+            logits = self.model.prefill_prefix(kind, tokens.to(dev), lengths.to(dev), state.cache,
+                                               head_weight=plan.head_weight)
+            blocks.append(logits.float().repeat_interleave(C, 0))  # a prefix's first logits serve its C rows
+        logits = torch.cat(blocks)
+        state.limits.copy_(torch.tensor([len(t) for t in templates]))
+        state.forced.copy_(torch.tensor([t + [-1] * (budget - len(t)) for t in templates]))
+        state.uniforms.copy_(sample_uniforms([s.seed for s in batch], [s.candidate for s in batch], budget, dev))
         state.cdk_rows.copy_(torch.tensor([s.cdk for s in batch]))
         if self.compiled:
             state.logits.copy_(logits)  # the compiled step reads and writes this one buffer
         else:
             state.logits = logits
-        return state, self.plan(sampling, modality, n_streams, any(s.cdk for s in batch), exact)
+        return state, plan
 
-    def _fresh_state(self, n_rows: int, b: int, budget: int, prompt_len: int) -> DecodeState:
+    def _fresh_state(self, P: int, C: int, prefix_lens: list[int], budget: int, width: int) -> DecodeState:
         """The step state of a batch. Compiled, the last batch's tensors are reset and reused when
-        the shapes match (the cache length rounded up to a KV bucket so they usually do): CUDA graphs
+        the shapes match (prefix lengths rounded up to a KV bucket so they usually do): CUDA graphs
         then replay on the same addresses instead of being captured again for every batch."""
-        dev, max_len = self.device, prompt_len + budget
-        if self.compiled:
-            max_len = -(-max_len // self._bucket) * self._bucket
-        key = (n_rows, b, budget, max_len)
+        dev, b, n_rows = self.device, P * C, len(prefix_lens) * P * C
+        key = (P, C, tuple(prefix_lens), budget, width)
         state = self._reusable.get(key)
         if state is not None:
             state.cache.reset()
@@ -342,9 +365,12 @@ class Sampler:
                 t.fill_(value)
             return state
         self._reusable.clear()  # one batch's worth of buffers at a time: a KV cache can be most of a GPU
+        # the last step samples without a forward: budget - 1 suffix slots
+        cache = self.model.new_prefix_cache(prefix_lens, P, C, max(1, budget - 1), device=dev)
         state = DecodeState(
-            logits=torch.zeros(n_rows, self.cfg.vocab_size, device=dev), cache=self.model.new_cache(n_rows, max_len, device=dev),
+            logits=torch.zeros(n_rows, width, device=dev), cache=cache,
             out=torch.full((b, budget), -1, dtype=torch.long, device=dev),
+            forced=torch.full((b, budget), -1, dtype=torch.long, device=dev),
             done=torch.zeros(b, dtype=torch.bool, device=dev), stopped=torch.zeros(b, dtype=torch.bool, device=dev),
             limits=torch.zeros(b, dtype=torch.long, device=dev), uniforms=torch.zeros(b, budget, dtype=torch.float64, device=dev),
             cdk_rows=torch.zeros(b, dtype=torch.bool, device=dev), step=torch.zeros(1, dtype=torch.long, device=dev),
@@ -356,10 +382,10 @@ class Sampler:
                 _mark_static(state)
         return state
 
-    def _kv_len(self, cache: KVCache) -> int:
+    def _kv_len(self, cache: PrefixSuffixCache) -> int:
         need = cache.length + 1
         if not self.compiled:
-            return need  # eager: attend over the filled slots only
+            return need  # eager: attend over the filled suffix slots only
         # a compiled step is one fixed shape: attend over a bucket of slots, the unfilled ones masked.
         # CPU buckets are small: no graph launch to save there, and padded attention costs more
         return min(cache.max_len, -(-need // self._bucket) * self._bucket)
@@ -375,7 +401,7 @@ class Sampler:
             blocked = not last and cache.max_next_pos >= model.config.max_seq_len
             kv_len = None if (last or blocked) else self._kv_len(cache)
             if kv_len is not None:
-                model.check_step(cache, kv_len)
+                model.check_extend(cache, 1, kv_len)
             self._step_fn(model, state, plan, kv_len)
             if kv_len is not None:
                 model.advance(cache)
@@ -388,7 +414,7 @@ class Sampler:
                 if all_done:
                     break
                 if blocked:
-                    model.check_step(cache)  # raises: a sample still runs past max_seq_len
+                    model.check_extend(cache)  # raises: a sample still runs past max_seq_len
 
     @staticmethod
     def _read_flags(state: DecodeState, batch: list[_Sample]) -> tuple[bool, bool]:
@@ -399,23 +425,24 @@ class Sampler:
         return bool(flags[0]), bool(flags[1])
 
     def collect(self, state: DecodeState, plan: StepPlan, batch: list[_Sample]) -> list[tuple[list[int], bool]]:
-        """Bring a finished batch to the host (one read of every tensor) and cut each sample's tokens."""
+        """Bring a finished batch to the host (one read of every tensor) and cut each sample's tokens:
+        text up to its stop token, images the codes of their free (not forced) positions."""
         bad_step, inexact = state.bad_step.tolist(), bool(state.inexact)
         if any(s >= 0 for s in bad_step):
             _raise_non_finite(bad_step, batch)
         if inexact:  # the steps after the last flag read
             raise _Inexact()
-        out, stopped = state.out.tolist(), state.stopped.tolist()
+        out, stopped, forced = state.out.tolist(), state.stopped.tolist(), state.forced.tolist()
         codes = self.token_to_code.tolist() if plan.modality == "image" else None
         results = []
-        for row, stop in zip(out, stopped):
-            seq = [t for t in row if t >= 0]
+        for row, stop, fixed in zip(out, stopped, forced):
             if codes is not None:
-                results.append(([codes[t] for t in seq], True))
-            else:
-                if stop and seq and seq[-1] in self.stop_set:
-                    seq = seq[:-1]
-                results.append((seq, bool(stop)))
+                results.append(([codes[t] for t, f in zip(row, fixed) if t >= 0 and f < 0], True))
+                continue
+            seq = [t for t in row if t >= 0]
+            if stop and seq and seq[-1] in self.stop_set:
+                seq = seq[:-1]
+            results.append((seq, bool(stop)))
         return results
 
 
@@ -433,13 +460,8 @@ def _raise_non_finite(bad_step: list[int], batch: list[_Sample]) -> None:
 
 def _mark_static(state: DecodeState) -> None:
     """Tell dynamo these buffers keep their addresses, so CUDA graphs may mutate them in place."""
-    mark = torch._dynamo.mark_static_address
-    for t in (state.logits, state.out, state.done, state.stopped, state.limits, state.uniforms, state.cdk_rows,
-              state.step, state.bad_step, state.inexact):
-        mark(t)
-    c = state.cache
-    for t in (*c.k, *c.v, c.valid, c.next_pos, c.slot):
-        mark(t)
+    for t in state.tensors():
+        torch._dynamo.mark_static_address(t)
 
 
 def _compiled_step(device: torch.device):
@@ -454,9 +476,9 @@ def _compiled_step(device: torch.device):
 
 
 def generate(model: Transformer, cfg: ModelConfig | None, requests: Sequence[GenerationRequest],
-             sampling: SamplingConfig, *, batch_size: int = 8) -> list[Generation]:
+             sampling: SamplingConfig, *, prompts_per_step: int = 8) -> list[Generation]:
     """One-shot helper; keep a `Sampler` to reuse its token tables across calls."""
-    return Sampler(model, cfg).generate(requests, sampling, batch_size=batch_size)
+    return Sampler(model, cfg).generate(requests, sampling, prompts_per_step=prompts_per_step)
 
 
 @torch.no_grad()

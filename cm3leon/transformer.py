@@ -4,9 +4,13 @@ Parameter names follow Meta's original Chameleon checkpoint (tok_embeddings, lay
 ...), RoPE uses Meta's interleaved-pair convention, so Meta's weights load as they are and the HF
 conversion's q/k permutation is undone on import (checkpoint.py).
 
-Batched decoding works on LEFT-padded batches: `valid` marks real tokens, positions count real
-tokens only, and padded keys are masked, so a row's logits do not depend on its padding or its
-batch neighbours. The KV cache is allocated once per batch; `step` writes one slot per call.
+Two decode paths share the blocks. The sampler's: each prompt's prefix is prefilled once per
+stream kind (`prefill_prefix`, right-padded, plain causal attention) into a PrefixSuffixCache, and
+its rows append tokens with `extend` (one or more per row), attending over the shared prefix and
+their own suffix (cm3leon/attention.py). The plain one, for scoring, tests and the bench's previous
+engine: LEFT-padded batches (`prefill`/`step` over a KVCache), where `valid` marks real tokens,
+positions count real tokens only and padded keys are masked, so a row's logits do not depend on
+its padding or its batch neighbours.
 
 Decoding is built for a GPU that the host should never wait on: a step reads no device value
 (the position bound is tracked on the host, the write slot is a device counter), attends over the
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import LayerKV, PrefixSuffixCache, prefix_suffix_attention, suffix_mask
 from .config import ModelConfig
 
 
@@ -139,6 +144,10 @@ class Attention(nn.Module):
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if isinstance(kv, LayerKV):  # a PrefixSuffixCache: write the rows' suffix, attend prefix + suffix
+            kv.k[:, :, slots] = k
+            kv.v[:, :, slots] = v
+            return self.wo(prefix_suffix_attention(q, kv).transpose(1, 2).reshape(B, T, -1))
         if kv is not None:  # write this chunk into the cache, attend over its filled part
             cache_k, cache_v = kv
             # a [1] slot tensor becomes index_put_, which inductor rewrites in place; index_copy_
@@ -146,8 +155,11 @@ class Attention(nn.Module):
             cache_k[:, :, slots] = k
             cache_v[:, :, slots] = v
             k, v = cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
-        # grouped KV heads broadcast inside SDPA: no repeat_interleave copy of the cache per step
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        # grouped KV heads broadcast inside SDPA: no repeat_interleave copy of the cache per step.
+        # mask=None is plain causal attention from slot 0 (a prefix prefill): without an explicit mask
+        # SDPA can take its flash kernel, which broadcasts GQA heads (the math kernel expands K/V)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=k.shape[1] != q.shape[1])
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -327,10 +339,10 @@ class Transformer(nn.Module):
             raise ValueError(f"kv_len={kv_len} must cover slot {cache.length} and fit the cache of {cache.max_len}")
 
     @staticmethod
-    def advance(cache: KVCache) -> None:
-        """Host bookkeeping after `step_tensors` (the device counters moved inside it)."""
-        cache.length += 1
-        cache.max_next_pos += 1
+    def advance(cache: KVCache | PrefixSuffixCache, n_new: int = 1) -> None:
+        """Host bookkeeping after `step_tensors` / `extend_tensors` (the device counters moved inside)."""
+        cache.length += n_new
+        cache.max_next_pos += n_new
 
     def step_tensors(self, tokens: torch.Tensor, cache: KVCache, kv_len: int) -> torch.Tensor:
         """The device part of `step`: reads no host state of the cache, so torch.compile captures
@@ -345,6 +357,105 @@ class Transformer(nn.Module):
         cache.next_pos.add_(1)
         cache.slot.add_(1)
         return self._head(h)[:, 0]
+
+    # -- shared-prefix decoding (the sampler's path; see cm3leon/attention.py)
+    def new_prefix_cache(self, prefix_lens: list[int], n_prompts: int, rows_per_prefix: int, budget: int, *,
+                         device=None, dtype=None) -> PrefixSuffixCache:
+        """Empty buffers for P=`n_prompts` prompts with one prefix of `prefix_lens[kind]` slots per
+        stream kind, and `rows_per_prefix` rows per prompt and kind with `budget` suffix slots each."""
+        cfg = self.config
+        device = device or self.tok_embeddings.weight.device
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        H, D, L = self.local_kv_heads, cfg.head_dim, cfg.n_layers
+
+        def zeros(*shape):
+            return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(L)]
+
+        n_rows = len(prefix_lens) * n_prompts * rows_per_prefix
+        return PrefixSuffixCache(
+            prefix_k=[zeros(n_prompts, H, n, D) for n in prefix_lens], prefix_v=[zeros(n_prompts, H, n, D) for n in prefix_lens],
+            prefix_valid=[torch.zeros(n_prompts, n, dtype=torch.bool, device=device) for n in prefix_lens],
+            k=zeros(n_rows, H, budget, D), v=zeros(n_rows, H, budget, D),
+            next_pos=torch.zeros(n_rows, dtype=torch.long, device=device),
+            slot=torch.zeros(1, dtype=torch.long, device=device), rows_per_prefix=rows_per_prefix)
+
+    def prefill_prefix(self, kind: int, tokens: torch.Tensor, lengths: torch.Tensor, cache: PrefixSuffixCache, *,
+                       head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the P prefixes of one stream kind, RIGHT-padded `tokens` [P, Lk] with `lengths` [P] real
+        tokens each, into `cache` (Lk = the kind's prefix slots); returns the next-token logits at
+        each prefix's last real token, [P, V] (see `head` for `head_weight`).
+
+        Right padding keeps the attention plain causal (pads come after every real token), so SDPA
+        needs no explicit mask and can use a kernel that broadcasts GQA heads without copying K/V.
+        Call it for every kind before the first `extend`; it sets the rows' next positions."""
+        P, T = tokens.shape
+        if cache.length != 0:
+            raise ValueError("prefill_prefix needs a cache with an empty suffix")
+        if T != cache.prefix_valid[kind].shape[1]:
+            raise ValueError(f"prefix tokens of length {T} do not match the cache's {cache.prefix_valid[kind].shape[1]}")
+        max_len = int(lengths.max())  # a host read per prefill, never per step
+        self._check_position(max_len - 1)
+        positions = torch.arange(T, device=tokens.device).expand(P, T)
+        h = self._embed(tokens, positions)
+        rope = self._rope(positions)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, None, (cache.prefix_k[kind][i], cache.prefix_v[kind][i]), slice(0, T), T)
+        cache.prefix_valid[kind].copy_(positions < lengths[:, None])
+        rows = P * cache.rows_per_prefix
+        cache.next_pos[kind * rows:(kind + 1) * rows] = lengths.repeat_interleave(cache.rows_per_prefix)
+        cache.max_next_pos = max(cache.max_next_pos, max_len)
+        last = h.gather(1, (lengths - 1).clamp_min(0)[:, None, None].expand(P, 1, h.shape[-1]))
+        return self.head(last, head_weight)[:, 0]
+
+    def head(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm + vocabulary projection; `weight` [V', d] projects onto those rows only, in
+        float32 (the sampler's image mode: only the image codes, guided in float32)."""
+        if weight is None:
+            return self._head(h)
+        return F.linear(self.norm(h).to(weight.dtype), weight)
+
+    def extend(self, tokens: torch.Tensor, cache: PrefixSuffixCache, *, kv_len: int | None = None,
+               head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Append `tokens` [N, T] (T >= 1 per row) to every row of a prefilled PrefixSuffixCache and
+        return their next-token logits [N, T, V]: token t of a row attends over its prompt's prefix
+        of its kind, the row's earlier suffix tokens and its own tokens up to t (causal).
+
+        The multi-token append scores many continuations against one prompt's KV (e.g. 100 candidate
+        answers as the rows of one prefix: `new_prefix_cache([L], 1, 100, T)`, `prefill_prefix`, then one
+        `extend` of the answers right-padded to T; a position's logits never depend on later tokens, so
+        the padding changes none of the real ones) or verifies drafted tokens. `kv_len` (default:
+        exactly the filled suffix slots) lets a compiled caller attend over a fixed bucket of slots."""
+        T = tokens.shape[1]
+        self.check_extend(cache, T, kv_len)
+        logits = self.extend_tensors(tokens, cache, kv_len or cache.length + T, head_weight)
+        self.advance(cache, T)
+        return logits
+
+    def check_extend(self, cache: PrefixSuffixCache, n_new: int = 1, kv_len: int | None = None) -> None:
+        """The host-side checks of an `extend` of `n_new` tokens per row (no device reads)."""
+        if cache.length + n_new > cache.max_len:
+            raise ValueError(f"suffix cache is full ({cache.max_len} slots, {cache.length} filled, {n_new} new)")
+        self._check_position(cache.max_next_pos + n_new - 1)
+        if kv_len is not None and not cache.length + n_new <= kv_len <= cache.max_len:
+            raise ValueError(f"kv_len={kv_len} must cover slot {cache.length + n_new - 1} and fit {cache.max_len} slots")
+
+    def extend_tensors(self, tokens: torch.Tensor, cache: PrefixSuffixCache, kv_len: int,
+                       head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The device part of `extend`: no host state of the cache is read, so torch.compile captures
+        it once per shape; writes the suffix slots and moves next_pos and slot in place."""
+        N, T = tokens.shape
+        new = torch.arange(T, device=tokens.device)
+        positions = cache.next_pos[:, None] + new
+        h = self._embed(tokens, positions)
+        rope = self._rope(positions)
+        group = self.layers[0].attention.n_heads // self.local_kv_heads if len(self.layers) else 1
+        mask = suffix_mask(cache.slot, T, group, kv_len)
+        slots = cache.slot + new  # index_put_ with a slot tensor: written in place under inductor
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, None, cache.layer(i, mask, kv_len), slots, kv_len)
+        cache.next_pos.add_(T)
+        cache.slot.add_(T)
+        return self.head(h, head_weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -362,4 +473,4 @@ def estimate_flops_per_token(cfg: ModelConfig) -> float:
     return 2.0 * (L * (attn + mlp) + d * cfg.vocab_size)
 
 
-__all__ = ["Transformer", "KVCache", "apply_rope", "rope_tables", "param_bytes", "estimate_flops_per_token"]
+__all__ = ["Transformer", "KVCache", "PrefixSuffixCache", "apply_rope", "rope_tables", "param_bytes", "estimate_flops_per_token"]

@@ -25,8 +25,7 @@ from PIL import Image
 
 from cm3leon.document import Document, DocumentCodec
 from cm3leon.errors import Cm3evalError
-from cm3leon.sampling import (GenerationRequest, Sampler, SamplingConfig, auto_batch_size,
-                              continuation_logprobs, rerank)
+from cm3leon.sampling import GenerationRequest, Sampler, SamplingConfig, continuation_logprobs, rerank
 from evals.protocol import Batch, FatalPredictorError, Item
 from tasks import prompts
 from tasks.spec import TaskSpec
@@ -35,6 +34,7 @@ log = logging.getLogger("cm3eval")
 
 # an estimate of one text part's tokens, for sizing batches before the prompts exist
 TEXT_PART_TOKENS = 64
+FIXED_BATCH = 8  # batching: set by cm3leon/batching.py
 
 
 class PredictorSetupError(FatalPredictorError):
@@ -56,7 +56,7 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 
 def kv_batch_size(cfg: Any, device: str, dtype: torch.dtype, *, streams: int, seq_len: int, tp: int = 1) -> int:
     """Samples per sampler batch for rows of `seq_len` positions and `streams` rows per sample."""
-    return auto_batch_size(cfg, device, dtype, streams=streams, seq_len=max(1, seq_len), tp=tp)
+    return FIXED_BATCH  # batching: set by cm3leon/batching.py
 
 
 def estimated_seq_len(cfg: Any, spec: TaskSpec) -> int:
@@ -117,7 +117,7 @@ class ModelPredictor:
         self.dtype = bundle.model.tok_embeddings.weight.dtype
         self.user_batch_size = batch_size
         # the engine's default chunk when it does not ask per task (batch_size_for)
-        self.batch_size = batch_size or self._agreed(auto_batch_size(bundle.config, device, self.dtype))
+        self.batch_size = batch_size or FIXED_BATCH  # batching: set by cm3leon/batching.py
         self.save_candidates = save_candidates
         self.encoder = bundle.encoder
         self.encoders = EncoderCache(model_bundle=bundle, device=device)
@@ -343,8 +343,9 @@ class ModelPredictor:
                         + [p for docs, _ in retrieved for d in docs for p in d.parts if isinstance(p, Image.Image)])
         built = [self._request(spec, it, sampling, r) for it, r in zip(batch.items, retrieved)]
         sized = [prompts.Prompt(req, text) for req, text, _ in built]
-        gens = self.sampler.generate([b[0] for b in built], sampling,
-                                     batch_size=self._sampler_batch(spec, sized, sampling))
+        # batching: set by cm3leon/batching.py (samples -> whole prompts per step)
+        per_step = max(1, self._sampler_batch(spec, sized, sampling) // sampling.n_candidates)
+        gens = self.sampler.generate([b[0] for b in built], sampling, prompts_per_step=per_step)
         if spec.output_modality == "text":
             return [self._text_output(spec, text, rec, gen) for (_, text, rec), gen in zip(built, gens)]
         return self._image_outputs(spec, built, gens)

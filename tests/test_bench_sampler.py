@@ -44,3 +44,22 @@ def test_bench_sampler_refuses_unknown_names():
 
     res = CliRunner().invoke(app, ["bench", "sampler", "--config", "gpt-9"])
     assert res.exit_code != 0 and "unknown config" in res.output
+
+
+def test_bench_sampler_geometry_counters_come_from_the_engines():
+    """The coco-fid geometry at 40 codes per image (the CLI runs 1,024): the new engine reads each
+    prefix once plus each row's suffix, prefills one prefix set, and keeps the previous engine's tokens."""
+    from evals.bench.sampler_geometry import run_geometry
+
+    out = run_geometry("coco-fid", image_seq_len=40)
+    read, least = out["kv_positions_read_per_step_per_prompt"], out["kv_positions_min_per_step_per_prompt"]
+    prefill, prefix = out["prefill_tokens_per_prompt"], out["prefix_tokens_per_prompt"]
+    T = out["prompt_tokens"][0]
+    assert prefix["new"] == sum(out["prompt_tokens"]) / 2 + 2  # conditional prompts + `<s> <racm3:break>`
+    assert prefill["previous"] == 16 * T  # 8 candidates x 2 streams, each row the padded prompt
+    assert least["new"] <= read["new"] <= 1.1 * least["new"]
+    assert read["previous"] > 2 * read["new"]
+    assert prefix["new"] <= prefill["new"] <= 1.05 * prefix["new"]
+    assert out["kv_bytes_per_prompt"]["new"] < out["kv_bytes_per_prompt"]["previous"]
+    assert out["same_tokens_first_prompt"] is True
+    assert out["attention_backend"] in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")

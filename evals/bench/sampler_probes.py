@@ -86,7 +86,7 @@ def minimal_loop(model, compile: bool = False) -> Callable:
     return run
 
 
-def eager_ops_per_step(sampler, requests, sampling, batch_size: int) -> float:
+def eager_ops_per_step(sampler, requests, sampling, prompts_per_step: int) -> float:
     """aten ops dispatched per decode step (eager), averaged over one generate call's steps."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -106,13 +106,13 @@ def eager_ops_per_step(sampler, requests, sampling, batch_size: int) -> float:
 
     sampler._step_fn = counted
     try:
-        sampler.generate(requests, sampling, batch_size=batch_size)
+        sampler.generate(requests, sampling, prompts_per_step=prompts_per_step)
     finally:
         sampler._step_fn = real
     return Count.n / max(1, steps[0])
 
 
-def host_syncs_per_step(sampler, requests, sampling, batch_size: int) -> tuple[float, float]:
+def host_syncs_per_step(sampler, requests, sampling, prompts_per_step: int) -> tuple[float, float]:
     """(reads inside the step functions per step, reads in the whole decode loop per step)."""
     from cm3leon.host_syncs import count_host_syncs
 
@@ -132,7 +132,7 @@ def host_syncs_per_step(sampler, requests, sampling, batch_size: int) -> tuple[f
 
         sampler._step_fn, sampler.decode = step, decode
         try:
-            sampler.generate(requests, sampling, batch_size=batch_size)
+            sampler.generate(requests, sampling, prompts_per_step=prompts_per_step)
         finally:
             sampler._step_fn, sampler.decode = real_step, real_decode
     n = max(1, steps[0])
