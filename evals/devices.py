@@ -64,9 +64,8 @@ def resolve(device: str, dtype: str = "auto") -> DeviceChoice:
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {device}: torch sees no CUDA device (no GPU or driver, "
-                              f"CUDA_VISIBLE_DEVICES empty, or a CPU-only torch {torch.__version__}); "
-                              "use --device cpu, or --device auto to take a GPU only where there is one")
+            raise DeviceError(f"--device {device}: torch sees no CUDA device ({_why_no_cuda(torch)}); use "
+                              "--device cpu, or --device auto to take a GPU only where there is one")
         n = torch.cuda.device_count()
         i = int(index) if index else local_rank
         if i >= n:
@@ -79,3 +78,10 @@ def resolve(device: str, dtype: str = "auto") -> DeviceChoice:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"--device {device}: torch sees no Apple MPS device here; use --device cpu or auto")
     return DeviceChoice(kind, "float32" if dtype == "auto" else dtype, auto)
+
+
+def _why_no_cuda(torch) -> str:
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return "no GPU or driver found" + (f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "")

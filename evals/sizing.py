@@ -54,7 +54,7 @@ class TaskSizing:
     kv_budget: int | None = None
     overridden: bool = False
     gpu_seconds: float | None = None
-    n_prompts: int | None = None  # the samples the time is for (1,000 where the count is unknown)
+    n_prompts: int | None = None  # the samples the time is for (None: unknown, the time is per 1,000)
     roofline: str = ""  # the GPU the time is modelled on, and why that one
 
     def describe(self, name: str) -> str:
@@ -62,10 +62,11 @@ class TaskSizing:
         how = "--batch-size" if self.overridden else None
         if how is None and self.kv_bytes_per_prompt is not None:
             how = f"KV {_bytes(self.kv_bytes_per_prompt)} per prompt of a {_bytes(self.kv_budget)} budget"
-        line = f"{name}: {self.prompts_per_step} prompts per step" + (f" ({how})" if how else "")
+        n = self.prompts_per_step
+        line = f"{name}: {n} prompt{'s' if n != 1 else ''} per step" + (f" ({how})" if how else "")
         if self.gpu_seconds is not None:
-            line += (f", modelled {_duration(self.gpu_seconds)} of GPU time for {self.n_prompts:,} prompts "
-                     f"on {self.roofline}")
+            n = f"for {self.n_prompts:,}" if self.n_prompts is not None else "per 1,000"
+            line += f", modelled {_duration(self.gpu_seconds)} of GPU time {n} prompts on {self.roofline}"
         return line
 
 
@@ -95,7 +96,7 @@ def size_task(spec: Any, cfg: Any, family: Family | None, device: Any, tp: int =
         where = f"an {roof.name} in bf16 at {modelled_prompts} per step (reference; this run is on {device.device})"
     n = n_samples if n_samples is not None else 1000
     seconds = batching.modelled_seconds(cfg, shape, modelled_prompts, n, dtype, roof, tp)
-    return TaskSizing(prompts, kv, budget, bool(override), seconds, n, where)
+    return TaskSizing(prompts, kv, budget, bool(override), seconds, n_samples, where)
 
 
 def _bytes(n: int | None) -> str:
@@ -111,4 +112,6 @@ def _duration(seconds: float) -> str:
         return f"{seconds / 3600:.1f} h"
     if seconds >= 60:
         return f"{seconds / 60:.1f} min"
-    return f"{seconds:.2g} s"
+    if seconds >= 1:
+        return f"{seconds:.2g} s"
+    return f"{seconds * 1e3:.2g} ms"
