@@ -44,3 +44,20 @@ def test_bench_sampler_refuses_unknown_names():
 
     res = CliRunner().invoke(app, ["bench", "sampler", "--config", "gpt-9"])
     assert res.exit_code != 0 and "unknown config" in res.output
+
+
+def test_bench_sampler_device_defaults_to_auto_and_refuses_an_absent_one(monkeypatch):
+    import torch
+
+    from evals.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "sampler", "--config", "demo", "--device", "cuda:banana"]) == 2
+    assert main(["bench", "sampler", "--config", "demo", "--device", "cuda"]) == 2
+    import evals.bench.sampler as bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **kw: seen.setdefault("args", a) and {})
+    monkeypatch.setattr(bench, "_print_table", lambda res: None)
+    assert main(["bench", "sampler", "--config", "demo"]) == 0
+    assert seen["args"][3:5] == ("cpu", "float32")  # device, dtype: auto on a machine without CUDA
