@@ -243,9 +243,6 @@ def build_plan(req: RunRequest) -> Plan:
         ov = {**overrides, **point}
         label = "--set" if not point else "--set/--sweep (" + ", ".join(f"{k}={v}" for k, v in point.items()) + ")"
         resolved.append((point, ov, resolve_specs(names, ov, label)))
-    from evals.devices import resolve as resolve_device
-
-    device = resolve_device(req.device, req.dtype)  # a device that is not there: before anything loads
     info = None
     if req.inspect_model:
         from cm3leon.checkpoint import inspect
@@ -257,9 +254,12 @@ def build_plan(req: RunRequest) -> Plan:
     runs = []
     for point, ov, specs in resolved:
         plans = [plan_task(spec, req.data_root, info) for spec in specs]
-        for t in plans:
-            t.sizing = size_task(t, info, device, req)
         runs.append(RunPlan(point, sweep_dir(Path(out), point), plans, {k: typed_value(specs, k) for k in ov}))
+    from evals.devices import resolve as resolve_device
+
+    device = resolve_device(req.device, req.dtype)  # a device that is not there: before the disk line
+    for t in (t for r in runs for t in r.tasks):
+        t.sizing = size_task(t, info, device, req)
     disk = disk_need(runs, info, Path(out), req.save_candidates)
     if disk.insufficient and not req.force_disk:
         raise PlanError(f"{disk.describe()}: not enough space; free some, write elsewhere (--out), lower "
