@@ -84,7 +84,8 @@ def model_predictor(s: PredictorSettings) -> Any:
         sampler["compile"] = True
     if s.tp > 1:
         sampler["tp"] = s.tp
-    return ModelPredictor(bundle, device=s.device, dtype=s.dtype, save_candidates=s.save_candidates, sampler_options=sampler or None)
+    return ModelPredictor(bundle, device=s.device, dtype=s.dtype, save_candidates=s.save_candidates,
+                          sampler_options=sampler or None)
 
 
 def make_predictor(settings: PredictorSettings, factory: Callable[..., Any] | None) -> Any:
