@@ -69,7 +69,7 @@ class SystematicFailure(RunError):
 class RunOptions:
     out: Path
     data_root: Path | None = None
-    batch_size: int = 8
+    batch_size: int = 8  # prompts per predict() call, one sampler step (the plan's prompts per step)
     overwrite: bool = False
     device: str = "cpu"
     dtype: str = "float32"

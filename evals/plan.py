@@ -18,7 +18,11 @@ order, and reported as ONE line naming the setting (exit 2):
    annotations, or read from `dataset.manifest`, checked, hashed into the resolved spec
    (`protocol.manifest_hash`, so a resume with another manifest is refused naming that key) and
    summarised in `RunPlan.protocol` for metrics.json;
-7. the disk: the PNGs and sample lines the run will write (evals/disk.py) against the free space
+7. the device (evals/devices.py): --device / --dtype resolved (auto: CUDA when present), a device
+   that is not there refused; then each task's prompts per step, sized ONCE here
+   (evals/sizing.py over cm3leon/batching.py) from the device's total memory, with the modelled
+   GPU time of its run;
+8. the disk: the PNGs and sample lines the run will write (evals/disk.py) against the free space
    of --out's filesystem, refused when clearly insufficient unless --force-disk.
 
 Values from typed command-line options (--cfg-scale 3) enter the spec as the float typer already
@@ -61,6 +65,9 @@ class RunRequest:
     vq: Path | None = None
     max_failures: str = "1%"
     tp: int = 1  # tensor-parallel ranks per model copy (under torchrun)
+    device: str = "auto"  # --device (evals/devices.py)
+    dtype: str = "auto"  # --dtype
+    batch_size: int | None = None  # --batch-size: prompts per step for every task
     inspect_model: bool = True  # False when a test injects the predictor (no checkpoint behind --model)
     save_candidates: bool = False  # every candidate as a PNG (the disk estimate counts them)
     force_disk: bool = False  # run even when the disk estimate is over the free space
@@ -74,6 +81,11 @@ class TaskPlan:
     files: list[Path]  # the local files the task needs, all present
     protocol: dict[str, Any] | None = None  # tasks.protocols.summary(): metrics.json's "protocol"
     n_samples: int | None = None  # samples the run evaluates, where known before loading the model
+    sizing: Any = None  # evals.sizing.TaskSizing: prompts per step (the engine's chunk), modelled time
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.sizing.prompts_per_step
 
 
 @dataclass
@@ -100,6 +112,7 @@ class Plan:
     max_failures: float
     checkpoint: Any = None  # cm3leon.checkpoint.CheckpointInfo, when one was inspected
     disk: Any = None  # evals.disk.DiskNeed: printed before the run starts
+    device: Any = None  # evals.devices.DeviceChoice: the resolved --device / --dtype
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -242,11 +255,16 @@ def build_plan(req: RunRequest) -> Plan:
     for point, ov, specs in resolved:
         plans = [plan_task(spec, req.data_root, info) for spec in specs]
         runs.append(RunPlan(point, sweep_dir(Path(out), point), plans, {k: typed_value(specs, k) for k in ov}))
+    from evals.devices import resolve as resolve_device
+
+    device = resolve_device(req.device, req.dtype)  # a device that is not there: before the disk line
+    for t in (t for r in runs for t in r.tasks):
+        t.sizing = size_task(t, info, device, req)
     disk = disk_need(runs, info, Path(out), req.save_candidates)
     if disk.insufficient and not req.force_disk:
         raise PlanError(f"{disk.describe()}: not enough space; free some, write elsewhere (--out), lower "
                         "--limit, or pass --force-disk to run anyway")
-    return Plan(model, runs, max_failures, info, disk)
+    return Plan(model, runs, max_failures, info, disk, device)
 
 
 def plan_task(spec: TaskSpec, data_root: Path | None, info: Any) -> TaskPlan:
@@ -264,6 +282,16 @@ def plan_task(spec: TaskSpec, data_root: Path | None, info: Any) -> TaskPlan:
     if spec.protocol is not None:
         spec, protocol = resolve_protocol(spec, root)
     return TaskPlan(spec, sampling, root, files, protocol, count_samples(spec, root, data_root, protocol))
+
+
+def size_task(t: TaskPlan, info: Any, device: Any, req: RunRequest) -> Any:
+    """The task's prompts per step and modelled GPU time (evals/sizing.py); the one call per task."""
+    from cm3leon import families
+    from evals import sizing
+
+    cfg = info.config if info is not None else None
+    family = families.get(info.family) if info is not None else None
+    return sizing.size_task(t.spec, cfg, family, device, req.tp, t.n_samples, req.batch_size)
 
 
 def check_tensor_parallel(tp: int, info: Any) -> None:

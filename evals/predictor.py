@@ -32,10 +32,6 @@ from tasks.spec import TaskSpec
 
 log = logging.getLogger("cm3eval")
 
-# an estimate of one text part's tokens, for sizing batches before the prompts exist
-TEXT_PART_TOKENS = 64
-FIXED_BATCH = 8  # batching: set by cm3leon/batching.py
-
 
 class PredictorSetupError(FatalPredictorError):
     """The predictor cannot serve this task at all (a missing decoder, encoder or bank): fatal for
@@ -54,44 +50,17 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return text.strip()
 
 
-def kv_batch_size(cfg: Any, device: str, dtype: torch.dtype, *, streams: int, seq_len: int, tp: int = 1) -> int:
-    """Samples per sampler batch for rows of `seq_len` positions and `streams` rows per sample."""
-    return FIXED_BATCH  # batching: set by cm3leon/batching.py
-
-
-def estimated_seq_len(cfg: Any, spec: TaskSpec) -> int:
-    """Positions one stream of this task needs, before its prompts exist: bos, each context
-    document (retrieved + shots) and the query image as image_seq_len codes + boi/eoi, a text
-    allowance per text part, and the generation budget."""
-    image = cfg.image_seq_len + 2
-    docs = spec.prompt.k_shot + (spec.retrieval.k if spec.retrieval.enabled else 0)
-    query_images = 0 if spec.kind == "t2i" else 1
-    prompt = 2 + (docs + query_images) * image + (docs + 1) * TEXT_PART_TOKENS
-    budget = cfg.image_seq_len if spec.output_modality == "image" else spec.generation.max_new_tokens
-    return min(cfg.max_seq_len, prompt + budget)
-
-
-def task_batch_size(cfg: Any, spec: TaskSpec, device: str, dtype: torch.dtype, tp: int = 1) -> int:
-    """Samples per batch for a task: as many as the KV-cache budget holds for the task's real
-    sequence (prompt, retrieved documents, shots, image codes) and stream count, divided by
-    the candidates each sample decodes."""
-    sampling = sampling_config(spec)
-    rows = kv_batch_size(cfg, device, dtype, streams=prompts.stream_count(spec.kind, sampling),
-                         seq_len=estimated_seq_len(cfg, spec), tp=tp)
-    return max(1, rows // sampling.n_candidates)
-
-
 class ModelPredictor:
     """Predictor over a cm3leon ModelBundle (cm3leon.checkpoint.load)."""
 
     CODE_CACHE_SIZE = 4096
 
-    def __init__(self, bundle: Any, *, batch_size: int | None = None, device: str = "cpu", dtype: str = "float32",
+    def __init__(self, bundle: Any, *, device: str = "cpu", dtype: str = "float32",
                  save_candidates: bool = False, family: str | None = None,
                  sampler_options: dict[str, Any] | None = None) -> None:
-        """`batch_size`: samples per sampler batch (None: sized per task from its real sequence
-        length and stream count); `sampler_options`: Sampler kwargs (e.g. compile), plus `tp`:
-        split the decoder over that many ranks (cm3leon.tensor_parallel, under torchrun)."""
+        """`sampler_options`: Sampler kwargs (e.g. compile), plus `tp`: split the decoder over that
+        many ranks (cm3leon.tensor_parallel, under torchrun). A predict() call is one sampler step
+        over its batch's prompts: the engine chunks a task by the plan's prompts per step."""
         from evals.encoders import EncoderCache
 
         self.bundle = bundle
@@ -101,13 +70,11 @@ class ModelPredictor:
         options = dict(sampler_options or {})
         self.tp = int(options.pop("tp", 1) or 1)  # tensor-parallel ranks per model copy
         self.fingerprint = bundle.fingerprint or self._weights_hash()  # before any split of the weights
-        self._tp_mesh = None  # the ranks of this model copy (tp > 1): they agree on every batch size
         if self.tp > 1:
             from cm3leon import tensor_parallel
 
             lay = tensor_parallel.layout(self.tp, device)  # the engine's Dist built it (cached)
-            self._tp_mesh = lay.mesh["tp"]
-            tensor_parallel.parallelize(bundle.model, self._tp_mesh)
+            tensor_parallel.parallelize(bundle.model, lay.mesh["tp"])
             if lay.tp_rank == 0 and lay.dp_rank == 0:
                 log.info("tensor parallel: the model is split over %d ranks per copy (%d of %d KV heads per "
                          "rank), %d data-parallel copies", self.tp, bundle.model.local_kv_heads,
@@ -115,9 +82,6 @@ class ModelPredictor:
         self.sampler = Sampler(bundle.model, bundle.config, text_barred=self.codec.text_barred(), **options)
         self.device = device
         self.dtype = bundle.model.tok_embeddings.weight.dtype
-        self.user_batch_size = batch_size
-        # the engine's default chunk when it does not ask per task (batch_size_for)
-        self.batch_size = batch_size or FIXED_BATCH  # batching: set by cm3leon/batching.py
         self.save_candidates = save_candidates
         self.encoder = bundle.encoder
         self.encoders = EncoderCache(model_bundle=bundle, device=device)
@@ -142,29 +106,6 @@ class ModelPredictor:
             raise PredictorSetupError(f"{spec.name}: decoding images needs a VQ decoder and the checkpoint has "
                                       "none (transformers' conversion drops it); pass --vq PATH "
                                       "(Meta's tokenizer/vqgan.ckpt + vqgan.yaml)")
-
-    def batch_size_for(self, spec: TaskSpec) -> int:
-        """Samples per predict() call for this task (the engine's chunk); see task_batch_size."""
-        if self.user_batch_size:
-            return self.user_batch_size
-        return self._agreed(task_batch_size(self.cfg, spec, self.device, self.dtype, self.tp))
-
-    def _agreed(self, size: int) -> int:
-        """A batch size sized from free memory, the same on every rank of a tensor-parallel copy
-        (their batches must match, or the model's all-reduces would pair different shapes)."""
-        if self._tp_mesh is None:
-            return size
-        from cm3leon.tensor_parallel import agree_min
-
-        return agree_min(size, self._tp_mesh)
-
-    def _sampler_batch(self, spec: TaskSpec, built: list[prompts.Prompt], sampling: SamplingConfig) -> int:
-        if self.user_batch_size:
-            return self.user_batch_size
-        budget = self.cfg.image_seq_len if spec.output_modality == "image" else spec.generation.max_new_tokens
-        longest = max(len(s) for p in built for s in p.streams)
-        return self._agreed(kv_batch_size(self.cfg, self.device, self.dtype, streams=len(built[0].streams),
-                                          seq_len=longest + budget, tp=self.tp))
 
     # --- identities that change results besides the weights
     def task_fingerprint(self, spec: TaskSpec, data_root: Path | None = None) -> dict[str, str]:
@@ -342,10 +283,8 @@ class ModelPredictor:
                          if (k == "image" or k.startswith("shot:")) and isinstance(im, Image.Image)]
                         + [p for docs, _ in retrieved for d in docs for p in d.parts if isinstance(p, Image.Image)])
         built = [self._request(spec, it, sampling, r) for it, r in zip(batch.items, retrieved)]
-        sized = [prompts.Prompt(req, text) for req, text, _ in built]
-        # batching: set by cm3leon/batching.py (samples -> whole prompts per step)
-        per_step = max(1, self._sampler_batch(spec, sized, sampling) // sampling.n_candidates)
-        gens = self.sampler.generate([b[0] for b in built], sampling, prompts_per_step=per_step)
+        # one sampler step over the whole batch: the plan sized it (the engine's chunk is its prompts per step)
+        gens = self.sampler.generate([b[0] for b in built], sampling, prompts_per_step=len(built))
         if spec.output_modality == "text":
             return [self._text_output(spec, text, rec, gen) for (_, text, rec), gen in zip(built, gens)]
         return self._image_outputs(spec, built, gens)

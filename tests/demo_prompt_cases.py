@@ -103,7 +103,7 @@ def main() -> None:
     from evals.predict import ModelPredictor, sampling_config
 
     bundle = checkpoint.load("demo")
-    pred = ModelPredictor(bundle, batch_size=1)
+    pred = ModelPredictor(bundle)
     out = {"tokenizer_sha256": tokenizer_hash(Path(bundle.path) / "tokenizer.json"), "cases": []}
     for i, case in enumerate(CASES):
         spec = spec_for(case)

@@ -63,3 +63,20 @@ def test_bench_sampler_geometry_counters_come_from_the_engines():
     assert out["kv_bytes_per_prompt"]["new"] < out["kv_bytes_per_prompt"]["previous"]
     assert out["same_tokens_first_prompt"] is True
     assert out["attention_backend"] in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def test_bench_sampler_device_defaults_to_auto_and_refuses_an_absent_one(monkeypatch):
+    import torch
+
+    from evals.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "sampler", "--config", "demo", "--device", "cuda:banana"]) == 2
+    assert main(["bench", "sampler", "--config", "demo", "--device", "cuda"]) == 2
+    import evals.bench.sampler as bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **kw: seen.setdefault("args", a) and {})
+    monkeypatch.setattr(bench, "_print_table", lambda res: None)
+    assert main(["bench", "sampler", "--config", "demo"]) == 0
+    assert seen["args"][3:5] == ("cpu", "float32")  # device, dtype: auto on a machine without CUDA

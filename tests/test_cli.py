@@ -199,6 +199,7 @@ def test_run_requires_a_model_outside_the_demo_suite(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, expected", [
     (["--device", "tpu"], "--device tpu"),
+    (["--device", "cuda:banana"], "--device cuda:banana: expected auto"),
     (["--dtype", "float16"], "--dtype float16"),
     (["--tp", "0"], "--tp 0"),
     (["--sweep", "generation.temperature"], "--sweep generation.temperature: expected key.path=v1,v2"),
@@ -263,21 +264,25 @@ def test_model_flags_reach_the_loader_and_the_predictor(monkeypatch, tmp_path):
                                       tp=2, save_candidates=True))
     model, kw = seen["load"]
     assert model == "demo" and kw["vq"] == tmp_path / "vqgan.ckpt" and str(kw["dtype"]) == "torch.bfloat16"
-    assert seen["predictor"]["save_candidates"] is True and seen["predictor"]["batch_size"] is None
+    assert seen["predictor"]["save_candidates"] is True and "batch_size" not in seen["predictor"]
     assert seen["predictor"]["sampler_options"] == {"compile": True, "tp": 2}
     seen.clear()
     model_predictor(PredictorSettings("demo", "cpu", "float32", 4))  # defaults: nothing extra is passed
     assert "vq" not in seen["load"][1] and seen["predictor"]["sampler_options"] is None
 
 
-def test_each_task_gets_the_predictors_batch_size_for_it(tmp_path, monkeypatch, capsys):
-    """The engine's chunk comes from `predictor.batch_size_for(spec)` per task (text tasks fit more
-    samples than image tasks); --batch-size overrides it for every task."""
-    from evals import engine
+def test_each_task_runs_in_chunks_of_the_prompts_per_step_the_plan_sized(tmp_path, monkeypatch, capsys):
+    """The plan sizes each task once (evals/sizing.py) and the engine's chunk is that size;
+    --batch-size overrides it for every task."""
+    import evals.plan
+    from evals import engine, sizing
 
-    class Sized(fixtures.EchoPredictor):
-        def batch_size_for(self, spec):
-            return {"shapes-fid": 2, "shapes-edit": 2}.get(spec.name, 5)
+    sizes = {"shapes-fid": 2, "shapes-edit": 2}
+    asked: list[tuple[str, int | None]] = []
+
+    def size_task(t, info, device, req):
+        asked.append((t.spec.name, req.batch_size))
+        return sizing.TaskSizing(req.batch_size or sizes.get(t.spec.name, 5), overridden=bool(req.batch_size))
 
     calls: list[tuple[list[str], int]] = []
     real_run = engine.run
@@ -286,10 +291,41 @@ def test_each_task_gets_the_predictors_batch_size_for_it(tmp_path, monkeypatch, 
         calls.append(([s.name for s in specs], options.batch_size))
         return real_run(specs, predictor, options, dist, on_task)
 
+    monkeypatch.setattr(evals.plan, "size_task", size_task)
     monkeypatch.setattr(engine, "run", recording_run)
     args = ["run", "demo", "--limit", "2", "--out", str(tmp_path / "r")]
-    assert main(args, predictor_factory=lambda **kw: Sized()) == 0, capsys.readouterr().err
+    assert main(args, predictor_factory=fixtures.make_echo) == 0, capsys.readouterr().err
     assert calls == [(["shapes-fid"], 2), (["shapes-caption", "shapes-vqa"], 5), (["shapes-edit"], 2)]
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "per step" in line] == ["shapes-fid: 2 prompts per step",
+                                                            "shapes-caption: 5 prompts per step",
+                                                            "shapes-vqa: 5 prompts per step",
+                                                            "shapes-edit: 2 prompts per step"]
+    assert [n for n, _ in asked] == ["shapes-fid", "shapes-caption", "shapes-vqa", "shapes-edit"]  # once each
     calls.clear()
-    assert main([*args, "--batch-size", "3"], predictor_factory=lambda **kw: Sized()) == 0
+    assert main([*args, "--batch-size", "3"], predictor_factory=fixtures.make_echo) == 0
     assert calls == [(["shapes-fid", "shapes-caption", "shapes-vqa", "shapes-edit"], 3)]
+    assert "shapes-fid: 3 prompts per step (--batch-size)" in capsys.readouterr().err
+
+
+def test_the_plan_prints_the_device_then_the_disk_then_each_task(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rec = Recorder()
+    assert main(["run", "shapes-vqa", "--limit", "2", "--out", str(tmp_path / "r")], predictor_factory=rec) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "device: cpu (auto: no CUDA), dtype float32"
+    assert err[1].startswith("disk: ") and err[2] == "shapes-vqa: 8 prompts per step"
+    assert rec.calls == [{"model": "demo", "device": "cpu", "batch_size": 8}]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_before_the_disk_line(tmp_path):
+    """The real command, as a user types it: no traceback, no disk line, exit 2."""
+    res = subprocess.run([sys.executable, "-m", "evals.cli", "run", "shapes-vqa", "--model", "demo",
+                          "--device", "cuda", "--out", str(tmp_path / "r")], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith("error: --device cuda: torch sees no CUDA device") and res.stderr.count("\n") == 1
+    assert not (tmp_path / "r").exists()

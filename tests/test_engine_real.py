@@ -172,7 +172,7 @@ def test_predictor_encodes_each_image_once_and_prompts_match_the_codec(shapes_ro
         s.seed = i
     images = {s.image: Image.open(shapes_root / s.image).convert("RGB") for s in samples}
     assert len(images) < len(samples)  # the fixture repeats images across questions
-    pred = ModelPredictor(checkpoint.load(tiny_model), batch_size=8)
+    pred = ModelPredictor(checkpoint.load(tiny_model))
     calls = []
     real = pred.codec.image_codes
     monkeypatch.setattr(pred.codec, "image_codes", lambda ims: calls.append(len(ims)) or real(ims))

@@ -1,19 +1,16 @@
-"""evals/predictor.py on the shipped demo model: outputs, fatal set-up errors, batch sizing."""
+"""evals/predictor.py on the shipped demo model: outputs, fatal set-up errors, one sampler step per batch."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-import torch
 
 import tasks
 from cm3leon import checkpoint, families
-from cm3leon.config import ModelConfig
 from cm3leon.errors import Cm3evalError
 from evals.protocol import Batch, Item
-from evals.predictor import (ModelPredictor, PredictorSetupError, estimated_seq_len, kv_batch_size,
-                             sampling_config, task_batch_size)
+from evals.predictor import ModelPredictor, PredictorSetupError, sampling_config
 from tasks.loaders import Sample
 
 
@@ -34,7 +31,7 @@ def _items(n: int) -> list[Item]:
 
 def test_every_candidates_codes_are_output_and_only_the_chosen_png(bundle, tmp_path):
     spec = _t2i_spec(n_candidates=3, rerank=True, scorer="lm")
-    pred = ModelPredictor(bundle, batch_size=4)
+    pred = ModelPredictor(bundle)
     outs = pred.predict(Batch(task=spec, items=_items(2), data_root=tmp_path))
     for out in outs:
         codes = out["extra"]["codes"]
@@ -44,15 +41,33 @@ def test_every_candidates_codes_are_output_and_only_the_chosen_png(bundle, tmp_p
         # the chosen image is the decoding of the chosen codes
         want = pred.codec.decode_images([codes[out["best"]]])[0]
         assert out["images"]["output"].tobytes() == want.tobytes()
-    saving = ModelPredictor(bundle, batch_size=4, save_candidates=True)
+    saving = ModelPredictor(bundle, save_candidates=True)
     again = saving.predict(Batch(task=spec, items=_items(2), data_root=tmp_path))
     assert [o["extra"]["codes"] for o in again] == [o["extra"]["codes"] for o in outs]  # batch size, flags: same
     assert all(len(o["candidates"]) == 3 for o in again)
 
 
+def test_a_predict_call_is_one_sampler_step_over_its_prompts(bundle, tmp_path):
+    """The engine's chunk is the plan's prompts per step: predict() runs all its prompts (every
+    candidate) as one sampler batch, and the tokens are those of one prompt at a time."""
+    spec = _t2i_spec(n_candidates=2, rerank=False)
+    pred = ModelPredictor(bundle)
+    seen, generate = [], pred.sampler.generate
+
+    def spy(requests, sampling, **kw):
+        seen.append((len(requests), kw))
+        return generate(requests, sampling, **kw)
+
+    pred.sampler.generate = spy
+    together = pred.predict(Batch(task=spec, items=_items(3), data_root=tmp_path))
+    alone = [pred.predict(Batch(task=spec, items=[it], data_root=tmp_path))[0] for it in _items(3)]
+    assert seen == [(3, {"batch_size": 6}), (1, {"batch_size": 2}), (1, {"batch_size": 2}), (1, {"batch_size": 2})]
+    assert [o["extra"]["codes"] for o in together] == [o["extra"]["codes"] for o in alone]
+
+
 def test_a_missing_decoder_is_a_fatal_setup_error(bundle, tmp_path):
     no_vq = dataclasses.replace(bundle, vq=None)
-    pred = ModelPredictor(no_vq, batch_size=2)
+    pred = ModelPredictor(no_vq)
     with pytest.raises(PredictorSetupError, match="--vq PATH") as e:
         pred.predict(Batch(task=_t2i_spec(), items=_items(1), data_root=tmp_path))
     assert isinstance(e.value, Cm3evalError)  # the engine stops the run instead of retrying each sample
@@ -65,41 +80,17 @@ def test_a_missing_bank_is_fatal(bundle):
     spec = dataclasses.replace(spec, retrieval=dataclasses.replace(spec.retrieval, enabled=True, k=2,
                                                                    bank="/nonexistent/bank"))
     with pytest.raises(PredictorSetupError, match="bank folder not found"):
-        ModelPredictor(bundle, batch_size=2).task_fingerprint(spec)
+        ModelPredictor(bundle).task_fingerprint(spec)
 
 
 def test_text_decoding_bars_the_family_specials(bundle):
-    pred = ModelPredictor(bundle, batch_size=2)
+    pred = ModelPredictor(bundle)
     assert pred.family is families.NATIVE
     allowed = pred.sampler.text_allowed
     for tid in pred.codec.text_barred():
         assert not bool(allowed[tid])
     s = bundle.tokenizer.special_ids
     assert bool(allowed[s["eos"]]) and bool(allowed[s["break"]])  # stops stay possible
-
-
-@pytest.mark.skip(reason="batching: set by cm3leon/batching.py (issue 20, the device helper's part)")
-def test_batch_size_follows_the_tasks_sequence_and_streams():
-    # a 7B Chameleon shape: 32 layers, 32 kv heads of 128, bf16 -> 0.5 MiB per position per row
-    cfg = ModelConfig(vocab_size=65536, d_model=4096, n_layers=32, n_heads=32, max_seq_len=4096,
-                      image_codebook_size=8192, image_seq_len=1024, eos_id=2, pad_id=1, boi_id=8197,
-                      eoi_id=8196, break_id=8197, bos_id=0)
-    fid, cap = tasks.get("coco-fid"), tasks.get("coco-caption")
-    assert estimated_seq_len(cfg, fid) == 2 + 2 * 1026 + 3 * 64 + 1024  # bos + 2 retrieved docs + caption + image
-    assert estimated_seq_len(cfg, cap) == 2 + 1026 + 64 + cap.generation.max_new_tokens
-    per_row = 2 * 32 * 32 * 128 * 2  # bytes per position (k and v)
-    budget = 1 << 30  # the sampler's CPU KV budget
-    assert kv_batch_size(cfg, "cpu", torch.bfloat16, streams=1, seq_len=1000) == max(1, min(64, budget // (per_row * 1000)))
-    # coco-fid: 2 streams (CFG) and 8 candidates per prompt; caption: 1 stream, 1 candidate
-    rows_fid = kv_batch_size(cfg, "cpu", torch.bfloat16, streams=2, seq_len=estimated_seq_len(cfg, fid))
-    assert task_batch_size(cfg, fid, "cpu", torch.bfloat16) == max(1, rows_fid // 8)
-    assert task_batch_size(cfg, cap, "cpu", torch.bfloat16) == \
-        kv_batch_size(cfg, "cpu", torch.bfloat16, streams=1, seq_len=estimated_seq_len(cfg, cap))
-    # a shorter task gets a larger batch than the old fixed max_seq_len x 2 streams sizing
-    from cm3leon.sampling import auto_batch_size
-
-    big = dataclasses.replace(cfg, n_layers=2)
-    assert task_batch_size(big, cap, "cpu", torch.float32) > auto_batch_size(big, "cpu", torch.float32)
 
 
 # ----------------------------------------------------------------------------- a real-layout Chameleon
@@ -112,7 +103,7 @@ def test_chameleon_checkpoint_through_the_predictor(chameleon_files, tmp_path):
     from PIL import Image
 
     b = checkpoint.load(chameleon_files.hf, vq=chameleon_files.vq_dir / "vqgan.ckpt")
-    pred = ModelPredictor(b, batch_size=2)
+    pred = ModelPredictor(b)
     assert pred.family is families.CHAMELEON
     eot, boi = b.tokenizer.token_to_id("<reserved08706>"), b.tokenizer.token_to_id("<racm3:break>")
     assert (eot, boi) == (8710, 8197)

@@ -118,7 +118,7 @@ def test_demo_predictor_builds_the_golden_requests():
     from evals.predictor import ModelPredictor, sampling_config
 
     golden = _golden()
-    pred = ModelPredictor(checkpoint.load("demo"), batch_size=1)
+    pred = ModelPredictor(checkpoint.load("demo"))
     assert pred.family is families.NATIVE
     for g in golden:
         spec = cases.spec_for(g["case"])

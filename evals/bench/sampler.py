@@ -223,8 +223,8 @@ def command(
     config: str = typer.Option("", help="named random shape instead of --size: " + ", ".join(NAMED_CONFIGS)),
     new_tokens: int = typer.Option(32, help="tokens generated per row"),
     batches: str = typer.Option("1,8,32", help="batch sizes for the scaling table"),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (CUDA graphs on cuda)"),
     image_batch: int = typer.Option(CFG_IMAGE_BATCH, help="batch of the images/s-with-CFG figure"),
     repeats: int = typer.Option(3, help="timed repeats per measurement (the median is kept)"),
@@ -249,13 +249,13 @@ def command(
         raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(NAMED_CONFIGS)}")
     if not config and size not in SIZES:
         raise typer.BadParameter(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise typer.BadParameter(f"unknown dtype {dtype!r}; choose from float32, bfloat16, float16")
-    if device.startswith("cuda"):
-        import torch
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"unknown dtype {dtype!r}; choose from auto, float32, bfloat16, float16")
+    from evals import devices
 
-        if not torch.cuda.is_available():
-            raise typer.BadParameter("--device cuda: no CUDA device is visible to torch")
+    choice = devices.resolve(device)  # a device that is not there: one line, exit 2
+    device, dtype = choice.device, choice.dtype if dtype == "auto" else dtype
+    typer.echo(f"device: {device}{' (auto)' if choice.auto else ''}, dtype {dtype}", err=True)
     res = run_bench(None if config else size, tuple(int(b) for b in batches.split(",")), new_tokens, device, dtype,
                     repeats, threads=threads or None, config=config or None, compile=compile, image_batch=image_batch)
     if as_json:

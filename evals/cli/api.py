@@ -53,7 +53,7 @@ def _assignments(settings: dict[str, Any] | None) -> tuple[str, ...]:
 
 def evaluate(tasks: str | Sequence[str], model: str | None = None, out: str | Path | None = None, *,
              limit: int | None = None, data_root: str | Path | None = None, settings: dict[str, Any] | None = None,
-             sweep: dict[str, Sequence[Any]] | None = None, device: str = "cpu", dtype: str = "float32",
+             sweep: dict[str, Sequence[Any]] | None = None, device: str = "auto", dtype: str = "auto",
              batch_size: int | None = None, max_failures: str = "1%", overwrite: bool = False,
              save_candidates: bool = False, vq: str | Path | None = None, check: bool = True,
              predictor_factory: Callable[..., Any] | None = None) -> Evaluation:
@@ -62,22 +62,23 @@ def evaluate(tasks: str | Sequence[str], model: str | None = None, out: str | Pa
     ({"generation.cfg_scale": 3}), `sweep` the --sweep axes ({"generation.cfg_scale": [1, 3]}: one run
     folder per point under `out`, each in `.sweep`). `predictor_factory` stands in for the checkpoint
     (tests). Raises Cm3evalError subclasses, never SystemExit."""
-    from evals.cli.run import PredictorSettings, check_device, run_plans
+    from evals.cli.run import PredictorSettings, check_flags, run_plans
     from evals.engine import exit_status
     from evals.plan import RunRequest, build_plan
 
     names = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     sweeps = tuple(f"{k}={','.join(map(str, vals))}" for k, vals in (sweep or {}).items())
-    check_device(device, dtype, 1)
+    check_flags(device, dtype, 1)
     request = RunRequest(names, _assignments(settings), sweeps, {"limit": limit}, model,
                          Path(data_root) if data_root else None, Path(out) if out else None, Path(vq) if vq else None,
-                         max_failures, inspect_model=predictor_factory is None, save_candidates=save_candidates)
+                         max_failures, device=device, dtype=dtype, batch_size=batch_size,
+                         inspect_model=predictor_factory is None, save_candidates=save_candidates)
     plan = build_plan(request)
     # the call as the command line it stands for, recorded in metrics.json ("commands that built the run")
     argv = ["evals.evaluate", *names] + (["--model", model] if model else []) + (["--out", str(out)] if out else [])
     argv += (["--limit", str(limit)] if limit else []) + [x for a in request.sets for x in ("--set", a)]
     argv += [x for a in sweeps for x in ("--sweep", a)]
-    run = PredictorSettings(plan.model, device, dtype, batch_size, Path(vq) if vq else None,
+    run = PredictorSettings(plan.model, plan.device.device, plan.device.dtype, batch_size, Path(vq) if vq else None,
                             save_candidates=save_candidates)
     all_results = run_plans(plan, run, predictor_factory, overwrite=overwrite,
                             data_root=Path(data_root) if data_root else None, argv=argv)

@@ -2,8 +2,8 @@
 
 `run` is three phases: the plan (evals/plan.py: every setting, file and capability checked, no
 model loaded; the disk need printed, and refused over the free space unless --force-disk), the
-engine (one run folder per sweep point, resumable; each task's batch from the predictor's
-`batch_size_for(spec)` unless --batch-size; a published protocol's summary recorded as the task's
+engine (one run folder per sweep point, resumable; each task in chunks of the prompts per step
+the plan sized for it, or --batch-size; a published protocol's summary recorded as the task's
 "protocol" in metrics.json), then the views (the
 run's report.html, a leaderboard across sweep points) and the verdict: exit 0 when every
 requested metric was computed, 1 when a task's failed samples exceed --max-failures (all
@@ -26,10 +26,9 @@ from typing import Any, Callable, Optional
 
 import typer
 
-log = logging.getLogger("cm3eval")
+from evals.devices import DEVICES_HELP, check_syntax  # torch-free
 
-DEVICES_HELP = "cpu or cuda (cuda:N)"
-DTYPES = ("float32", "bfloat16")
+log = logging.getLogger("cm3eval")
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class PredictorSettings:
     model: str
     device: str
     dtype: str
-    batch_size: int | None  # None: the predictor picks one from the task's sequence length
+    batch_size: int | None  # --batch-size (None: the plan sized each task)
     vq: Path | None = None
     compile: bool = False
     tp: int = 1
@@ -61,11 +60,9 @@ def _usage(message: str) -> None:
     raise PlanError(message)
 
 
-def check_device(device: str, dtype: str, tp: int) -> None:
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        _usage(f"--device {device}: expected {DEVICES_HELP}")
-    if dtype not in DTYPES:
-        _usage(f"--dtype {dtype}: expected {' or '.join(DTYPES)}")
+def check_flags(device: str, dtype: str, tp: int) -> None:
+    """What the flags get wrong on any machine (no torch import); the plan checks the device exists."""
+    check_syntax(device, dtype)
     if tp < 1:
         _usage(f"--tp {tp}: expected an integer >= 1")
 
@@ -87,8 +84,8 @@ def model_predictor(s: PredictorSettings) -> Any:
         sampler["compile"] = True
     if s.tp > 1:
         sampler["tp"] = s.tp
-    return ModelPredictor(bundle, batch_size=s.batch_size, device=s.device, dtype=s.dtype,
-                          save_candidates=s.save_candidates, sampler_options=sampler or None)
+    return ModelPredictor(bundle, device=s.device, dtype=s.dtype, save_candidates=s.save_candidates,
+                          sampler_options=sampler or None)
 
 
 def make_predictor(settings: PredictorSettings, factory: Callable[..., Any] | None) -> Any:
@@ -200,10 +197,12 @@ def run(
                                       "tokenizer/vqgan.ckpt, vqgan.yaml beside it)."),
     max_failures: str = typer.Option("1%", "--max-failures", help="Failed samples allowed per task before exit 1 "
                                      "(a percentage, 1%, or a fraction, 0.01)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Samples per forward (does not "
-                                             "change results); default: from the task's sequence length."),
-    device: str = typer.Option("cpu", "--device", help=DEVICES_HELP),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Prompts per sampler step (does "
+                                             "not change results); default: as many as the device's memory "
+                                             "holds for the task."),
+    device: str = typer.Option("auto", "--device", help=DEVICES_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 elsewhere), float32 or "
+                              "bfloat16"),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the decode step (CUDA graphs on GPU)."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks per model replica (under torchrun)."),
     save_candidates: bool = typer.Option(False, "--save-candidates", help="Write a PNG for every candidate, "
@@ -217,18 +216,20 @@ def run(
     from evals.plan import RunRequest, build_plan
 
     _setup_logging()
-    check_device(device, dtype, tp)
+    check_flags(device, dtype, tp)
     obj = ctx.find_root().obj or {}
     factory = obj.get("predictor_factory")
     shorthands = dict(retrieval_k=retrieval_k, cfg_scale=cfg_scale, cdk_alpha=cdk_alpha, candidates=candidates,
                       limit=limit)
     plan = build_plan(RunRequest(tuple(names), tuple(set_), tuple(sweep), shorthands, model, data_root, out, vq,
-                                 max_failures, tp=tp, inspect_model=factory is None,
-                                 save_candidates=save_candidates, force_disk=force_disk))
-    if plan.disk is not None and os.environ.get("RANK", "0") == "0":  # once per torchrun job, not per rank
-        typer.echo(plan.disk.describe(), err=True)  # before anything loads: the run may take hours
-    code = execute(plan, PredictorSettings(plan.model, device, dtype, batch_size, vq, compile_, tp, save_candidates),
-                   factory, overwrite=overwrite, data_root=data_root, as_json=json_, argv=obj.get("argv"))
+                                 max_failures, tp=tp, device=device, dtype=dtype, batch_size=batch_size,
+                                 inspect_model=factory is None, save_candidates=save_candidates,
+                                 force_disk=force_disk))
+    if os.environ.get("RANK", "0") == "0":  # once per torchrun job, not per rank
+        print_plan(plan)
+    settings = PredictorSettings(plan.model, plan.device.device, plan.device.dtype, batch_size, vq, compile_, tp,
+                                 save_candidates)
+    code = execute(plan, settings, factory, overwrite=overwrite, data_root=data_root, as_json=json_, argv=obj.get("argv"))
     if code:
         raise typer.Exit(code)
 
@@ -252,14 +253,12 @@ def run_plans(plan: Any, settings: PredictorSettings, factory: Callable[..., Any
     from evals.dist import init_distributed
 
     dist = init_distributed(settings.device, settings.tp)  # with --tp: the ("dp", "tp") mesh the predictor splits on
-    if dist.enabled and settings.device == "cuda":
-        settings = PredictorSettings(**{**settings.__dict__, "device": f"cuda:{dist.local_rank}"})
     predictor = make_predictor(settings, factory)
     model_path = Path(plan.checkpoint.path) if plan.checkpoint is not None else None
     all_results: dict[str, dict[str, Any]] = {}
     for run_plan in plan.runs:
         results: dict[str, Any] = {}
-        for batch, specs in batch_groups(run_plan.specs, predictor, settings.batch_size):
+        for batch, specs in batch_groups(run_plan.tasks):
             opts = engine.RunOptions(out=run_plan.out, data_root=data_root, batch_size=batch, overwrite=overwrite,
                                      device=settings.device, dtype=settings.dtype, model_name=plan.model,
                                      model_path=model_path, overrides=run_plan.overrides, argv=list(argv or sys.argv),
@@ -274,22 +273,30 @@ def run_plans(plan: Any, settings: PredictorSettings, factory: Callable[..., Any
     return all_results
 
 
-def batch_groups(specs: list[Any], predictor: Any, batch_size: int | None) -> list[tuple[int, list[Any]]]:
-    """(engine chunk, specs) in task order: the predictor sizes each task's batch from its
-    sequence length (`batch_size_for`); consecutive tasks of one size share an engine call."""
+def batch_groups(task_plans: list[Any]) -> list[tuple[int, list[Any]]]:
+    """(prompts per step, specs) in task order, as the plan sized each task; consecutive tasks of
+    one size share an engine call."""
     groups: list[tuple[int, list[Any]]] = []
-    for spec in specs:
-        if batch_size:
-            size = batch_size
-        elif hasattr(predictor, "batch_size_for"):
-            size = int(predictor.batch_size_for(spec))
-        else:  # an injected test predictor
-            size = int(getattr(predictor, "batch_size", None) or 8)
+    for t in task_plans:
+        size = t.prompts_per_step
         if groups and groups[-1][0] == size:
-            groups[-1][1].append(spec)
+            groups[-1][1].append(t.spec)
         else:
-            groups.append((size, [spec]))
+            groups.append((size, [t.spec]))
     return groups
+
+
+def print_plan(plan: Any) -> None:
+    """Before anything loads (the run may take hours): the device, the disk need, and one line per
+    task with its prompts per step, KV per prompt and modelled GPU time."""
+    typer.echo(plan.device.describe(), err=True)
+    if plan.disk is not None:
+        typer.echo(plan.disk.describe(), err=True)
+    sweep = len(plan.runs) > 1
+    for run_plan in plan.runs:
+        for t in run_plan.tasks:
+            where = f"{run_plan.out.name}/" if sweep else ""
+            typer.echo(t.sizing.describe(where + t.spec.name), err=True)
 
 
 def record_protocols(run_plan: Any, results: dict[str, Any]) -> None:
