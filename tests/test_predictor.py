@@ -61,7 +61,7 @@ def test_a_predict_call_is_one_sampler_step_over_its_prompts(bundle, tmp_path):
     pred.sampler.generate = spy
     together = pred.predict(Batch(task=spec, items=_items(3), data_root=tmp_path))
     alone = [pred.predict(Batch(task=spec, items=[it], data_root=tmp_path))[0] for it in _items(3)]
-    assert seen == [(3, {"batch_size": 6}), (1, {"batch_size": 2}), (1, {"batch_size": 2}), (1, {"batch_size": 2})]
+    assert seen == [(3, {"prompts_per_step": 3})] + [(1, {"prompts_per_step": 1})] * 3
     assert [o["extra"]["codes"] for o in together] == [o["extra"]["codes"] for o in alone]
 
 
