@@ -21,12 +21,20 @@ SPEC = {"name": "t", "version": 1, "dataset": {"split": "val2014"}, "generation"
         "retrieval": {"enabled": True, "k": 2}, "prompt": {"k_shot": 0}, "metrics": {}}
 
 
+def constant_samples(metrics: dict[str, dict[str, Any]], n: int = 100) -> list[dict[str, Any]]:
+    """n sample lines whose per-sample score of each metric is its recorded value (so the value is
+    their mean, as compare's verification demands)."""
+    per = {k: e["value"] for k, e in metrics.items() if isinstance(e.get("value"), (int, float))}
+    return [{"id": f"s{i}", "index": i, "kind": "x", "failure": None, "per_sample": per} for i in range(n)]
+
+
 def write_run(root: Path, name: str, tasks: dict[str, dict[str, Any]]) -> Path:
-    """tasks: {task: {"metrics": {name: entry}, "samples": [...], "spec": {...}, "failures": [...]}}."""
+    """tasks: {task: {"metrics": {name: entry}, "samples": [...], "spec": {...}, "failures": [...]}};
+    without "samples", constant_samples of the metrics."""
     run = root / name
     out = {}
     for task, t in tasks.items():
-        samples = t.get("samples", [])
+        samples = t["samples"] if "samples" in t else constant_samples(t["metrics"], t.get("n_samples", 100))
         (run / task / "samples").mkdir(parents=True)
         (run / task / "samples" / "rank-00000.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
         (run / task / "config.json").write_text(json.dumps({"task": t.get("spec", SPEC), "model": "m",
@@ -57,7 +65,7 @@ def compare(*args: str) -> tuple[int, str]:
 def verdicts(*args: str) -> dict[tuple[str, str], str]:
     code, out = compare(*args, "--json")
     assert code in (0, 1), out
-    return {(v["task"], v["metric"]): v["verdict"] for v in json.loads(out)}
+    return {(v["task"], v["metric"]): v["verdict"] for v in json.loads(out)["rows"]}
 
 
 def test_direction_comes_from_metrics_json_not_the_name(tmp_path):
@@ -156,7 +164,7 @@ def test_unequal_sample_sets_refused_then_paired_on_the_same_samples(tmp_path):
     assert code == 2 and "--force" in out and "n: base 1000, new 20" in out
     md = tmp_path / "cmp.md"
     code, out = compare(str(a), str(b), "--force", "--json", "--markdown", str(md))
-    (v,) = [x for x in json.loads(out) if x["metric"] == "accuracy"]
+    (v,) = [x for x in json.loads(out)["rows"] if x["metric"] == "accuracy"]
     # The delta is computed from the 20 matched samples, the same ones as its CI.
     assert v["n_paired"] == 20 and v["delta"] == 0 and v["ci_low"] <= v["delta"] <= v["ci_high"]
     assert v["verdict"] == "same" and "paired on 20 of 1000" in v["note"]
