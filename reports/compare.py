@@ -178,13 +178,9 @@ def _run_ci_delta(b: dict[str, Any], n: dict[str, Any], delta: float) -> tuple[f
 
 
 def _with_set_ci(entry: dict[str, Any], saved: dict[str, Any] | None, metric: str) -> dict[str, Any]:
-    """A set metric's entry with a 95 % CI from its saved features (delta method) when it has none."""
-    fn = paired.set_metric(metric)
-    if entry.get("ci") is not None or saved is None or fn is None or len(saved["features"]) < 3:
-        return entry
-    value, infl = fn(saved["features"], saved["ref_mu"], saved["ref_sigma"])
-    half = Z95 * float(np.std(infl, ddof=1)) / math.sqrt(len(infl))
-    return {**entry, "ci": [value - half, value + half]}
+    """A set metric's entry with its own 95 % CI from its saved features when it records none."""
+    ci = paired.run_ci(metric, saved) if entry.get("ci") is None and saved is not None else None
+    return {**entry, "ci": list(ci)} if ci is not None else entry
 
 
 # ---------------------------------------------------------------- option names

@@ -23,47 +23,64 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from evals.metrics.fid_stats import frechet_distance
 from evals.metrics.result import bootstrap_ci
 
 
-def _sym_sqrt(m: np.ndarray, inverse: bool = False) -> np.ndarray:
-    """The PSD square root (or the pseudo-inverse square root) of a symmetric matrix."""
+def _eigh_psd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     w, v = np.linalg.eigh((m + m.T) / 2)
-    w = np.clip(w, 0.0, None)
-    if inverse:
-        keep = w > 1e-10 * max(float(w.max(initial=0.0)), 1e-300)
-        w = np.where(keep, 1.0 / np.sqrt(np.where(keep, w, 1.0)), 0.0)
-    else:
-        w = np.sqrt(w)
-    return (v * w) @ v.T
+    return np.clip(w, 0.0, None), v
 
 
-def fd_influence(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> tuple[float, np.ndarray]:
-    """(FD of the features to the reference moments, each row's influence value on it)."""
+@dataclass
+class FDReference:
+    mu: np.ndarray
+    sigma: np.ndarray
+    sqrt: np.ndarray  # C = sigma^(1/2), shared by both runs of a comparison
+
+
+def fd_reference(ref_mu: np.ndarray, ref_sigma: np.ndarray) -> FDReference:
+    w, v = _eigh_psd(np.asarray(ref_sigma, np.float64))
+    return FDReference(np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64), (v * np.sqrt(w)) @ v.T)
+
+
+def fd_influence(features: np.ndarray, ref: FDReference) -> tuple[float, np.ndarray]:
+    """(FD of the features to the reference, each row's influence value on it).
+
+    With K = C S C = U diag(l) U^T: tr (C S C)^(1/2) = sum sqrt(l), and C K^(-1/2) C = W W^T with
+    W = C U diag(l^(-1/4)) (zero eigenvalues left out), so (x-mu)^T A (x-mu) = |x-mu|^2 - |(x-mu) W|^2:
+    two d x d products, one eigendecomposition and one n x d x d product per run."""
     x = np.asarray(features, np.float64)
-    mu, ref_mu, ref_sigma = x.mean(axis=0), np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
+    mu = x.mean(axis=0)
     xc = x - mu
     sigma = xc.T @ xc / (len(x) - 1)
-    value = frechet_distance(mu, sigma, ref_mu, ref_sigma)
-    c = _sym_sqrt(ref_sigma)
-    a = np.eye(len(mu)) - c @ _sym_sqrt(c @ sigma @ c, inverse=True) @ c
-    quad = np.einsum("ij,ij->i", xc @ a, xc)
-    return value, 2.0 * xc @ (mu - ref_mu) + quad - quad.mean()
+    lam, u = _eigh_psd(ref.sqrt @ sigma @ ref.sqrt)
+    d = mu - ref.mu
+    value = float(d @ d + np.trace(sigma) + np.trace(ref.sigma) - 2.0 * np.sqrt(lam).sum())
+    keep = lam > 1e-10 * max(float(lam.max(initial=0.0)), 1e-300)
+    w = (ref.sqrt @ u[:, keep]) * lam[keep] ** -0.25
+    quad = (xc * xc).sum(axis=1) - np.square(xc @ w).sum(axis=1)
+    return value, 2.0 * xc @ d + quad - quad.mean()
 
 
-SET_METRICS: list[tuple[str, Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[float, np.ndarray]]]] = [
-    ("FID", fd_influence),
-    ("FD-*", fd_influence),
+@dataclass(frozen=True)
+class SetMetric:
+    """How to pair a set metric: the reference prepared once, then (value, influence) per run."""
+    reference: Callable[[np.ndarray, np.ndarray], Any]
+    influence: Callable[[np.ndarray, Any], tuple[float, np.ndarray]]
+
+
+SET_METRICS: list[tuple[str, SetMetric]] = [
+    ("FID", SetMetric(fd_reference, fd_influence)),
+    ("FD-*", SetMetric(fd_reference, fd_influence)),
 ]
 
 
-def set_metric(name: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[float, np.ndarray]] | None:
-    return next((fn for pattern, fn in SET_METRICS if fnmatchcase(name, pattern)), None)
+def set_metric(name: str) -> SetMetric | None:
+    return next((m for pattern, m in SET_METRICS if fnmatchcase(name, pattern)), None)
 
 
 @dataclass
@@ -79,8 +96,8 @@ def paired_set_delta(metric: str, base: dict[str, np.ndarray], new: dict[str, np
                      n_resamples: int = 2000, seed: int = 0) -> PairedDelta | str:
     """The delta of a set metric between two runs' saved features (evals.runs.read_features), with
     its 95 % CI from the linearised paired bootstrap; a string saying why not when they cannot pair."""
-    fn = set_metric(metric)
-    if fn is None:
+    sm = set_metric(metric)
+    if sm is None:
         return f"no influence function for {metric}"
     if base["ref_mu"].shape != new["ref_mu"].shape or not (
             np.allclose(base["ref_mu"], new["ref_mu"], rtol=1e-9, atol=0)
@@ -91,16 +108,27 @@ def paired_set_delta(metric: str, base: dict[str, np.ndarray], new: dict[str, np
     shared = sorted(bi.keys() & ni.keys())
     if len(shared) < 3:
         return f"{len(shared)} samples shared by id (need 3)"
-    vb, ib = fn(base["features"][[bi[i] for i in shared]], base["ref_mu"], base["ref_sigma"])
-    vn, inn = fn(new["features"][[ni[i] for i in shared]], new["ref_mu"], new["ref_sigma"])
+    ref = sm.reference(base["ref_mu"], base["ref_sigma"])
+    vb, ib = sm.influence(base["features"][[bi[i] for i in shared]], ref)
+    vn, inn = sm.influence(new["features"][[ni[i] for i in shared]], ref)
     lo, hi = bootstrap_ci(inn - ib, n_resamples=n_resamples, seed=seed)
     delta = vn - vb
     return PairedDelta(vb, vn, delta, (delta + lo, delta + hi), len(shared))
 
 
-def set_value(metric: str, saved: dict[str, np.ndarray]) -> float | None:
-    """The set metric recomputed from a run's saved features (None: no function for it)."""
-    fn = set_metric(metric)
-    if fn is None:
+def run_ci(metric: str, saved: dict[str, np.ndarray]) -> tuple[float, float] | None:
+    """One run's own 95 % CI of a set metric from its influence values (normal approximation)."""
+    sm = set_metric(metric)
+    if sm is None or len(saved["features"]) < 3:
         return None
-    return fn(saved["features"], saved["ref_mu"], saved["ref_sigma"])[0]
+    value, infl = sm.influence(saved["features"], sm.reference(saved["ref_mu"], saved["ref_sigma"]))
+    half = 1.959963984540054 * float(np.std(infl, ddof=1)) / np.sqrt(len(infl))
+    return value - half, value + half
+
+
+def set_value(metric: str, saved: dict[str, np.ndarray]) -> float | None:
+    """The set metric recomputed from a run's saved features (None: not a set metric)."""
+    sm = set_metric(metric)
+    if sm is None:
+        return None
+    return sm.influence(saved["features"], sm.reference(saved["ref_mu"], saved["ref_sigma"]))[0]
