@@ -63,16 +63,24 @@ def _check_set(run_dir: Path, task: str, metric: str, value: float) -> bool:
     return True
 
 
-def _caption_values(run_dir: Path, task: str, samples: list[dict[str, Any]]) -> dict[str, float]:
-    from evals.metrics.captioning import caption_metrics
+def _caption_values(run_dir: Path, task: str, samples: list[dict[str, Any]], names: set[str]) -> dict[str, float]:
+    """BLEU-n (and METEOR when asked: it starts the METEOR jar) of the samples' predictions, tokenized
+    with the run's captioning option, as evals.metrics.captioning computes them."""
+    from evals.metrics import captioning as cap
 
     ok = [s for s in samples if not s.get("failure") and isinstance(s.get("prediction"), str)]
     if not ok:
         return {}
     opts = ((load_task_config(run_dir, task) or {}).get("task", {}).get("metrics") or {}).get("captioning") or {}
-    res = caption_metrics({s["id"]: s["prediction"] for s in ok}, {s["id"]: list(s["references"]) for s in ok},
-                          tokenize=opts.get("tokenize", "ptb"), spice=False)
-    return {k: r.value for k, r in res.items() if k in CAPTION_CORPUS}
+    tokenize = opts.get("tokenize", "ptb")
+    preds, refs = {s["id"]: s["prediction"] for s in ok}, {s["id"]: list(s["references"]) for s in ok}
+    if "METEOR" in names:
+        return {k: r.value for k, r in cap.caption_metrics(preds, refs, tokenize=tokenize, spice=False).items()}
+    tok = cap.ptb_tokenize if tokenize == "ptb" else cap.whitespace_tokenize
+    ids = list(preds)
+    gts, res = tok({i: refs[i] for i in ids}), tok({i: [preds[i]] for i in ids})
+    scores, _ = cap.bleu_scorer(gts, res, ids).compute_score(option="closest", verbose=0)
+    return {f"BLEU-{k + 1}": float(v) for k, v in enumerate(scores)}
 
 
 def verify_task(run_dir: Path | str, task: str, entry: dict[str, Any], samples: list[dict[str, Any]]
@@ -93,7 +101,8 @@ def verify_task(run_dir: Path | str, task: str, entry: dict[str, Any], samples: 
         elif _check_set(run_dir, task, metric, value):
             how[metric] = "features"
         elif metric in CAPTION_CORPUS:
-            captions = _caption_values(run_dir, task, samples) if captions is None else captions
+            if captions is None:
+                captions = _caption_values(run_dir, task, samples, set(entry.get("metrics") or {}))
             got = captions.get(metric)
             if got is None or not math.isclose(got, value, rel_tol=1e-9, abs_tol=1e-12):
                 raise InconsistentRun(f"{_where(run_dir, task, metric)} is {fmt(value)} but the samples' predictions "
