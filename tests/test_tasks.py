@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import textwrap
-import time
 
 import pytest
 import yaml
@@ -259,10 +258,10 @@ BOMB = textwrap.dedent("""\
     """)
 
 
-def test_yaml_alias_bomb_is_refused_fast(tmp_path):
-    # 9^9 = 387M strings: yaml.safe_load returns it (shared refs), and asdict / deepcopy / json then hang
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    # 9^9 = 387M strings: yaml.safe_load returns it (shared refs), and asdict / deepcopy / json then hang;
+    # the refusal counts the nodes the aliases would expand to (the message says so) instead.
     bomb_option = GOOD.replace("vqa_accuracy: {}", "vqa_accuracy:\n    " + BOMB.replace("\n", "\n    ").rstrip())
-    t0 = time.perf_counter()
     with pytest.raises(SpecError, match=r"refused: aliases expand to more than \d+ nodes"):
         load_spec(write(tmp_path, bomb_option))
     with pytest.raises(SpecError, match=r"^--set metrics.fid: refused: aliases expand"):
@@ -270,7 +269,6 @@ def test_yaml_alias_bomb_is_refused_fast(tmp_path):
         apply_overrides(tasks.get("coco-fid"), {"metrics.fid": inline})
     with pytest.raises(SpecError, match="recursive alias"):
         load_spec(write(tmp_path, "name: &n [*n]\n", "rec.yaml"))
-    assert time.perf_counter() - t0 < 5
     # ordinary anchors stay usable
     ok = GOOD.replace("max_new_tokens: 5", "max_new_tokens: &five 5").replace("top_p: 0.9", "top_p: 0.9\n  cdk_k: *five")
     assert load_spec(write(tmp_path, ok, "ok.yaml")).generation.cdk_k == 5
