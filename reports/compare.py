@@ -311,10 +311,25 @@ class _Task:
         if scale is not None and bp and np_:
             note = "unpaired (too few samples matched by id); "
         elif bp and np_:
-            note = "a corpus metric (no paired CI); "
+            if _run_ci_delta(bm, nm, nv - bv) is None and len(ids) >= 2:
+                return self._corpus_delta(bp, np_, ids, bv, nv)
+            note = "a corpus metric; "
         else:
             note = "no per-sample scores; "
         return self._unpaired(nv - bv, bm, nm, note)
+
+    def _corpus_delta(self, bp: dict[str, float], np_: dict[str, float], ids: list[str], bv: float, nv: float
+                      ) -> tuple[float, tuple[float, float] | None, str, int, str]:
+        """A corpus metric without CIs (METEOR): the paired bootstrap of its per-sample (segment)
+        scores, its spread rescaled by corpus value / segment mean (an approximation, said so)."""
+        d = np.array([np_[i] - bp[i] for i in ids])
+        seg = abs(float(np.mean([bp[i] for i in ids]))) + abs(float(np.mean([np_[i] for i in ids])))
+        ratio = (abs(bv) + abs(nv)) / seg if seg > 0 else 1.0
+        lo, hi = bootstrap_ci(d, n_resamples=self.opts["n_resamples"], seed=self.opts["seed"])
+        delta, mid = nv - bv, float(d.mean())
+        ci = (delta + ratio * (lo - mid), delta + ratio * (hi - mid))
+        return delta, ci, "paired bootstrap (segment scores)", len(ids), \
+            f"a corpus metric: CI from its per-sample scores x {ratio:.3g} (corpus / segment mean)"
 
     def _unpaired(self, delta: float, bm: dict[str, Any], nm: dict[str, Any], note: str
                   ) -> tuple[float, tuple[float, float] | None, str, int, str]:
