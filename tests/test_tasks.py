@@ -72,6 +72,22 @@ def test_every_shipped_spec_loads_and_suites_resolve():
         tasks.get("vqa2")
 
 
+def test_a_suite_gives_its_members_settings_and_set_wins(tmp_path, monkeypatch):
+    from tasks import registry
+
+    assert tasks.suites()["ci"] == ["coco-fid", "coco-caption", "vqav2"]
+    fid, cap, vqa = plan.resolve_specs(["ci"], {})
+    assert (fid.limit, fid.dataset.shuffle, fid.generation.n_candidates, fid.generation.rerank) == (1000, True, 1, False)
+    assert (cap.limit, vqa.limit) == (1000, 2000) and cap.dataset.shuffle and vqa.dataset.shuffle
+    assert [s.limit for s in plan.resolve_specs(["ci"], {"limit": "7"})] == [7, 7, 7]  # --set wins
+    assert plan.resolve_specs(["coco-fid"], {})[0].generation.n_candidates == 8  # alone: its own spec
+    bad = tmp_path / "suites.yaml"
+    bad.write_text("x:\n  - no-such-task: {limit: 3}\n")
+    monkeypatch.setattr(registry, "SUITES_FILE", bad)
+    with pytest.raises(SpecError, match="x: unknown task 'no-such-task'"):
+        tasks.suites()
+
+
 def test_coco_fid_has_the_paper_settings():
     s = tasks.get("coco-fid")
     assert s.kind == "t2i" and s.limit == 30000 and s.dataset.split == "val2014"
