@@ -190,10 +190,12 @@ def _metric_names(base: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[s
     out: dict[str, dict[str, bool | None]] = {}
     for data in (base, new):
         for task, entry in data["tasks"].items():
-            names = out.setdefault(task, {FAILURES: False})
+            names = out.setdefault(task, {})
             for metric, m in (entry.get("metrics") or {}).items():
                 hib = recorded_direction(m)
                 names[metric] = hib if names.get(metric) is None else names[metric]
+    for names in out.values():
+        names[FAILURES] = False  # the per-task row of failed samples: lower is better
     return out
 
 
