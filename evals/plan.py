@@ -191,13 +191,14 @@ def resolve_specs(names: list[str] | tuple[str, ...], overrides: dict[str, Any],
     import tasks
 
     specs = [tasks.get(n) for n in tasks.expand(list(names))]
+    in_suite = tasks.suite_settings(list(names))  # a suite's own settings of its members; --set wins
     used: set[str] = set()
     out = []
     for spec in specs:
         keys = set(known_keys(spec))
         mine = {k: v for k, v in overrides.items() if k in keys or not k.startswith("metrics.")}
         src = f"task {spec.name} with {label} overrides"
-        resolved = apply_overrides(spec, mine, src)
+        resolved = apply_overrides(spec, {**in_suite.get(spec.name, {}), **mine}, src)
         used |= set(mine)
         out.append(check_spec(resolved, src))
     unused = [k for k in overrides if k not in used]
@@ -242,7 +243,7 @@ def build_plan(req: RunRequest) -> Plan:
     for point in points:
         ov = {**overrides, **point}
         label = "--set" if not point else "--set/--sweep (" + ", ".join(f"{k}={v}" for k, v in point.items()) + ")"
-        resolved.append((point, ov, resolve_specs(names, ov, label)))
+        resolved.append((point, ov, resolve_specs(req.names, ov, label)))
     info = None
     if req.inspect_model:
         from cm3leon.checkpoint import inspect

@@ -5,6 +5,8 @@
     RUN/TASK/config.json               resolved spec, overrides, fingerprints, config hash
     RUN/TASK/samples/rank-RRRRR.jsonl  one line per finished sample, appended, flushed, fsync'd
     RUN/TASK/images/*.png              written (temp file + rename) before the line naming them
+    RUN/TASK/features/METRIC.npz       a set metric's per-sample feature rows (FD): ids, features,
+                                       the reference's mean and covariance (compare pairs on them)
 
 The one torn-line rule (read_samples): a sample line is finished when it ends with a newline
 and parses as a JSON object with an "id" and an integer "index". The last line of a file
@@ -27,6 +29,7 @@ import os
 import socket
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,6 +45,7 @@ CONFIG = "config.json"
 METRICS = "metrics.json"
 SAMPLES = "samples"
 IMAGES = "images"
+FEATURES = "features"
 LOCK = ".cm3eval.lock"
 _METRICS_LOCK = ".metrics.lock"  # a short flock around the read-modify-write of metrics.json
 _TMP_MARK = ".tmp-"
@@ -346,6 +350,43 @@ def write_task_config(task_dir: Path, config: dict[str, Any]) -> None:
     except OSError as e:
         raise _disk_error(e, task_dir) from None
     atomic_write_json(task_dir / CONFIG, config)
+
+
+def features_path(task_dir: Path, metric: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in metric)
+    return Path(task_dir) / FEATURES / f"{safe}.npz"
+
+
+def write_features(task_dir: Path, metric: str, ids: list[str], features: np.ndarray, ref_mu: np.ndarray,
+                   ref_sigma: np.ndarray) -> Path:
+    """The per-sample feature rows behind a set metric (row i belongs to sample ids[i]) and the
+    reference moments it was measured against, as one .npz (float32 features: what the encoders emit,
+    so the rows are stored exactly)."""
+    path = features_path(task_dir, metric)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _disk_error(e, path.parent) from None
+    buf = io.BytesIO()
+    np.savez(buf, ids=np.asarray([str(i) for i in ids]), features=np.asarray(features, np.float32),
+             ref_mu=np.asarray(ref_mu, np.float64), ref_sigma=np.asarray(ref_sigma, np.float64))
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def read_features(task_dir: Path, metric: str) -> dict[str, np.ndarray] | None:
+    """What write_features saved ({"ids", "features", "ref_mu", "ref_sigma"}), or None when absent."""
+    path = features_path(task_dir, metric)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in ("ids", "features", "ref_mu", "ref_sigma")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise RunFolderError(f"{path}: unreadable feature file ({e})") from None
+    if out["features"].ndim != 2 or len(out["ids"]) != len(out["features"]):
+        raise RunFolderError(f"{path}: {len(out['ids'])} ids for features of shape {out['features'].shape}")
+    return out
 
 
 # ----------------------------------------------------------------------------- metrics.json

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from evals import runs
 from evals import scoring_inputs as inputs
 from evals.metrics.captioning import METRIC_NAMES as _CAPTION_NAMES
 from evals.metrics.errors import MetricInputMissing, MetricUnavailable
@@ -55,7 +56,8 @@ def _fid(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
         enc = ctx.encoder(space, "fid", "feature_space")
         g, r = ctx.fd_features(space, enc, opts["resolution"])
         label = "demo" if space == "demo" else str(getattr(enc, "name", "encoder"))
-        res = fid_lib.compute_fid(g, r, extractor_name=label, bootstrap=opts["bootstrap"], seed=ctx.seed)
+        res = fid_lib.compute_fid(g, r, extractor_name=label, bootstrap=opts["bootstrap"], seed=ctx.seed,
+                                  keep_features=True)
         res.extra["encoder"] = str(enc.fingerprint()) if hasattr(enc, "fingerprint") else space
         res.extra.setdefault("resolution", opts["resolution"])
         return {res.name: res}
@@ -71,7 +73,7 @@ def _fid(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
                                       device=ctx.device, batch_size=opts["batch_size"])
     res = fid_lib.compute_fid(ctx.output_paths(), ref, protocol=opts["protocol"], feature_extractor=ext,
                               device=ctx.device, batch_size=opts["batch_size"], resolution=opts["resolution"],
-                              bootstrap=opts["bootstrap"], seed=ctx.seed)
+                              bootstrap=opts["bootstrap"], seed=ctx.seed, keep_features=True)
     res.extra.setdefault("resolution", opts["resolution"])
     return {res.name: res}
 
@@ -351,6 +353,8 @@ def score_metrics(metrics: dict[str, dict[str, Any]], ctx: Context, *, label: st
         for name, res in results.items():
             out[name] = res
             ps = res.per_sample
+            if res.set_inputs is not None and len(res.set_inputs["features"]) == len(ids):
+                runs.write_features(ctx.task_dir, name, ids, **res.set_inputs)
             if ps is not None and len(ps) == len(ids):
                 for i, v in zip(ids, np.asarray(ps, dtype=np.float64).tolist()):
                     per_sample[i][name] = v

@@ -104,16 +104,19 @@ def compare(
         "--tolerance", help="METRIC=x or TASK/METRIC=x: allowed worsening in the metric's units (default 0); "
                             "failures=N allows N more failed samples.")] = None,
     direction: Annotated[Optional[list[str]], typer.Option(
-        "--direction", help="METRIC=higher|lower for runs that did not record higher_is_better.")] = None,
+        "--direction", help="METRIC=higher|lower for a metric whose runs did not record higher_is_better "
+                            "(a recorded direction cannot be overridden).")] = None,
     allow_missing: Annotated[bool, typer.Option(
         "--allow-missing", help="A metric or task missing on one side (or null/NaN) does not fail.")] = False,
     force: Annotated[bool, typer.Option(
         "--force", help="Compare runs measured under different protocols (the Markdown lists what differs).")] = False,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the Markdown table here.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the verdicts as JSON.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object: the overall verdict, the "
+                                                          "exit code and the rows.")] = False,
 ) -> None:
-    """Per-metric deltas with CIs. Exit 0: no regression; 1: a regression, a missing metric or an
-    unknown direction; 2: usage, missing input, or runs under different protocols (without --force)."""
+    """Per-metric deltas with CIs (paired over shared samples when the runs share them). Exit 0: no
+    regression; 1: a regression, a missing metric or an unknown direction; 2: usage, missing input,
+    a metric its run's samples do not support, or runs under different protocols (without --force)."""
     from reports import compare as cm
     from reports.errors import CompareRefused
 
@@ -124,12 +127,14 @@ def compare(
         if markdown is not None:
             markdown.parent.mkdir(parents=True, exist_ok=True)
             markdown.write_text(text, encoding="utf-8")
-        if cmp.refused:
+        if cmp.refused and not json_out:
             raise CompareRefused(cm.refusal_message(cmp))
     except Cm3evalError as e:
         _fail(e)
     if json_out:
-        typer.echo(json.dumps(_clean([v.to_dict() for v in cmp.verdicts]), indent=1))
+        typer.echo(json.dumps(_clean(cmp.to_json()), indent=1))
     else:
         typer.echo(text)
-    raise typer.Exit(0 if cmp.passed() else 1)
+    if cmp.refused:
+        typer.echo(f"error: {cm.refusal_message(cmp)}", err=True)
+    raise typer.Exit(cmp.exit_code())

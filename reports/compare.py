@@ -1,20 +1,25 @@
 """Regression verdicts between two runs, for CI: per (task, metric) delta with a CI of the delta.
 
 What a CI job can trust:
+- Every metric read is first verified against the run's samples (reports/verify.py: a mean of
+  the per-sample scores, FD recomputed from the saved features, BLEU/METEOR recomputed from the
+  predictions); a value nothing supports is an error naming it (exit 2).
 - Direction comes from `higher_is_better` recorded in metrics.json (the metric table declares
-  it; the engine writes it). Never from the name. A metric whose direction was not recorded
-  (and not given with --direction) gets the verdict "unknown", which fails unless its value is
-  unchanged.
+  it; the engine writes it). Never from the name. --direction only fills in a direction a run
+  did not record (overriding a recorded one is refused); a metric with none gets the verdict
+  "unknown", which fails unless its value is unchanged.
 - A metric or task missing on either side, or whose value is null/NaN, is "missing": a failure
-  unless --allow-missing. Two runs with nothing in common fail too.
+  (exit 1) unless --allow-missing. Two runs with nothing in common fail too.
 - Failed samples count: each task gets a "failures" row (lower is better), so 150 of 300
   samples failing is a regression even when the 150 that finished score as before.
-- The CI comes from a paired bootstrap over the samples both runs scored (matched by id), and
-  the delta shown beside it is computed from the SAME samples. Without per-sample scores (FID
-  has none) it falls back to combining the two runs' own CIs, and without any CI it decides on
-  the tolerance alone; the verdict says which.
-- A run whose metrics.json disagrees with its own per-sample scores is an error naming the
-  metric (a mean-type metric must equal scale x mean of its per-sample scores, over n of them).
+- Paired runs (the same sample ids: the same prompts and selection) get the CI of the delta from
+  a paired bootstrap over the shared samples, and the delta beside it is computed on the SAME
+  samples: for mean metrics from the per-sample differences, for set metrics (FID/FD) from the
+  saved features with the linearised paired bootstrap of reports/paired.py. Unpaired runs fall
+  back to combining the two runs' own CIs, and without any CI the tolerance alone decides; the
+  method column and the note say which.
+- A regression is a worsening beyond the tolerance (default 0) whose CI lies wholly on the worse
+  side of zero; --tolerance names must name a metric of the runs.
 - Runs measured under different protocols (task version, split, n, candidates, k, shots,
   resolution, data, metric options) are refused unless --force; the Markdown lists what differs.
 """
@@ -28,12 +33,15 @@ from typing import Any
 
 import numpy as np
 
+from evals import runs
 from evals.metrics.result import bootstrap_ci
 from reports import protocol
+from reports import paired
 from reports.errors import CompareRefused, InconsistentRun, ReportError
 from reports.format import direction_arrow, finite, fmt, md_cell, metric_label, recorded_direction, shown
 from reports.persample import mean_scale, per_sample
 from reports.rundata import load_metrics, load_samples, load_task_config
+from reports.verify import verify_task
 
 Z95 = 1.959963984540054
 FAILURES = "failures"  # the per-task row counting failed samples
@@ -50,7 +58,7 @@ class Verdict:
     delta: float | None            # new - base, in the metric's units (paired: over the matched samples)
     ci_low: float | None           # 95 % CI of the delta; None when unknown
     ci_high: float | None
-    ci_method: str                 # "paired bootstrap" | "run CIs" | "count" | "none"
+    ci_method: str                 # "paired bootstrap" | "paired bootstrap (linearised)" | "run CIs" | "count" | "none"
     n_paired: int                  # samples matched by id (paired bootstrap only)
     tolerance: float
     higher_is_better: bool | None  # None: the runs did not record it
@@ -86,6 +94,27 @@ class Comparison:
 
     def passed(self) -> bool:
         return not self.refused and self.n_compared > 0 and not self.failing()
+
+    def exit_code(self) -> int:
+        """compare's contract: 0 no regression, 1 a failing row (or nothing compared), 2 refused."""
+        return 2 if self.refused else 0 if self.passed() else 1
+
+    def verdict(self) -> str:
+        """The overall verdict in one word: "no regression", "regression", "failed" or "refused"."""
+        if self.refused:
+            return "refused"
+        if self.passed():
+            return "no regression"
+        return "regression" if any(v.verdict == "regression" for v in self.verdicts) else "failed"
+
+    def to_json(self) -> dict[str, Any]:
+        """One object: the overall verdict, the exit code, the headline, the protocol differences
+        and every row."""
+        return {"verdict": self.verdict(), "exit_code": self.exit_code(), "headline": _headline(self),
+                "base": str(self.base_dir), "new": str(self.new_dir),
+                "protocol_differences": [{"task": t, "field": k, "base": a, "new": b}
+                                         for t, diffs in self.protocol_diffs.items() for k, a, b in diffs],
+                "forced": self.forced, "rows": [v.to_dict() for v in self.verdicts]}
 
 
 # ---------------------------------------------------------------- options
@@ -138,20 +167,6 @@ def tolerance_for(tolerances: dict[str, float], task: str, metric: str) -> float
 
 # ---------------------------------------------------------------- per-sample scores
 
-def _check_consistent(run_dir: Path, task: str, metric: str, entry: dict[str, Any], per: dict[str, float],
-                      scale: float) -> None:
-    """A mean-type metric (the other run's one averages to its value) must average here too."""
-    value = finite(entry.get("value"))
-    if mean_scale(entry, per) != scale:
-        mean = scale * math.fsum(per.values()) / len(per)
-        raise InconsistentRun(f"{run_dir / 'metrics.json'}: {task}/{metric} is {fmt(value)} but its {len(per)} "
-                              f"per-sample scores average to {fmt(mean)}; the run's files disagree")
-    n = entry.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n != len(per):
-        raise InconsistentRun(f"{run_dir / 'metrics.json'}: {task}/{metric} records n={n} but the samples hold "
-                              f"{len(per)} per-sample scores; the run's files disagree")
-
-
 def _run_ci_delta(b: dict[str, Any], n: dict[str, Any], delta: float) -> tuple[float, float] | None:
     """Normal approximation from two independent 95 % CIs."""
     try:
@@ -160,6 +175,53 @@ def _run_ci_delta(b: dict[str, Any], n: dict[str, Any], delta: float) -> tuple[f
     except (KeyError, TypeError, ValueError):
         return None
     return (delta - Z95 * se, delta + Z95 * se) if math.isfinite(se) else None
+
+
+def _with_set_ci(entry: dict[str, Any], saved: dict[str, Any] | None, metric: str) -> dict[str, Any]:
+    """A set metric's entry with its own 95 % CI from its saved features when it records none."""
+    ci = paired.run_ci(metric, saved) if entry.get("ci") is None and saved is not None else None
+    return {**entry, "ci": list(ci)} if ci is not None else entry
+
+
+# ---------------------------------------------------------------- option names
+
+def _metric_names(base: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, bool | None]]:
+    """{task: {metric: recorded direction (None: not recorded)}} over both runs, plus failures."""
+    out: dict[str, dict[str, bool | None]] = {}
+    for data in (base, new):
+        for task, entry in data["tasks"].items():
+            names = out.setdefault(task, {})
+            for metric, m in (entry.get("metrics") or {}).items():
+                hib = recorded_direction(m)
+                names[metric] = hib if names.get(metric) is None else names[metric]
+    for names in out.values():
+        names[FAILURES] = False  # the per-task row of failed samples: lower is better
+    return out
+
+
+def _matches(key: str, names: dict[str, dict[str, bool | None]]) -> list[tuple[str, str]]:
+    """(task, metric) pairs a TASK/METRIC, METRIC or "*" key names (case-insensitive)."""
+    k = key.lower()
+    return [(t, m) for t, ms in names.items() for m in ms
+            if k == "*" or k == m.lower() or k == f"{t}/{m}".lower()]
+
+
+def check_option_names(tolerances: dict[str, float], directions: dict[str, bool], base: dict[str, Any],
+                       new: dict[str, Any]) -> None:
+    """--tolerance / --direction keys must name a metric of the runs, and --direction only a metric
+    whose direction neither run recorded (a recorded direction is part of the metric's definition)."""
+    names = _metric_names(base, new)
+    known = sorted({m for ms in names.values() for m in ms})
+    for option, table in (("--tolerance", tolerances), ("--direction", directions)):
+        for key in table:
+            if not _matches(key, names):
+                raise ReportError(f"{option} {key}: no such metric in these runs (metrics: {', '.join(known)})")
+    for key, hib in directions.items():
+        recorded = [(t, m) for t, m in _matches(key, names) if names[t][m] is not None]
+        if recorded:
+            t, m = recorded[0]
+            raise ReportError(f"--direction {key}: {t}/{m} records higher_is_better={names[t][m]} in metrics.json; "
+                              "--direction only fills in a direction a run did not record")
 
 
 # ---------------------------------------------------------------- verdicts
@@ -188,6 +250,8 @@ class _Task:
         self.cmp, self.task, self.be, self.ne, self.opts = cmp, task, be, ne, opts
         self.bs = load_samples(cmp.base_dir, task)
         self.ns = load_samples(cmp.new_dir, task)
+        verify_task(cmp.base_dir, task, be, self.bs)
+        verify_task(cmp.new_dir, task, ne, self.ns)
 
     def direction(self, metric: str, bm: dict[str, Any] | None, nm: dict[str, Any] | None) -> tuple[bool | None, str]:
         given = _lookup(self.opts["directions"], self.task, metric, None)
@@ -230,13 +294,12 @@ class _Task:
 
     def _delta(self, metric: str, bm: dict[str, Any], nm: dict[str, Any], bv: float, nv: float
                ) -> tuple[float, tuple[float, float] | None, str, int, str]:
+        if paired.set_metric(metric) is not None:
+            return self._set_delta(metric, bm, nm, bv, nv)
         bp, np_ = per_sample(self.bs, metric), per_sample(self.ns, metric)
-        sb, sn = mean_scale(bm, bp), mean_scale(nm, np_)
-        scale = sb if sb is not None else sn
-        if scale is not None:  # a mean-type metric: both runs' files must agree with it
-            for run_dir, entry, per in ((self.cmp.base_dir, bm, bp), (self.cmp.new_dir, nm, np_)):
-                if per:
-                    _check_consistent(run_dir, self.task, metric, entry, per, scale)
+        # the scale of a run whose value is not 0 (a 0 from a collapsed model fits any scale)
+        scales = [(s, v) for s, v in ((mean_scale(bm, bp), bv), (mean_scale(nm, np_), nv)) if s is not None]
+        scale = next((s for s, v in scales if v != 0), scales[0][0] if scales else None)
         ids = sorted(bp.keys() & np_.keys())
         if scale is not None and bp and np_ and len(ids) >= 2:
             d = np.array([np_[i] - bp[i] for i in ids])
@@ -247,17 +310,53 @@ class _Task:
                 note = (f"paired on {len(ids)} of {max(len(bp), len(np_))} samples; delta over those "
                         f"(the recorded values differ by {nv - bv:+.4g})")
             return delta, (scale * lo, scale * hi), "paired bootstrap", len(ids), note
-        delta = nv - bv
         if scale is not None and bp and np_:
-            note = "too few samples matched by id; "
+            note = "unpaired (too few samples matched by id); "
         elif bp and np_:
-            note = "per-sample scores do not average to the metric; "
+            if _run_ci_delta(bm, nm, nv - bv) is None and len(ids) >= 2:
+                return self._corpus_delta(bp, np_, ids, bv, nv)
+            note = "a corpus metric; "
         else:
             note = "no per-sample scores; "
+        return self._unpaired(nv - bv, bm, nm, note)
+
+    def _corpus_delta(self, bp: dict[str, float], np_: dict[str, float], ids: list[str], bv: float, nv: float
+                      ) -> tuple[float, tuple[float, float] | None, str, int, str]:
+        """A corpus metric without CIs (METEOR): the paired bootstrap of its per-sample (segment)
+        scores, its spread rescaled by corpus value / segment mean (an approximation, said so)."""
+        d = np.array([np_[i] - bp[i] for i in ids])
+        seg = abs(float(np.mean([bp[i] for i in ids]))) + abs(float(np.mean([np_[i] for i in ids])))
+        ratio = (abs(bv) + abs(nv)) / seg if seg > 0 else 1.0
+        lo, hi = bootstrap_ci(d, n_resamples=self.opts["n_resamples"], seed=self.opts["seed"])
+        delta, mid = nv - bv, float(d.mean())
+        ci = (delta + ratio * (lo - mid), delta + ratio * (hi - mid))
+        return delta, ci, "paired bootstrap (segment scores)", len(ids), \
+            f"a corpus metric: CI from its per-sample scores x {ratio:.3g} (corpus / segment mean)"
+
+    def _unpaired(self, delta: float, bm: dict[str, Any], nm: dict[str, Any], note: str
+                  ) -> tuple[float, tuple[float, float] | None, str, int, str]:
         ci = _run_ci_delta(bm, nm, delta)
         if ci is not None:
-            return delta, ci, "run CIs", 0, note + "CI of the delta from the two runs' CIs"
+            return delta, ci, "run CIs", 0, note + "CI of the delta from the two runs' own CIs"
         return delta, None, "none", 0, note + "no CI: decided on the tolerance alone"
+
+    def _set_delta(self, metric: str, bm: dict[str, Any], nm: dict[str, Any], bv: float, nv: float
+                   ) -> tuple[float, tuple[float, float] | None, str, int, str]:
+        """FID/FD: the linearised paired bootstrap over shared prompts (reports/paired.py) when both
+        runs saved their features against the same reference; else the runs' own CIs."""
+        fb = runs.read_features(self.cmp.base_dir / self.task, metric)
+        fn = runs.read_features(self.cmp.new_dir / self.task, metric)
+        if fb is None or fn is None:
+            return self._unpaired(nv - bv, bm, nm, "unpaired (no saved features); ")
+        got = paired.paired_set_delta(metric, fb, fn, n_resamples=self.opts["n_resamples"], seed=self.opts["seed"])
+        if isinstance(got, str):
+            return self._unpaired(nv - bv, _with_set_ci(bm, fb, metric), _with_set_ci(nm, fn, metric),
+                                  f"unpaired ({got}); ")
+        note = ""
+        if got.n < max(len(fb["ids"]), len(fn["ids"])):
+            note = (f"paired on {got.n} of {max(len(fb['ids']), len(fn['ids']))} samples; delta over those "
+                    f"(the recorded values differ by {nv - bv:+.4g})")
+        return got.delta, got.ci, "paired bootstrap (linearised)", got.n, note
 
 
 def _absent_task(task: str, be: dict[str, Any] | None, ne: dict[str, Any] | None) -> list[Verdict]:
@@ -273,6 +372,15 @@ def _absent_task(task: str, be: dict[str, Any] | None, ne: dict[str, Any] | None
                            f"task absent in the {side} run")]
 
 
+def _shared_metrics(entry: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """The task entry with only the metrics both runs have a value for: how a metric missing on one
+    side was measured is no protocol difference (its row says "missing", exit 1)."""
+    mine, theirs = entry.get("metrics") or {}, other.get("metrics") or {}
+    keep = {m: e for m, e in mine.items()
+            if finite(e.get("value")) is not None and finite((theirs.get(m) or {}).get("value")) is not None}
+    return {**entry, "metrics": keep}
+
+
 def compare(base_dir: Path | str, new_dir: Path | str, tolerances: dict[str, float] | None = None, *,
             directions: dict[str, bool] | None = None, allow_missing: bool = False, force: bool = False,
             n_resamples: int = 2000, seed: int = 0) -> Comparison:
@@ -280,12 +388,14 @@ def compare(base_dir: Path | str, new_dir: Path | str, tolerances: dict[str, flo
     base, new = load_metrics(cmp.base_dir), load_metrics(cmp.new_dir)
     opts = {"tolerances": tolerances or {}, "directions": directions or {}, "n_resamples": n_resamples,
             "seed": seed}
+    check_option_names(opts["tolerances"], opts["directions"], base, new)
     tasks = list(base["tasks"]) + [t for t in new["tasks"] if t not in base["tasks"]]
     for task in tasks:
         be, ne = base["tasks"].get(task), new["tasks"].get(task)
         if be is not None and ne is not None:
-            diffs = protocol.differences(protocol.manifest(be, load_task_config(cmp.base_dir, task)),
-                                         protocol.manifest(ne, load_task_config(cmp.new_dir, task)))
+            bm, nm = _shared_metrics(be, ne), _shared_metrics(ne, be)
+            diffs = protocol.differences(protocol.manifest(bm, load_task_config(cmp.base_dir, task)),
+                                         protocol.manifest(nm, load_task_config(cmp.new_dir, task)))
             if diffs:
                 cmp.protocol_diffs[task] = diffs
     if cmp.refused:
@@ -293,6 +403,8 @@ def compare(base_dir: Path | str, new_dir: Path | str, tolerances: dict[str, flo
     for task in tasks:
         be, ne = base["tasks"].get(task), new["tasks"].get(task)
         if be is None or ne is None:
+            run_dir, entry = (cmp.new_dir, ne) if be is None else (cmp.base_dir, be)
+            verify_task(run_dir, task, entry, load_samples(run_dir, task))
             cmp.verdicts += _absent_task(task, be, ne)
             continue
         t = _Task(cmp, task, be, ne, opts)
@@ -316,10 +428,6 @@ def refusal_message(cmp: Comparison) -> str:
     parts = [f"{task}: {protocol.describe(d)}" for task, d in cmp.protocol_diffs.items()]
     return ("the runs were not measured under the same protocol (" + " | ".join(parts)
             + "); compare them anyway with --force")
-
-
-def has_regression(verdicts: list[Verdict]) -> bool:
-    return any(v.verdict == "regression" for v in verdicts)
 
 
 # ---------------------------------------------------------------- Markdown

@@ -5,8 +5,8 @@ data roots (tasks/loaders.py), the one image opener (tasks/images.py), the one c
 
 from __future__ import annotations
 
-from .registry import expand, get, suites
+from .registry import expand, get, suite_settings, suites
 from .registry import list_tasks as list  # noqa: A001  (the registry's public name, as in the docs)
 from .spec import SpecError, TaskSpec, apply_overrides, load_spec
 
-__all__ = ["list", "get", "suites", "expand", "TaskSpec", "SpecError", "apply_overrides", "load_spec"]
+__all__ = ["list", "get", "suites", "suite_settings", "expand", "TaskSpec", "SpecError", "apply_overrides", "load_spec"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from .spec import SpecError, TaskSpec, load_spec, load_yaml
 
@@ -53,7 +54,9 @@ def list_tasks() -> list[str]:
     return sorted(_spec_files())
 
 
-def suites() -> dict[str, list[str]]:
+def _suite_members() -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """{suite: [(task, its settings in that suite)]}: a member is a task name, or a one-key mapping
+    TASK: {key.path: value} (the same keys as --set; --set on the command line wins)."""
     if not SUITES_FILE.is_file():
         return {}
     src = display_path(SUITES_FILE)
@@ -61,13 +64,34 @@ def suites() -> dict[str, list[str]]:
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise SpecError(f"{src}: expected a mapping of suite name -> list of task names")
     known = set(list_tasks())
+    out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for name, members in data.items():
-        for m in members:
-            if m not in known:
-                raise SpecError(f"{src}: {name}: unknown task {m!r}")
         if name in known:
             raise SpecError(f"{src}: {name}: a suite cannot share its name with a task")
-    return {str(k): [str(m) for m in v] for k, v in data.items()}
+        for m in members:
+            if isinstance(m, dict) and len(m) == 1 and isinstance(next(iter(m.values())), dict):
+                task, sets = next(iter(m.items()))
+            else:
+                task, sets = m, {}
+            if task not in known:
+                raise SpecError(f"{src}: {name}: unknown task {task!r}")
+            out.setdefault(str(name), []).append((str(task), {str(k): v for k, v in sets.items()}))
+    return out
+
+
+def suites() -> dict[str, list[str]]:
+    return {name: [task for task, _ in members] for name, members in _suite_members().items()}
+
+
+def suite_settings(names: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """{task: settings} that the suites among `names` give their members (a task named on its own
+    runs with its spec's own settings)."""
+    members = _suite_members()
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        for task, sets in members.get(name, []):
+            out.setdefault(task, {}).update(sets)
+    return out
 
 
 def get(name: str) -> TaskSpec:

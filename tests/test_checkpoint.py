@@ -317,17 +317,14 @@ def _edit_hf_config(src: Path, dst: Path, **changes) -> Path:
     ("vocab_size", 1e12, r"vocab_size=1000000000000"), ("num_hidden_layers", 1_000_000, r"n_layers=1000000 is outside"),
     ("hidden_size", 1 << 40, r"d_model=\d+ is outside"), ("intermediate_size", "big", r"d_ff='big' is not an integer")])
 def test_absurd_config_sizes_are_one_line_errors_before_allocation(hf_folder, tmp_path, field, value, msg):
-    import time
     import resource
 
     folder = _edit_hf_config(hf_folder, tmp_path / "bad", **{field: value})
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
     for fn in (checkpoint.inspect, checkpoint.load):
         with pytest.raises(checkpoint.CheckpointError, match=msg) as e:
             fn(folder)
         assert "\n" not in str(e.value) and isinstance(e.value, Cm3evalError)
-    assert time.perf_counter() - t0 < 5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing big was allocated
 
 

@@ -14,22 +14,32 @@ from evals.metrics.result import mean_result
 from reports import cli as reports_cli
 from reports.compare import compare_runs, parse_tolerances, to_markdown, tolerance_for
 from reports.errors import ReportError
+from reports.paired import set_value
+from evals import runs
 
 N = 200
 
 
-def make_run(root: Path, name: str, vqa: np.ndarray, *, fid: tuple[float, list | None] = (10.0, [9.5, 10.5]),
-             clip: np.ndarray | None = None) -> Path:
-    """A run with VQA accuracy (per-sample 0..1, value x100), FID (no per-sample) and
-    optionally a continuous per-sample score; samples split over two rank files in a
-    shuffled order so matching must go by id."""
+def fid_features(seed: int = 0, shift: float = 0.0, n: int = N, d: int = 6) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32) + np.float32(shift)
+
+
+REF = np.random.default_rng(99).normal(size=(2000, 6))
+
+
+def make_run(root: Path, name: str, vqa: np.ndarray, *, fid: np.ndarray | None = None, fid_ids: list | None = None,
+             clip: np.ndarray | None = None, vqa_ids: str = "vqav2") -> Path:
+    """A run with VQA accuracy (per-sample 0..1, value x100), FID from saved features (computed
+    from them, as the engine does) and optionally a continuous per-sample score; samples split over
+    two rank files in a shuffled order so matching must go by id."""
     run = root / name
     tasks: dict = {}
     per_task = {"vqav2": {"accuracy": (vqa, 100.0)}}
     if clip is not None:
         per_task["t2i"] = {"CLIPScore": (clip, 1.0)}
     for task, metrics in per_task.items():
-        samples = [{"id": f"{task}-{i}", "index": i, "kind": "vqa", "failure": None,
+        prefix = vqa_ids if task == "vqav2" else task
+        samples = [{"id": f"{prefix}-{i}", "index": i, "kind": "vqa", "failure": None,
                     "per_sample": {m: float(x[i]) for m, (x, _) in metrics.items()}} for i in range(N)]
         order = np.random.default_rng(len(name)).permutation(N)
         (run / task / "samples").mkdir(parents=True)
@@ -38,9 +48,13 @@ def make_run(root: Path, name: str, vqa: np.ndarray, *, fid: tuple[float, list |
             (run / task / "samples" / f"rank-{r:05d}.jsonl").write_text("".join(lines))
         res = {m: mean_result(m, x, scale=s, higher_is_better=True) for m, (x, s) in metrics.items()}
         tasks[task] = {"metrics": {m: r.to_json() for m, r in res.items()}, "failures": [], "n_samples": N}
-    tasks["coco-fid"] = {"metrics": {"FID": {"value": fid[0], "ci": fid[1], "n": 1000, "higher_is_better": False},
-                                     "KID": {"value": 0.01, "ci": None, "n": 1000, "higher_is_better": False}},
-                         "failures": []}
+    feats = fid_features() if fid is None else fid
+    ids = fid_ids or [f"p{i}" for i in range(len(feats))]
+    saved = {"ids": np.asarray(ids), "features": feats, "ref_mu": REF.mean(0), "ref_sigma": np.cov(REF, rowvar=False)}
+    runs.write_features(run / "coco-fid", "FID", ids, feats, saved["ref_mu"], saved["ref_sigma"])
+    tasks["coco-fid"] = {"metrics": {"FID": {"value": set_value("FID", saved), "ci": None, "n": len(feats),
+                                             "higher_is_better": False}},
+                         "failures": [], "n_samples": len(feats)}
     (run / "metrics.json").write_text(json.dumps({"run": {"model": "demo"}, "tasks": tasks}))
     return run
 
@@ -91,7 +105,7 @@ def test_planted_regression_fails(tmp_path, base_scores):
     # The same drop inside a generous tolerance passes; the reverse direction is an improvement.
     r = CliRunner().invoke(_app(), ["compare", str(a), str(b), "--tolerance", "vqav2/accuracy=25", "--json"])
     assert r.exit_code == 0, r.output
-    assert {x["verdict"] for x in json.loads(r.output)} == {"same"}
+    assert {x["verdict"] for x in json.loads(r.output)["rows"]} == {"same"}
     assert _by(compare_runs(b, a), "vqav2", "accuracy").verdict == "improvement"
 
 
@@ -120,21 +134,21 @@ def test_paired_bootstrap_sees_a_consistent_shift(tmp_path, base_scores):
     assert _by(compare_runs(a, b, {"CLIPScore": 0.05}), "t2i", "CLIPScore").verdict == "same"
 
 
-def test_fallbacks_without_per_sample_scores(tmp_path, base_scores):
+def test_unpaired_runs_fall_back_to_the_runs_own_cis(tmp_path, base_scores):
+    # Different prompts (no id in common): FID's CI of the delta combines the two runs' own
+    # linearised CIs; VQA (no CI recorded) decides on the tolerance alone; both say so.
     a = make_run(tmp_path, "a", base_scores)
-    worse = make_run(tmp_path, "worse", base_scores, fid=(12.0, [11.5, 12.5]))
-    noisy = make_run(tmp_path, "noisy", base_scores, fid=(10.3, [9.8, 10.8]))
-    v = _by(compare_runs(a, worse), "coco-fid", "FID")
+    far = make_run(tmp_path, "far", base_scores, vqa_ids="other", fid=fid_features(1, shift=1.0),
+                   fid_ids=[f"q{i}" for i in range(N)])
+    near = make_run(tmp_path, "near", base_scores, vqa_ids="other", fid=fid_features(2),
+                    fid_ids=[f"q{i}" for i in range(N)])
+    v = _by(compare_runs(a, far), "coco-fid", "FID")
     assert not v.higher_is_better and v.verdict == "regression" and v.ci_method == "run CIs"
-    assert "no per-sample scores" in v.note and v.ci_low > 0
-    v = _by(compare_runs(a, noisy), "coco-fid", "FID")
-    assert v.verdict == "same" and v.ci_low < 0 < v.ci_high
-    # No CI at all (KID here): the tolerance alone decides, and the note says so.
-    no_ci = make_run(tmp_path, "noci", base_scores, fid=(9.0, None))
-    v = _by(compare_runs(no_ci, a), "coco-fid", "FID")
-    assert v.verdict == "regression" and v.ci_method == "none" and "tolerance alone" in v.note
-    assert _by(compare_runs(no_ci, a, {"FID": 1.5}), "coco-fid", "FID").verdict == "same"
-    assert _by(compare_runs(a, no_ci), "coco-fid", "FID").verdict == "improvement"
+    assert "unpaired" in v.note and 0 < v.ci_low < v.delta < v.ci_high
+    v = _by(compare_runs(a, near), "coco-fid", "FID")
+    assert v.verdict == "same" and v.ci_low < 0 < v.ci_high and v.ci_method == "run CIs"
+    v = _by(compare_runs(a, near), "vqav2", "accuracy")
+    assert v.ci_method == "run CIs" and "unpaired" in v.note and v.n_paired == 0
 
 
 def test_missing_metric_and_markdown(tmp_path, base_scores):
@@ -203,7 +217,13 @@ def test_directions_of_every_registered_metric(tmp_path):
             entry = {"value": 10.0 * worse, "ci": None, "n": 100,
                      "higher_is_better": METRICS[key].higher_is_better(metric)}
             tasks.setdefault(key, {"metrics": {}, "failures": [], "n_samples": 100})["metrics"][metric] = entry
-        (tmp_path / name).mkdir()
+        for key, t in tasks.items():  # per-sample scores that average to each value (what verification reads)
+            line = {"id": "s0", "index": 0, "failure": None, "per_sample": {k: e["value"] for k, e in t["metrics"].items()}}
+            (tmp_path / name / key / "samples").mkdir(parents=True)
+            (tmp_path / name / key / "samples" / "rank-00000.jsonl").write_text(json.dumps(line) + "\n")
+            t["n_samples"] = 1
+            for e in t["metrics"].values():
+                e["n"] = 1
         (tmp_path / name / "metrics.json").write_text(json.dumps({"run": {}, "tasks": tasks}))
         return tmp_path / name
 

@@ -21,12 +21,20 @@ SPEC = {"name": "t", "version": 1, "dataset": {"split": "val2014"}, "generation"
         "retrieval": {"enabled": True, "k": 2}, "prompt": {"k_shot": 0}, "metrics": {}}
 
 
+def constant_samples(metrics: dict[str, dict[str, Any]], n: int = 100) -> list[dict[str, Any]]:
+    """n sample lines whose per-sample score of each metric is its recorded value (so the value is
+    their mean, as compare's verification demands)."""
+    per = {k: e["value"] for k, e in metrics.items() if isinstance(e.get("value"), (int, float))}
+    return [{"id": f"s{i}", "index": i, "kind": "x", "failure": None, "per_sample": per} for i in range(n)]
+
+
 def write_run(root: Path, name: str, tasks: dict[str, dict[str, Any]]) -> Path:
-    """tasks: {task: {"metrics": {name: entry}, "samples": [...], "spec": {...}, "failures": [...]}}."""
+    """tasks: {task: {"metrics": {name: entry}, "samples": [...], "spec": {...}, "failures": [...]}};
+    without "samples", constant_samples of the metrics."""
     run = root / name
     out = {}
     for task, t in tasks.items():
-        samples = t.get("samples", [])
+        samples = t["samples"] if "samples" in t else constant_samples(t["metrics"], t.get("n_samples", 100))
         (run / task / "samples").mkdir(parents=True)
         (run / task / "samples" / "rank-00000.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
         (run / task / "config.json").write_text(json.dumps({"task": t.get("spec", SPEC), "model": "m",
@@ -57,7 +65,7 @@ def compare(*args: str) -> tuple[int, str]:
 def verdicts(*args: str) -> dict[tuple[str, str], str]:
     code, out = compare(*args, "--json")
     assert code in (0, 1), out
-    return {(v["task"], v["metric"]): v["verdict"] for v in json.loads(out)}
+    return {(v["task"], v["metric"]): v["verdict"] for v in json.loads(out)["rows"]}
 
 
 def test_direction_comes_from_metrics_json_not_the_name(tmp_path):
@@ -156,7 +164,7 @@ def test_unequal_sample_sets_refused_then_paired_on_the_same_samples(tmp_path):
     assert code == 2 and "--force" in out and "n: base 1000, new 20" in out
     md = tmp_path / "cmp.md"
     code, out = compare(str(a), str(b), "--force", "--json", "--markdown", str(md))
-    (v,) = [x for x in json.loads(out) if x["metric"] == "accuracy"]
+    (v,) = [x for x in json.loads(out)["rows"] if x["metric"] == "accuracy"]
     # The delta is computed from the 20 matched samples, the same ones as its CI.
     assert v["n_paired"] == 20 and v["delta"] == 0 and v["ci_low"] <= v["delta"] <= v["ci_high"]
     assert v["verdict"] == "same" and "paired on 20 of 1000" in v["note"]
@@ -196,3 +204,100 @@ def test_different_protocols_refused_unless_forced(tmp_path):
         md = tmp_path / f"{shown}.md"
         code, _ = compare(str(a), str(b), "--force", "--markdown", str(md))
         assert code == 0 and "Protocol differences" in md.read_text() and shown in md.read_text()
+
+
+# ---------------------------------------------------------------- issue 21's holes (each failed on the code before it)
+
+def test_option_names_that_name_no_metric_are_refused(tmp_path):
+    # The old code ignored them silently: --tolerance FID=0.5 on runs that report FD-demo allowed nothing.
+    a = write_run(tmp_path, "a", {"t2i": {"metrics": {"FD-demo": m(1.0, False), "t2i_R@1": m(40.0, True)}}})
+    for option, value in (("--tolerance", "FID=0.5"), ("--tolerance", "t2i/R@1=2"), ("--direction", "FID=lower"),
+                          ("--tolerance", "other/FD-demo=1")):
+        code, out = compare(str(a), str(a), option, value)
+        assert code == 2 and f"{option} {value.split('=')[0]}" in out and "(metrics: FD-demo, failures, t2i_R@1)" in out, (value, out)
+        assert len(out.strip().splitlines()) == 1
+    assert compare(str(a), str(a), "--tolerance", "fd-demo=0.5", "--tolerance", "t2i/t2i_R@1=1",
+                   "--tolerance", "failures=3")[0] == 0
+
+
+def test_direction_cannot_override_a_recorded_one(tmp_path):
+    # The old code let --direction '*=higher' turn an FD regression into an "improvement", exit 0.
+    a = write_run(tmp_path, "a", {"t": {"metrics": {"FD-demo": m(1.0, False), "score": m(5.0, None)}}})
+    b = write_run(tmp_path, "b", {"t": {"metrics": {"FD-demo": m(2.0, False), "score": m(5.0, None)}}})
+    for value in ("*=higher", "FD-demo=higher", "t/FD-demo=lower"):
+        code, out = compare(str(a), str(b), "--direction", value)
+        assert code == 2 and "records higher_is_better" in out, (value, out)
+    code, out = compare(str(a), str(b), "--direction", "score=higher")  # not recorded: allowed
+    assert code == 1 and verdicts(str(a), str(b), "--direction", "score=higher")[("t", "FD-demo")] == "regression"
+
+
+def test_json_is_one_object_with_the_overall_verdict(tmp_path):
+    a = write_run(tmp_path, "a", {"t": {"metrics": {"acc": m(50.0, True)}}})
+    b = write_run(tmp_path, "b", {"t": {"metrics": {"acc": m(40.0, True)}}})
+    for base, new, verdict, code in ((a, a, "no regression", 0), (a, b, "regression", 1)):
+        got, out = compare(str(base), str(new), "--json")
+        data = json.loads(out)
+        assert isinstance(data, dict) and got == code, out
+        assert data["verdict"] == verdict and data["exit_code"] == code
+        assert {(r["task"], r["metric"]) for r in data["rows"]} == {("t", "acc"), ("t", "failures")}
+
+
+def test_a_missing_metric_or_an_all_failed_run_is_exit_1_not_a_protocol_refusal(tmp_path):
+    # The metric's `extra` (how it was measured) exists on one side only: the old code called that a
+    # protocol difference (exit 2) instead of a missing metric (exit 1).
+    fd = {**m(1.0, False), "extra": {"encoder": "demo-v7", "resolution": None}}
+    a = write_run(tmp_path, "a", {"t": {"metrics": {"FD-demo": fd, "acc": m(50.0, True)}}})
+    b = write_run(tmp_path, "b", {"t": {"metrics": {"acc": m(50.0, True)}}})
+    code, out = compare(str(a), str(b))
+    assert code == 1 and "missing" in out, out
+    assert verdicts(str(a), str(b))[("t", "FD-demo")] == "missing"
+    # Every sample failed: no metric at all, every sample line a failure.
+    lines = [{"id": f"s{i}", "index": i, "kind": "x", "failure": "boom", "per_sample": {}} for i in range(100)]
+    dead = write_run(tmp_path, "dead", {"t": {"metrics": {}, "samples": lines, "n_samples": 100,
+                                              "failures": [{"id": x["id"], "error": "boom"} for x in lines]}})
+    code, out = compare(str(a), str(dead))
+    assert code == 1, out
+    v = verdicts(str(a), str(dead))
+    assert v[("t", "acc")] == "missing" and v[("t", "failures")] == "regression"
+
+
+def _caption_task(preds: list[str], refs: list[list[str]]) -> dict[str, Any]:
+    """BLEU-1..4 entries as the captioning metric records them (pycocoevalcap's corpus score, its
+    sentence scores per sample, extra.corpus_level), whitespace tokenization (no Java)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    ids = [f"c{i}" for i in range(len(preds))]
+    corpus, sentence = Bleu(4).compute_score({i: r for i, r in zip(ids, refs)}, {i: [p] for i, p in zip(ids, preds)},
+                                             verbose=0)
+    metrics = {f"BLEU-{k + 1}": {**m(float(corpus[k]), True, None, len(ids)),
+                                 "extra": {"corpus_level": True, "tokenize": "none"}} for k in range(4)}
+    samples = [{"id": i, "index": k, "kind": "caption", "failure": None, "prediction": p, "references": r,
+                "per_sample": {f"BLEU-{n + 1}": float(sentence[n][k]) for n in range(4)}}
+               for k, (i, p, r) in enumerate(zip(ids, preds, refs))]
+    spec = {**SPEC, "metrics": {"captioning": {"tokenize": "none", "spice": False}}}
+    return {"metrics": metrics, "samples": samples, "spec": spec}
+
+
+_REFS = [["a red circle on the left", "one red circle at the left"], ["a blue square at the top", "a small blue square"],
+         ["two green triangles", "a pair of green triangles"], ["a yellow star in the middle", "one yellow star"]] * 5
+
+
+def test_a_collapsed_model_is_a_regression_not_a_fault_of_the_base(tmp_path):
+    # The collapsed model's BLEU-4 is ~1e-9 and so are its sentence BLEUs: the old absolute tolerance
+    # took BLEU for a mean, then blamed the healthy base's files ("disagree", exit 2).
+    healthy = write_run(tmp_path, "healthy", {"cap": _caption_task([r[0] for r in _REFS], _REFS)})
+    collapsed = write_run(tmp_path, "collapsed", {"cap": _caption_task(["a"] * len(_REFS), _REFS)})
+    code, out = compare(str(healthy), str(collapsed))
+    assert code == 1 and "❌ regression" in out and "disagree" not in out, out
+    assert verdicts(str(healthy), str(collapsed))[("cap", "BLEU-4")] == "regression"
+
+
+def test_hand_edited_corpus_metric_is_refused(tmp_path):
+    a = write_run(tmp_path, "a", {"cap": _caption_task([r[1] for r in _REFS], _REFS)})
+    b = write_run(tmp_path, "b", {"cap": _caption_task([r[1] for r in _REFS], _REFS)})
+    assert compare(str(a), str(b))[0] == 0
+    data = json.loads((b / "metrics.json").read_text())
+    data["tasks"]["cap"]["metrics"]["BLEU-4"]["value"] += 0.05  # a better number, the samples unchanged
+    (b / "metrics.json").write_text(json.dumps(data))
+    code, out = compare(str(a), str(b))
+    assert code == 2 and "cap/BLEU-4" in out and "disagree" in out and len(out.strip().splitlines()) == 1

@@ -5,7 +5,6 @@ command-line values are typed once."""
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import pytest
@@ -37,13 +36,10 @@ def _never(**kwargs):
 
 
 def _fails_before_the_model(args: list[str], capsys) -> str:
-    t0 = time.perf_counter()
+    """exit 2 with one line, and the model never built (the factory raises if it is called)."""
     code = main(args, predictor_factory=_never)
-    elapsed = time.perf_counter() - t0
     err = capsys.readouterr().err
-    print(f"{' '.join(args[:2])}…: exit {code} in {elapsed:.2f} s: {err.strip()}")
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert elapsed < 5
     return err
 
 
@@ -202,19 +198,18 @@ def test_tensor_parallel_is_checked_before_the_model(monkeypatch):
 
 def test_a_usage_error_answers_without_importing_torch():
     """`--set generation.temperature=0` is refused by the spec layer before the checkpoint is
-    inspected: torch (seconds to import) is never loaded, so the answer comes in well under 1 s."""
+    inspected: torch (seconds to import) and numpy are never loaded, no run folder is made."""
     import subprocess
     import sys
 
-    code = ("import sys, time; t = time.perf_counter(); from evals.cli import main; "
+    code = ("import sys; from evals.cli import main; "
             "rc = main(['run', 'shapes-fid', '--set', 'generation.temperature=0', '--out', sys.argv[1]]); "
-            "print(rc, 'torch' in sys.modules, time.perf_counter() - t)")
-    res = subprocess.run([sys.executable, "-c", code, "/tmp/never-written"], capture_output=True, text=True,
-                         timeout=60)
-    rc, torch_loaded, seconds = res.stdout.split()
-    print(f"usage error in {float(seconds):.2f} s (in-process, after interpreter start)")
-    assert rc == "2" and torch_loaded == "False", res.stderr
-    assert "generation.temperature" in res.stderr and float(seconds) < 1.5
+            "print(rc, 'torch' in sys.modules, 'cm3leon.checkpoint' in sys.modules)")
+    out = Path("/tmp/never-written-by-test-plan")
+    res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+    rc, torch_loaded, checkpoint_loaded = res.stdout.split()
+    assert rc == "2" and torch_loaded == "False" and checkpoint_loaded == "False", res.stderr
+    assert "generation.temperature" in res.stderr and not out.exists()
 
 
 def test_templates_are_checked_against_the_checkpoints_family(coco_root, hf_folder, tmp_path, capsys):  # noqa: F811

@@ -180,7 +180,7 @@ def compute_fid(gen_images_or_stats, ref_stats, *, protocol: str = "pytorch-fid"
                 weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                 batch_size: int = 50, resolution: int | None = None,
                 kid_subsets: int | None = None, kid_subset_size: int = 1000, kid_seed: int = 2020,
-                bootstrap: int = 0, seed: int = 0) -> MetricResult:
+                bootstrap: int = 0, seed: int = 0, keep_features: bool = False) -> MetricResult:
     """FID (or FD-<name>) of generated images against reference statistics (lower is better).
 
     gen_images_or_stats: FeatureStats, a float [N,D] feature array, or images (folder, uint8
@@ -190,10 +190,11 @@ def compute_fid(gen_images_or_stats, ref_stats, *, protocol: str = "pytorch-fid"
     features of both sides (reference stats made with keep_features=True).
     bootstrap: number of resamples of the generated features for a 95% percentile CI (default
     0 = off; expensive: one eigendecomposition of a DxD matrix per resample, ~1 s at D=2048).
+    keep_features: return the generated features and the reference moments in `set_inputs`.
     """
     check_protocol(protocol)
     sides = _Sides(feature_extractor, extractor_name, weights, device, protocol, batch_size, resolution)
-    gen = sides.stats(gen_images_or_stats, kid_subsets is not None or bootstrap > 0)
+    gen = sides.stats(gen_images_or_stats, keep_features or kid_subsets is not None or bootstrap > 0)
     ref = sides.stats(ref_stats, kid_subsets is not None)
     ref_meta = _check_sides(gen, ref, protocol)
     fd = _DistanceToReference(gen, ref)
@@ -215,4 +216,7 @@ def compute_fid(gen_images_or_stats, ref_stats, *, protocol: str = "pytorch-fid"
                              "(compute them with keep_features=True)")
         k = kid(gen.features, fd.ref_feats, subset_size=kid_subset_size, subsets=kid_subsets, seed=kid_seed)
         extra["kid"] = {"mean": k.mean, "std": k.std, "subset_size": k.subset_size, "subsets": k.subsets}
-    return MetricResult(fid_name(name), value, ci, gen.n, None, extra, higher_is_better=False)
+    res = MetricResult(fid_name(name), value, ci, gen.n, None, extra, higher_is_better=False)
+    if keep_features and gen.features is not None:
+        res.set_inputs = {"features": gen.features, "ref_mu": fd.mu_r, "ref_sigma": fd.sigma_r}
+    return res
