@@ -111,10 +111,10 @@ class DigestCache:
     """sha256 of whole files, remembered by (path, size, mtime, ctime, inode) in a small SQLite file.
     A cache that cannot be opened (read-only home) only costs time: digests are computed anyway.
 
-    The connection is in autocommit mode (`isolation_level=None`): each INSERT commits at once.
-    The old batched commit (every 256 writes) kept a write transaction, and so SQLite's write
-    lock, open across the hashing of the next files, and a second process stalled for the whole
-    `timeout` (30 s) before failing its own write with "database is locked"."""
+    The connection is in autocommit mode (`isolation_level=None`): each INSERT commits at once, so
+    no write transaction (and SQLite's write lock) stays open across the hashing of the next
+    files, and a second process writing at the same time waits milliseconds, never the whole
+    `timeout` (30 s) that would end in "database is locked"."""
 
     BUSY_TIMEOUT_S = 30.0  # a single-row write waits at most this long for another's (milliseconds in practice)
 
@@ -161,23 +161,30 @@ class DigestCache:
 
     def digest(self, path: Path) -> str:
         path = Path(path).resolve()
-        st = path.stat()
-        stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+        stamp = _stamp(path)
         cached = self._lookup(path, stamp)
         if cached is not None:
             return cached
         sha = _sha256_file(path)  # outside any lock or transaction: the slow part
-        self.hashed_bytes += st.st_size
+        self.hashed_bytes += path.stat().st_size
         self._store(path, stamp, sha)
         return sha
 
-    def flush(self) -> None:
-        """Kept for callers that flushed the old batched writes: every write is committed already."""
+    def remember(self, path: Path, sha: str) -> None:
+        """Record the sha256 of a file this process just wrote (its bytes hashed in memory), so a
+        resume compares it by stat alone until the file is touched."""
+        path = Path(path).resolve()
+        self._store(path, _stamp(path), sha)
 
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
 
 
 def _use_wal(db: sqlite3.Connection, path: Path, tries: int = 20) -> None:
@@ -235,5 +242,4 @@ def folder_digests(folder: Path) -> dict[str, str]:
         if any(part.startswith(".") for part in rel.parts):
             continue
         out[rel.as_posix()] = file_digest(f)
-    digest_cache().flush()
     return out

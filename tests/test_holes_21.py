@@ -69,3 +69,79 @@ def test_every_sampling_bound_is_checked_by_spec_and_sampler(field):
             else int(OUTSIDE[field])
     with pytest.raises(ValueError, match=rf"^{field}: "):
         SamplingConfig(**{field: value, **({"cdk_alpha": 0.5} if field == "mix_cdk_fraction" else {})}).validate()
+
+
+# ----------------------------------------------------------------------------- FID/FD below 2 samples
+def test_fid_with_limit_1_is_refused_by_the_plan_in_one_line(tmp_path, capsys):
+    code = main(["run", "shapes-fid", "--limit", "1", "--out", str(tmp_path / "r")], predictor_factory=fixtures.make_echo)
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "shapes-fid: metrics.fid needs at least 2 samples, but limit is 1" in line
+    assert not (tmp_path / "r").exists()
+
+
+def _ids(task: str, n: int) -> list[str]:
+    from evals.engine import select
+    from tasks.loaders import load_dataset, resolve_data_root
+
+    spec = apply_overrides(tasks.get(task), {"limit": n})
+    return [s.id for s in select(load_dataset(spec, resolve_data_root(spec, None)), spec)]
+
+
+def test_fid_on_one_successful_sample_is_not_computed_exit_3_and_later_tasks_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CM3EVAL_TEST_FAIL_IDS", _ids("shapes-fid", 2)[1])  # of 2 samples, 1 succeeds
+    out = tmp_path / "r"
+    code = main(["run", "shapes-fid", "shapes-vqa", "--limit", "2", "--max-failures", "50%", "--out", str(out)],
+                predictor_factory=fixtures.make_echo)
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "error: shapes-fid: metric fid not computed: needs at least 2 successful samples, got 1" in err
+    entries = json.loads((out / "metrics.json").read_text())["tasks"]
+    assert "FD-demo" not in entries["shapes-fid"]["metrics"] and "t2i_R@1" not in entries["shapes-fid"]["metrics"]
+    assert entries["shapes-fid"]["missing_metrics"]["fid"].startswith("needs at least 2")
+    assert entries["shapes-vqa"]["metrics"]["accuracy"]["value"] is not None  # the later task ran
+
+
+def test_a_task_that_stops_does_not_stop_the_later_tasks(tmp_path):
+    from evals import engine
+
+    root = fixtures.write_all(tmp_path / "data")
+    out = tmp_path / "run"
+    fixtures.run_engine(fixtures.spec("vizwiz"), out, root)
+    changed = apply_overrides(fixtures.spec("vizwiz"), {"generation.max_new_tokens": "7"})
+    with pytest.raises(engine.RunError) as e:  # vizwiz's folder holds another config: that task stops
+        fixtures.run_engine([changed, fixtures.spec("vqav2")], out, root)
+    assert "vizwiz" in str(e.value) and "different config" in str(e.value) and "\n" not in str(e.value)
+    assert e.value.exit_code == 2
+    assert "vqav2" in json.loads((out / "metrics.json").read_text())["tasks"]  # ... and vqav2 still ran
+
+
+# ----------------------------------------------------------------------------- damaged sample lines and PNGs
+def test_a_nan_prediction_in_a_sample_line_is_regenerated(tmp_path):
+    args = ["run", "shapes-vqa", "--limit", "3", "--out", str(tmp_path / "r")]
+    assert main(args, predictor_factory=fixtures.make_echo) == 0
+    path = tmp_path / "r" / "shapes-vqa" / "samples" / "rank-00000.jsonl"
+    lines = path.read_text().splitlines()
+    first = json.loads(lines[0])
+    expected = first["prediction"]
+    lines[0] = json.dumps({**first, "prediction": float("nan")})  # json writes NaN
+    path.write_text("\n".join(lines) + "\n")
+    assert main(args, predictor_factory=fixtures.make_echo) == 0
+    again = {json.loads(ln)["id"]: json.loads(ln) for ln in path.read_text().splitlines()}
+    assert again[first["id"]]["prediction"] == expected
+
+
+def test_a_png_with_a_flipped_byte_of_the_same_size_is_regenerated(tmp_path):
+    root = fixtures.write_all(tmp_path / "data")
+    out = tmp_path / "run"
+    fixtures.run_engine(fixtures.spec("magicbrush-edit"), out, root)
+    victim = next(iter(json.loads(ln) for ln in
+                       (out / "magicbrush-edit" / "samples" / "rank-00000.jsonl").read_text().splitlines()))
+    png = out / "magicbrush-edit" / victim["images"]["output"]
+    data = bytearray(png.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    png.write_bytes(bytes(data))
+    results, p = fixtures.run_engine(fixtures.spec("magicbrush-edit"), out, root)
+    assert p.calls == [victim["id"]] and results["magicbrush-edit"].failures == []
+    fixtures.run_engine(fixtures.spec("magicbrush-edit"), tmp_path / "fresh", root)
+    fresh = json.loads((tmp_path / "fresh" / "metrics.json").read_text())["tasks"]["magicbrush-edit"]["metrics"]
+    assert json.loads((out / "metrics.json").read_text())["tasks"]["magicbrush-edit"]["metrics"] == fresh
