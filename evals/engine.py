@@ -249,24 +249,27 @@ class Engine:
         return TaskPlan(spec, root, Path(self.opts.out) / spec.name, samples, config)
 
     def _prepare_dir(self, plan: TaskPlan) -> None:
-        """rank 0: refuse a different config, or clear it with --overwrite; write config.json."""
+        """rank 0: refuse a different config (with --overwrite: discard that task's samples and
+        images; the samples of an unchanged config are always kept); write config.json."""
         spec, task_dir = plan.spec, plan.task_dir
         cfg_path = task_dir / runs.CONFIG
-        if cfg_path.exists() and not self.opts.overwrite:
+        if cfg_path.exists():
             try:
                 old = runs.read_json(cfg_path)
                 old_hash, old_hashed = old["hash"], old.get("hashed", {})
             except (runs.RunFolderError, KeyError, TypeError):
-                raise RunError(f"{cfg_path}: unreadable config of an earlier run; use a new --out or --overwrite")
+                old_hash, old_hashed = None, {}
+                if not self.opts.overwrite:
+                    raise RunError(f"{cfg_path}: unreadable config of an earlier run; use a new --out or --overwrite")
             if old_hash != plan.hash:
                 diffs = diff_keys(old_hashed, plan.config["hashed"]) or ["(hash only)"]
                 shown = "; ".join(diffs[:6]) + (f"; … {len(diffs) - 6} more" if len(diffs) > 6 else "")
-                raise RunError(f"{task_dir} holds a run of {spec.name} with a different config: {shown}. "
-                               f"Use a new --out to keep both, or --overwrite to discard it")
-        elif self.opts.overwrite and task_dir.exists():
-            for sub in (runs.SAMPLES, runs.IMAGES):
-                shutil.rmtree(task_dir / sub, ignore_errors=True)
-            cfg_path.unlink(missing_ok=True)
+                if not self.opts.overwrite:
+                    raise RunError(f"{task_dir} holds a run of {spec.name} with a different config: {shown}. "
+                                   f"Use a new --out to keep both, or --overwrite to discard it")
+                log.warning("%s: --overwrite: discarding the samples of a different config (%s)", spec.name, shown)
+                for sub in (runs.SAMPLES, runs.IMAGES):
+                    shutil.rmtree(task_dir / sub, ignore_errors=True)
         runs.write_task_config(task_dir, plan.config)
 
     def _on_rank0(self, fn: Callable[[], Any]) -> Any:
@@ -321,7 +324,7 @@ class Engine:
         transient); data failures are final unless the input files changed since; a finished
         sample whose output is damaged (runs.damaged_output: an image changed since it was written,
         a prediction that is not text) is regenerated; a finished sample whose input images
-        changed is refused (its prediction belongs to other pixels)."""
+        changed is refused (its prediction belongs to other pixels), or recomputed with --overwrite."""
         records = runs.read_samples(plan.task_dir)
         todo, changed = [], []
         for s in mine:
@@ -335,15 +338,16 @@ class Engine:
             if rec.get("failure") is not None:
                 if rec.get("failure_stage") != "data" or not same_inputs:
                     todo.append(s)
-            elif not same_inputs:
+            elif not same_inputs:  # --overwrite recomputes it; else the run is refused below
                 changed += [rel for rel in files if old.get(rel) != files[rel]]
+                todo += [s] if self.opts.overwrite else []
             elif why := runs.damaged_output(plan.task_dir, rec, plan.spec.output_modality):
                 log.warning("%s: sample %s: %s; regenerating it", plan.spec.name, s.id, why)
                 todo.append(s)
-        if changed:
+        if changed and not self.opts.overwrite:
             shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
             raise RunError(f"{plan.task_dir}: input images changed since their samples were computed: {shown}. "
-                           "Use a new --out, or --overwrite to discard the run")
+                           "Use a new --out, or --overwrite to recompute those samples")
         return todo
 
     def _predict_all(self, plan: TaskPlan, todo: list[Sample], bar: Any) -> None:
@@ -559,14 +563,15 @@ def run(specs: list[TaskSpec], predictor: Predictor, options: RunOptions, dist: 
         run_meta = _run_meta(predictor, options, dist)
         results: dict[str, TaskResult] = {}
         stopped: list[tuple[str, Cm3evalError]] = []
-        for spec in specs:
+        for i, spec in enumerate(specs):
             t0 = time.time()
             try:
                 result = engine.run_task(spec)
             except Cm3evalError as e:
                 if not _task_local(e):
                     raise
-                log.error("%s: stopped: %s; the run goes on with the next task", spec.name, e)
+                if i + 1 < len(specs):  # the error itself is raised (one line) once every task ran
+                    log.error("%s: stopped: %s; the run goes on with the next task", spec.name, e)
                 stopped.append((spec.name, e))  # every rank raised the same shared error: all go on
                 continue
             if result is not None:
@@ -588,6 +593,6 @@ def run(specs: list[TaskSpec], predictor: Predictor, options: RunOptions, dist: 
 
 
 def _task_local(e: Cm3evalError) -> bool:
-    """Whether an error concerns one task only (its config, data, inputs or samples), so the later
-    tasks still run; a full disk, a lock, a broken predictor stop the whole run."""
+    """An error of one task (its config, data, inputs), after which the later tasks still run; a
+    full disk, the lock, a broken predictor stop the run."""
     return not isinstance(e, (SystematicFailure, runs.DiskFullError, runs.RunLockedError)) and not is_fatal(e)

@@ -35,8 +35,9 @@ def own_cache(tmp_path, monkeypatch):
 
 
 def _one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    """The one error line of a command's stderr (besides progress and the disk estimate)."""
+    lines = [ln for ln in err.splitlines() if ln.lower().startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]
 
 
@@ -145,3 +146,70 @@ def test_a_png_with_a_flipped_byte_of_the_same_size_is_regenerated(tmp_path):
     fixtures.run_engine(fixtures.spec("magicbrush-edit"), tmp_path / "fresh", root)
     fresh = json.loads((tmp_path / "fresh" / "metrics.json").read_text())["tasks"]["magicbrush-edit"]["metrics"]
     assert json.loads((out / "metrics.json").read_text())["tasks"]["magicbrush-edit"]["metrics"] == fresh
+
+
+# ----------------------------------------------------------------------------- the retrieval bank
+def _flip_middle_keep_stat(path: Path) -> None:
+    """Negate 256 bytes in the middle of a file in place; size and mtime kept."""
+    import os
+
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        chunk = f.read(256)
+        f.seek(st.st_size // 2)
+        f.write(bytes(255 - b for b in chunk))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_a_bank_edited_in_the_middle_is_noticed_and_config_records_one_bank_digest(tmp_path, capsys):
+    import shutil
+
+    from cm3leon.checkpoint import ALIASES
+
+    bank = shutil.copytree(ALIASES["demo"] / "bank", tmp_path / "bank")
+    args = ["run", "shapes-fid", "--model", "demo", "--retrieval-k", "2", "--set", f"retrieval.bank={bank}"]
+    out = tmp_path / "run"
+    assert main([*args, "--limit", "2", "--out", str(out)]) == 0
+    config = out / "shapes-fid" / "config.json"
+    model_files = json.loads(config.read_text())["hashed"]["model_files"]
+    assert "bank/" in model_files and not [k for k in model_files if k.startswith("bank/") and k != "bank/"]
+    assert config.stat().st_size < 20_000  # not 4,000 bank files listed
+    _flip_middle_keep_stat(bank / "embeddings.npy")
+    capsys.readouterr()
+    # the resume sees the edit (it mixed samples of two banks) ...
+    code = main([*args, "--limit", "4", "--out", str(out)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "different config: predictor.bank (" in line
+    # ... and a fresh run checks bank.json's content hash against the files
+    code = main([*args, "--limit", "2", "--out", str(tmp_path / "fresh")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "content hash" in line and "differs from bank.json" in line
+
+
+# ----------------------------------------------------------------------------- --overwrite
+def test_overwrite_keeps_the_samples_of_an_unchanged_config_and_replaces_only_what_differs(tmp_path):
+    import shutil
+
+    root = fixtures.write_all(tmp_path / "data")
+    out = tmp_path / "run"
+    fixtures.run_engine(fixtures.spec("vizwiz"), out, root)
+    lines = (out / "vizwiz" / "samples" / "rank-00000.jsonl").read_bytes()
+    _, p = fixtures.run_engine(fixtures.spec("vizwiz"), out, root, overwrite=True)
+    assert p.calls == []  # nothing discarded, nothing recomputed
+    assert (out / "vizwiz" / "samples" / "rank-00000.jsonl").read_bytes() == lines
+    # an input image swapped: --overwrite recomputes that sample only
+    ids = [json.loads(ln)["id"] for ln in lines.decode().splitlines()]
+    victim = json.loads(lines.decode().splitlines()[0])
+    img = root / victim["input"]["image"] if (root / victim["input"]["image"]).exists() else None
+    assert img is not None
+    other = next(root / json.loads(ln)["input"]["image"] for ln in lines.decode().splitlines()[1:]
+                 if json.loads(ln)["input"]["image"] != victim["input"]["image"])
+    shutil.copyfile(other, img)
+    _, p = fixtures.run_engine(fixtures.spec("vizwiz"), out, root, overwrite=True)
+    assert p.calls == [victim["id"]]
+    # a changed config: that task's samples are replaced, all of them
+    changed = apply_overrides(fixtures.spec("vizwiz"), {"generation.max_new_tokens": "7"})
+    _, p = fixtures.run_engine(changed, out, root, overwrite=True)
+    assert sorted(p.calls) == sorted(ids)
