@@ -101,11 +101,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise _disk_error(e, path) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove a temp file; where that fails too (a read-only file system refuses even the unlink
+    of a file that is not there), the first error is the one to report."""
+    with _ignored_oserror():
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -163,12 +163,29 @@ def _flip_middle_keep_stat(path: Path) -> None:
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
 
 
-def test_a_bank_edited_in_the_middle_is_noticed_and_config_records_one_bank_digest(tmp_path, capsys):
+def _big_bank(dst: Path) -> Path:
+    """The demo bank three times over (12,000 rows): embeddings.npy over 2 MiB, so its middle lies
+    beyond a fingerprint of the first and last MiB."""
     import shutil
 
+    import numpy as np
+
+    from cm3leon.bank import MemoryBank
     from cm3leon.checkpoint import ALIASES
 
-    bank = shutil.copytree(ALIASES["demo"] / "bank", tmp_path / "bank")
+    demo = MemoryBank.load(ALIASES["demo"] / "bank")
+    big = MemoryBank.create(dst, demo.fingerprint, demo.dim, demo.encoder_name)
+    records = [demo.record(i) for i in range(len(demo))]
+    for copy in range(3):
+        big.add_vectors(np.asarray(demo.embeddings, dtype=np.float32), [{**r, "id": f"{r['id']}-{copy}"} for r in records])
+    big.flush()
+    shutil.copytree(ALIASES["demo"] / "bank" / "images", dst / "images")
+    assert (dst / "embeddings.npy").stat().st_size > 2 << 20
+    return dst
+
+
+def test_a_bank_edited_in_the_middle_is_noticed_and_config_records_one_bank_digest(tmp_path, capsys):
+    bank = _big_bank(tmp_path / "bank")
     args = ["run", "shapes-fid", "--model", "demo", "--retrieval-k", "2", "--set", f"retrieval.bank={bank}"]
     out = tmp_path / "run"
     assert main([*args, "--limit", "2", "--out", str(out)]) == 0
@@ -213,3 +230,35 @@ def test_overwrite_keeps_the_samples_of_an_unchanged_config_and_replaces_only_wh
     changed = apply_overrides(fixtures.spec("vizwiz"), {"generation.max_new_tokens": "7"})
     _, p = fixtures.run_engine(changed, out, root, overwrite=True)
     assert sorted(p.calls) == sorted(ids)
+
+
+# ----------------------------------------------------------------------------- a read-only place
+def _read_only(monkeypatch, place: Path) -> None:
+    """Make `place` behave as a read-only file system: creating, removing or making anything under
+    it fails with EROFS (as root, chmod cannot show it)."""
+    import errno
+    import os
+
+    def guard(fn):
+        def wrapped(path, *a, **kw):
+            if str(Path(path)).startswith(str(place)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return fn(path, *a, **kw)
+        return wrapped
+
+    for name in ("open", "unlink", "mkdir"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+
+
+def test_report_and_leaderboard_on_a_read_only_place_say_which_path_in_one_line(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["run", "shapes-vqa", "--limit", "2", "--out", str(run)], predictor_factory=fixtures.make_echo) == 0
+    capsys.readouterr()
+    _read_only(monkeypatch, run)
+    _read_only(monkeypatch, tmp_path / "ro")
+    assert main(["report", str(run)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{run / 'report.html'}: cannot write (Read-only file system)" in line
+    assert main(["leaderboard", str(run), "--out", str(tmp_path / "ro" / "lb")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'ro' / 'lb'}: cannot write (Read-only file system)" in line
