@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from evals import runs
+from evals.disk import THUMBNAIL  # input/target images are copied into the run as PNG thumbnails
 from evals.protocol import Item
 from evals.provenance import file_digest
 from tasks.images import confined
 from tasks.loaders import DataError, Sample
 from tasks.spec import TaskSpec
-
-THUMBNAIL = 256  # input/target images are copied into the run as PNG thumbnails for the report
 
 
 def input_files(root: Path, s: Sample) -> dict[str, str | None]:

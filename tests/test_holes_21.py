@@ -262,3 +262,21 @@ def test_report_and_leaderboard_on_a_read_only_place_say_which_path_in_one_line(
     assert main(["leaderboard", str(run), "--out", str(tmp_path / "ro" / "lb")]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert f"{tmp_path / 'ro' / 'lb'}: cannot write (Read-only file system)" in line
+
+
+# ----------------------------------------------------------------------------- the disk estimate
+def _printed_bytes(err: str) -> float:
+    import re
+
+    m = re.search(r"disk: about ([0-9.]+) (B|KB|MB|GB) to write", err)
+    assert m, err
+    return float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m.group(2)]
+
+
+def test_the_disk_estimate_is_within_1_5x_of_what_a_demo_run_writes(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["run", "shapes-fid", "--model", "demo", "--limit", "12", "--out", str(out)]) == 0
+    estimate = _printed_bytes(capsys.readouterr().err)
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"disk estimate {estimate:,.0f} B, written {written:,} B, ratio {estimate / written:.2f}")
+    assert written / 1.5 <= estimate <= written * 1.5
