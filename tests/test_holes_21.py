@@ -280,3 +280,30 @@ def test_the_disk_estimate_is_within_1_5x_of_what_a_demo_run_writes(tmp_path, ca
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"disk estimate {estimate:,.0f} B, written {written:,} B, ratio {estimate / written:.2f}")
     assert written / 1.5 <= estimate <= written * 1.5
+
+
+# ----------------------------------------------------------------------------- a 63k-token caption
+def test_a_63k_token_caption_is_a_sample_failure_and_fd_is_recorded_not_computed(tmp_path, capsys):
+    import shutil
+
+    from tasks.loaders import resolve_data_root
+
+    world = resolve_data_root(tasks.get("shapes-fid"), None)  # the demo world, rendered in this test's cache
+    root = tmp_path / "data"
+    shutil.copytree(world / "annotations", root / "annotations")
+    shutil.copytree(world / "images" / "test", root / "images" / "test")
+    path = root / "annotations" / "captions_test.json"
+    data = json.loads(path.read_text())
+    first, second = _ids("shapes-fid", 2)
+    for a in data["annotations"]:
+        if str(a["image_id"]) in (first, second):
+            a["caption"] = " ".join(["red circle"] * 32_000)  # 64k tokens
+    path.write_text(json.dumps(data))
+    out = tmp_path / "r"
+    code = main(["run", "shapes-fid", "--model", "demo", "--limit", "3", "--max-failures", "70%",
+                 "--data-root", str(root), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 3 and "Traceback" not in err, err
+    assert "error: shapes-fid: metric fid not computed: needs at least 2 successful samples, got 1" in err
+    entry = json.loads((out / "metrics.json").read_text())["tasks"]["shapes-fid"]
+    assert entry["n_failed"] == 2 and all("exceeds the model's max_seq_len" in f["error"] for f in entry["failures"])
