@@ -334,7 +334,7 @@ class Engine:
                 todo.append(s)
                 continue
             old = rec.get("input_files")
-            same_inputs = old is None or old == files  # lines of older versions carry no digests
+            same_inputs = old is None or old == files  # a line without input digests counts as unchanged
             if rec.get("failure") is not None:
                 if rec.get("failure_stage") != "data" or not same_inputs:
                     todo.append(s)

@@ -475,7 +475,7 @@ class RunLock:
             return False
         old = _holder_of(fd)
         if old is not None and old.pid != os.getpid():
-            log.info("%s: took over a stale lock of %s (no longer running)", self.path, old.describe())
+            log.info("%s: took over a stale lock of %s (that process is gone)", self.path, old.describe())
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started,
                            "argv": sys.argv}).encode()
