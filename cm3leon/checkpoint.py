@@ -390,11 +390,6 @@ def load(path_or_alias: str | Path = "demo", *, device: str | torch.device = "cp
     return bundle
 
 
-def load_chameleon_hf(path: str | Path, *, device="cpu", dtype=torch.float32) -> ModelBundle:
-    """An HF-layout Chameleon/Anole folder (kept for callers of the first edition; `load` detects it)."""
-    return load(path, device=device, dtype=dtype)
-
-
 # ----------------------------------------------------------------------------- native format
 def save(bundle: ModelBundle, path: str | Path) -> Path:
     """Write the native folder (the decoder's tensors are gathered on the host once, as safetensors needs)."""

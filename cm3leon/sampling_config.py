@@ -20,6 +20,24 @@ def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+# THE bounds of the sampler's settings: field -> (accepts the value, what it accepts in words);
+# None is accepted where a field is optional (unset). tasks/spec.py words its messages from here.
+# The two rules across fields (temperature > 0 unless greedy; mix_cdk_fraction needs cdk_alpha)
+# are checked after the table, in validate().
+BOUNDS: dict[str, tuple] = {
+    "greedy": (lambda v: isinstance(v, bool), "true or false"),
+    "temperature": (_is_number, "a number > 0 (or greedy: true)"),
+    "top_k": (lambda v: v is None or (_is_count(v) and v >= 1), "an integer >= 1"),
+    "top_p": (lambda v: v is None or (_is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "cfg_scale": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "image_cfg_scale": (lambda v: v is None or (_is_number(v) and v >= 0), "a number >= 0"),
+    "cdk_alpha": (lambda v: v is None or (_is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "cdk_k": (lambda v: _is_count(v) and v >= 1, "an integer >= 1"),
+    "mix_cdk_fraction": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1] (and cdk_alpha set)"),
+    "n_candidates": (lambda v: _is_count(v) and v >= 1, "an integer >= 1"),
+}
+
+
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0
@@ -34,33 +52,18 @@ class SamplingConfig:
     n_candidates: int = 1
 
     def validate(self) -> None:
-        """THE validation of sampling settings (the plan phase calls it before a model loads).
+        """THE validation of sampling settings (the plan phase calls it before a model loads): every
+        field against BOUNDS, then the two rules across fields.
 
         Raises ValueError whose message starts with the offending field's name."""
-        if not isinstance(self.greedy, bool):
-            raise ValueError(f"greedy: must be true or false, got {self.greedy!r}")
-        if not _is_number(self.temperature):
-            raise ValueError(f"temperature: must be a finite number, got {self.temperature!r}")
+        for name, (accepts, words) in BOUNDS.items():
+            value = getattr(self, name)
+            if not accepts(value):
+                raise ValueError(f"{name}: must be {words}, got {value!r}")
         if not self.greedy and not self.temperature > 0:
             raise ValueError(f"temperature: must be > 0 (use greedy=true for argmax), got {self.temperature}")
-        if self.top_k is not None and not (_is_count(self.top_k) and self.top_k >= 1):
-            raise ValueError(f"top_k: must be an integer >= 1 (or unset), got {self.top_k!r}")
-        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p: must be in (0, 1] (or unset), got {self.top_p!r}")
-        if not _is_number(self.cfg_scale):
-            raise ValueError(f"cfg_scale: must be a finite number (1 = no guidance), got {self.cfg_scale!r}")
-        if self.image_cfg_scale is not None and not _is_number(self.image_cfg_scale):
-            raise ValueError(f"image_cfg_scale: must be a finite number (or unset), got {self.image_cfg_scale!r}")
-        if self.cdk_alpha is not None and not (_is_number(self.cdk_alpha) and 0 < self.cdk_alpha <= 1):
-            raise ValueError(f"cdk_alpha: must be in (0, 1] (or unset to turn CD-K off), got {self.cdk_alpha!r}")
-        if not (_is_count(self.cdk_k) and self.cdk_k >= 1):
-            raise ValueError(f"cdk_k: must be an integer >= 1, got {self.cdk_k!r}")
-        if not (_is_number(self.mix_cdk_fraction) and 0 <= self.mix_cdk_fraction <= 1):
-            raise ValueError(f"mix_cdk_fraction: must be in [0, 1], got {self.mix_cdk_fraction!r}")
         if self.mix_cdk_fraction > 0 and self.cdk_alpha is None:
             raise ValueError("mix_cdk_fraction: needs cdk_alpha (the CD-K candidates' plausibility cut)")
-        if not (_is_count(self.n_candidates) and self.n_candidates >= 1):
-            raise ValueError(f"n_candidates: must be an integer >= 1, got {self.n_candidates!r}")
 
     @property
     def needs_uncond(self) -> bool:

@@ -139,14 +139,6 @@ def shard_headers(folder: Path, single: str, index: str) -> list[SafetensorsHead
     return headers
 
 
-def read_sharded_safetensors(folder: Path, single: str, index: str) -> dict[str, torch.Tensor]:
-    """A (small) folder's weights as one dict; large checkpoints go through `stream_into` instead."""
-    tensors: dict[str, torch.Tensor] = {}
-    for header in shard_headers(folder, single, index):
-        tensors.update(read_safetensors(header.path)[0])
-    return tensors
-
-
 def iter_safetensors(path: Path, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) one at a time, each a zero-copy view of the memory-mapped file (CPU, the file's
     dtype). Each view keeps the map alive; its pages are released from this process's RSS once the

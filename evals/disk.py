@@ -2,14 +2,19 @@
 
 The default coco-fid (30,000 prompts x 8 candidates at 512 px) would write about 110 GB if every
 candidate were a PNG; the predictor writes the chosen image only (every candidate's VQ codes go
-in the sample line) unless --save-candidates. The estimate is what those choices make of the
-plan: per image-output sample, 1 PNG (1 + n_candidates with --save-candidates) at the model's
-resolution, plus the sample line with every candidate's codes; per text sample, a small line.
+in the sample line) unless --save-candidates. The estimate counts everything a run writes:
+- per sample: its PNGs (1, or 1 + n_candidates with --save-candidates) at the model's resolution,
+  the input (and edit target) thumbnails the report shows, and the sample line with every
+  candidate's codes;
+- per task: config.json and its metrics.json entry, and its part of report.html (the images of
+  the samples it shows, base64-embedded);
+- per run folder: report.html's page itself.
 
 PNG size: natural images compress to about half their raw RGB bytes (1.6 bytes per pixel:
 512 px -> ~420 KB, the issue's 110 GB / 270,000 PNGs); the demo's flat shapes compress far
-better, so the estimate errs high there, never low. A run is refused only when the estimate is
-over the free space (`--force-disk` runs it anyway); a resume counts what it already wrote.
+better (its input thumbnails by 10x, its generated images by 1.5x), so the estimate errs high
+there, never low. A run is refused only when the estimate is over the free space (`--force-disk`
+runs it anyway); a resume counts what it already wrote.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from typing import Any
 
 PNG_BYTES_PER_PIXEL = 1.6
 CODE_BYTES = 6  # one VQ code in a JSON list: up to 5 digits and ", "
-LINE_BYTES = 2_000  # a sample line's fixed part (ids, prompt, references, timings)
+LINE_BYTES = 1_500  # a sample line's fixed part (ids, prompt, references, input digests, per-sample scores)
+THUMBNAIL = 256  # px: the longest side of input thumbnails (evals.records) and of report images (reports.images)
+CONFIG_BYTES = 8_000  # a task's config.json (resolved spec, one digest per model file or bank, versions)
+METRICS_BYTES = 3_000  # a task's entry in metrics.json
+REPORT_CARDS = 30  # samples report.html shows per task (24 and the extremes)
+REPORT_PAGE_BYTES = 40_000  # report.html without its images (styles, tables, texts), once per run folder
+INPUT_IMAGES = {"vqa": 1, "caption": 1, "edit": 2, "t2i": 0}  # thumbnails per sample: input (+ edit target)
 
 
 @dataclass
@@ -39,9 +50,11 @@ class DiskNeed:
     tasks: list[TaskDisk] = field(default_factory=list)
     free: int | None = None  # bytes free on --out's filesystem
 
+    runs: int = 0  # run folders: one report.html page each
+
     @property
     def total(self) -> int:
-        return sum(t.bytes for t in self.tasks)
+        return sum(t.bytes for t in self.tasks) + self.runs * REPORT_PAGE_BYTES
 
     @property
     def insufficient(self) -> bool:
@@ -89,18 +102,31 @@ def written_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+def png_bytes(side: int) -> int:
+    return int(side * side * PNG_BYTES_PER_PIXEL)
+
+
 def sample_bytes(spec: Any, resolution: int, codes_per_image: int, save_candidates: bool) -> tuple[int, int]:
-    """(PNGs per sample, bytes per sample) of one task."""
+    """(PNGs generated per sample, bytes per sample: PNGs, input thumbnails, the line) of one task."""
+    thumbs = INPUT_IMAGES.get(spec.kind, 1) * png_bytes(min(THUMBNAIL, resolution))
     if spec.output_modality != "image":
-        return 0, LINE_BYTES + 4 * spec.generation.max_new_tokens
+        return 0, LINE_BYTES + 4 * spec.generation.max_new_tokens + thumbs
     n = spec.generation.n_candidates
     pngs = 1 + (n if save_candidates and n > 1 else 0)
-    png = int(resolution * resolution * PNG_BYTES_PER_PIXEL)
-    return pngs, pngs * png + LINE_BYTES + n * codes_per_image * CODE_BYTES
+    return pngs, pngs * png_bytes(resolution) + thumbs + LINE_BYTES + n * codes_per_image * CODE_BYTES
+
+
+def report_bytes(spec: Any, samples: int, resolution: int, pngs: int) -> int:
+    """A task's part of report.html: the images of the samples it shows, base64 (4/3 of the bytes);
+    a text->image card also shows its reference image."""
+    per_card = pngs + INPUT_IMAGES.get(spec.kind, 1) + (1 if spec.kind == "t2i" else 0)
+    return min(samples, REPORT_CARDS) * per_card * png_bytes(min(THUMBNAIL, resolution)) * 4 // 3
 
 
 def task_disk(spec: Any, samples: int | None, resolution: int, codes_per_image: int, save_candidates: bool,
               task_dir: Path) -> TaskDisk:
     pngs, per = sample_bytes(spec, resolution, codes_per_image, save_candidates)
-    need = max(0, per * (samples or 0) - written_bytes(task_dir))
+    n = samples or 0
+    files = CONFIG_BYTES + METRICS_BYTES + report_bytes(spec, n, resolution, pngs)
+    need = max(0, per * n + files - written_bytes(task_dir))
     return TaskDisk(spec.name, samples, pngs, resolution, need)

@@ -12,7 +12,8 @@ the same batches in lockstep, and only its tp_rank 0 writes), and the config has
 batch size, --out, process count and --tp. Re-running the same command resumes: finished
 samples (by id) are skipped. What a resume must not mix is refused, naming what changed: a
 different config, model files whose bytes changed, input images whose bytes changed. A finished
-sample whose PNG is unreadable is regenerated.
+sample whose output is damaged (a PNG whose bytes changed since it was written, a prediction
+that is not text) is regenerated.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from evals.dist import Dist, init_distributed  # noqa: F401 (re-exported for the
 from evals.progress import progress as make_progress
 from evals.progress import resolve_mode
 from evals.protocol import Batch, Item, Predictor, PredictorProtocolError, check_output, is_fatal
-from evals.records import failure_record, output_record
-from evals.provenance import (PACKAGE, config_hash, diff_keys, file_digest, folder_digests,
-                              git_hash, package_version, versions)
-from tasks.images import confined, open_image
+from evals.records import failure_record, input_files, output_record
+from evals.provenance import (PACKAGE, config_hash, diff_keys, folder_digests, git_hash, package_version,
+                              versions)
+from tasks.images import open_image
 from tasks.selection import derive_seed, selection_order
 from tasks.loaders import DataError, Dataset, Sample, load_dataset, resolve_data_root
 from tasks.spec import COSMETIC_FIELDS, TaskSpec
@@ -153,21 +154,6 @@ def attach_shots(samples: list[Sample], support: list[Sample], spec: TaskSpec) -
         s.shots = [support[j] for j in picked]
 
 
-def input_files(root: Path, s: Sample) -> dict[str, str | None]:
-    """{path under the data root: content digest (None: missing)} of every image a sample reads,
-    its shots' included: stored in the sample line, so a resume sees swapped image bytes."""
-    rels = [s.image, s.target] + [x.image for x in s.shots]
-    out: dict[str, str | None] = {}
-    for rel in rels:
-        if rel is None or rel in out:
-            continue
-        try:
-            out[rel] = file_digest(confined(root, rel))  # never read a file outside the data root
-        except (OSError, DataError):
-            out[rel] = None
-    return out
-
-
 # ----------------------------------------------------------------------------- one task's plan
 @dataclass
 class _Tally:
@@ -264,24 +250,27 @@ class Engine:
         return TaskPlan(spec, root, Path(self.opts.out) / spec.name, samples, config)
 
     def _prepare_dir(self, plan: TaskPlan) -> None:
-        """rank 0: refuse a different config, or clear it with --overwrite; write config.json."""
+        """rank 0: refuse a different config (with --overwrite: discard that task's samples and
+        images; the samples of an unchanged config are always kept); write config.json."""
         spec, task_dir = plan.spec, plan.task_dir
         cfg_path = task_dir / runs.CONFIG
-        if cfg_path.exists() and not self.opts.overwrite:
+        if cfg_path.exists():
             try:
                 old = runs.read_json(cfg_path)
                 old_hash, old_hashed = old["hash"], old.get("hashed", {})
             except (runs.RunFolderError, KeyError, TypeError):
-                raise RunError(f"{cfg_path}: unreadable config of an earlier run; use a new --out or --overwrite")
+                old_hash, old_hashed = None, {}
+                if not self.opts.overwrite:
+                    raise RunError(f"{cfg_path}: unreadable config of an earlier run; use a new --out or --overwrite")
             if old_hash != plan.hash:
                 diffs = diff_keys(old_hashed, plan.config["hashed"]) or ["(hash only)"]
                 shown = "; ".join(diffs[:6]) + (f"; … {len(diffs) - 6} more" if len(diffs) > 6 else "")
-                raise RunError(f"{task_dir} holds a run of {spec.name} with a different config: {shown}. "
-                               f"Use a new --out to keep both, or --overwrite to discard it")
-        elif self.opts.overwrite and task_dir.exists():
-            for sub in (runs.SAMPLES, runs.IMAGES):
-                shutil.rmtree(task_dir / sub, ignore_errors=True)
-            cfg_path.unlink(missing_ok=True)
+                if not self.opts.overwrite:
+                    raise RunError(f"{task_dir} holds a run of {spec.name} with a different config: {shown}. "
+                                   f"Use a new --out to keep both, or --overwrite to discard it")
+                log.warning("%s: --overwrite: discarding the samples of a different config (%s)", spec.name, shown)
+                for sub in (runs.SAMPLES, runs.IMAGES):
+                    shutil.rmtree(task_dir / sub, ignore_errors=True)
         runs.write_task_config(task_dir, plan.config)
 
     def _on_rank0(self, fn: Callable[[], Any]) -> Any:
@@ -335,8 +324,9 @@ class Engine:
     def _todo(self, plan: TaskPlan, mine: list[Sample]) -> list[Sample]:
         """The samples of this shard to (re)compute. Predictor failures are retried (they may be
         transient); data failures are final unless the input files changed since; a finished
-        sample whose images are unreadable is regenerated; a finished sample whose input images
-        changed is refused (its prediction belongs to other pixels)."""
+        sample whose output is damaged (runs.damaged_output: an image changed since it was written,
+        a prediction that is not text) is regenerated; a finished sample whose input images
+        changed is refused (its prediction belongs to other pixels), or recomputed with --overwrite."""
         records = runs.read_samples(plan.task_dir)
         todo, changed = [], []
         for s in mine:
@@ -346,19 +336,20 @@ class Engine:
                 todo.append(s)
                 continue
             old = rec.get("input_files")
-            same_inputs = old is None or old == files  # lines of older versions carry no digests
+            same_inputs = old is None or old == files  # a line without input digests counts as unchanged
             if rec.get("failure") is not None:
                 if rec.get("failure_stage") != "data" or not same_inputs:
                     todo.append(s)
-            elif not same_inputs:
+            elif not same_inputs:  # --overwrite recomputes it; else the run is refused below
                 changed += [rel for rel in files if old.get(rel) != files[rel]]
-            elif bad := runs.unreadable_images(plan.task_dir, rec):
-                log.warning("%s: sample %s: unreadable %s; regenerating it", plan.spec.name, s.id, bad[0])
+                todo += [s] if self.opts.overwrite else []
+            elif why := runs.damaged_output(plan.task_dir, rec, plan.spec.output_modality):
+                log.warning("%s: sample %s: %s; regenerating it", plan.spec.name, s.id, why)
                 todo.append(s)
-        if changed:
+        if changed and not self.opts.overwrite:
             shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
             raise RunError(f"{plan.task_dir}: input images changed since their samples were computed: {shown}. "
-                           "Use a new --out, or --overwrite to discard the run")
+                           "Use a new --out, or --overwrite to recompute those samples")
         return todo
 
     def _predict_all(self, plan: TaskPlan, todo: list[Sample], bar: Any) -> None:
@@ -575,9 +566,18 @@ def run(specs: list[TaskSpec], predictor: Predictor, options: RunOptions, dist: 
         engine.model_files = dist.broadcast(engine._on_rank0(start))
         run_meta = _run_meta(predictor, options, dist)
         results: dict[str, TaskResult] = {}
-        for spec in specs:
+        stopped: list[tuple[str, Cm3evalError]] = []
+        for i, spec in enumerate(specs):
             t0 = time.time()
-            result = engine.run_task(spec)
+            try:
+                result = engine.run_task(spec)
+            except Cm3evalError as e:
+                if not _task_local(e):
+                    raise
+                if i + 1 < len(specs):  # the error itself is raised (one line) once every task ran
+                    log.error("%s: stopped: %s; the run goes on with the next task", spec.name, e)
+                stopped.append((spec.name, e))  # every rank raised the same shared error: all go on
+                continue
             if result is not None:
                 result.entry["seconds"] = round(time.time() - t0, 3)
                 results[spec.name] = result
@@ -585,6 +585,18 @@ def run(specs: list[TaskSpec], predictor: Predictor, options: RunOptions, dist: 
                 if on_task is not None:
                     on_task(result)
         dist.barrier()
+        if stopped:
+            err = RunError("; ".join(f"{name}: {e}" for name, e in stopped)
+                           + (f" (finished: {', '.join(results)}, in {out / runs.METRICS})" if results else ""))
+            err.exit_code = stopped[0][1].exit_code
+            err.results = results  # type: ignore[attr-defined]
+            raise err
         return results
     finally:
         lock.release()
+
+
+def _task_local(e: Cm3evalError) -> bool:
+    """An error of one task (its config, data, inputs), after which the later tasks still run; a
+    full disk, the lock, a broken predictor stop the run."""
+    return not isinstance(e, (SystematicFailure, runs.DiskFullError, runs.RunLockedError)) and not is_fatal(e)

@@ -465,7 +465,7 @@ def disk_need(runs: list[RunPlan], info: Any, out: Path, save_candidates: bool) 
     """What the runs will write (evals/disk.py) and the free space under --out."""
     from evals import disk
 
-    need = disk.DiskNeed(out, free=disk.free_bytes(out))
+    need = disk.DiskNeed(out, free=disk.free_bytes(out), runs=len(runs))
     for run_plan in runs:
         for t in run_plan.tasks:
             fid_res = (t.spec.metrics.get("fid") or {}).get("resolution")

@@ -150,9 +150,9 @@ class ModelPredictor:
         return path
 
     def _bank_fingerprint(self, bank: str, data_root: Path | None = None) -> str:
-        from cm3leon.checkpoint import fingerprint_folder
+        from evals.provenance import tree_digest  # every byte of every bank file (digests cached)
 
-        return fingerprint_folder(self._bank_dir(bank, data_root))
+        return tree_digest(self._bank_dir(bank, data_root))
 
     def _retrieval_encoder(self, spec: TaskSpec) -> Any:
         name = getattr(spec.retrieval, "encoder", None) or "model"
@@ -174,9 +174,13 @@ class ModelPredictor:
         folder = self._bank_dir(r.bank, data_root)
         key = (str(folder), getattr(r, "encoder", None), r.max_similarity, r.prefer_multimodal, r.k)
         if key not in self._retrievers:
-            from cm3leon.retrieval import MemoryBank, Retriever, SelectionConfig
+            from cm3leon.retrieval import Retriever, SelectionConfig
+            from evals.provenance import load_verified_bank
 
-            bank = MemoryBank.load(folder)
+            try:
+                bank = load_verified_bank(folder)
+            except (OSError, ValueError) as e:
+                raise PredictorSetupError(f"retrieval bank: {e}") from None
             self._retrievers[key] = Retriever(bank, self._retrieval_encoder(spec), SelectionConfig(
                 k=r.k, max_similarity=r.max_similarity, prefer_multimodal=r.prefer_multimodal))
         return self._retrievers[key]

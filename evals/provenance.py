@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import sqlite3
 import subprocess
@@ -32,6 +33,7 @@ log = logging.getLogger("cm3eval")
 
 PACKAGE = "cm3eval"
 _CHUNK = 1 << 22
+BANK_INFO = "bank.json"  # cm3leon.bank.INFO_FILE: the file that makes a folder a retrieval bank
 
 
 # ----------------------------------------------------------------------------- versions
@@ -111,10 +113,10 @@ class DigestCache:
     """sha256 of whole files, remembered by (path, size, mtime, ctime, inode) in a small SQLite file.
     A cache that cannot be opened (read-only home) only costs time: digests are computed anyway.
 
-    The connection is in autocommit mode (`isolation_level=None`): each INSERT commits at once.
-    The old batched commit (every 256 writes) kept a write transaction, and so SQLite's write
-    lock, open across the hashing of the next files, and a second process stalled for the whole
-    `timeout` (30 s) before failing its own write with "database is locked"."""
+    The connection is in autocommit mode (`isolation_level=None`): each INSERT commits at once, so
+    no write transaction (and SQLite's write lock) stays open across the hashing of the next
+    files, and a second process writing at the same time waits milliseconds, never the whole
+    `timeout` (30 s) that would end in "database is locked"."""
 
     BUSY_TIMEOUT_S = 30.0  # a single-row write waits at most this long for another's (milliseconds in practice)
 
@@ -131,6 +133,8 @@ class DigestCache:
                 db = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_S, check_same_thread=False,
                                      isolation_level=None)
                 _use_wal(db, self.path)
+                # a commit without an fsync: a cache entry lost to a power cut only costs a re-read
+                db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, stamp TEXT, sha256 TEXT)")
                 self._db = db
             except (OSError, sqlite3.Error) as e:
@@ -161,23 +165,30 @@ class DigestCache:
 
     def digest(self, path: Path) -> str:
         path = Path(path).resolve()
-        st = path.stat()
-        stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+        stamp = _stamp(path)
         cached = self._lookup(path, stamp)
         if cached is not None:
             return cached
         sha = _sha256_file(path)  # outside any lock or transaction: the slow part
-        self.hashed_bytes += st.st_size
+        self.hashed_bytes += path.stat().st_size
         self._store(path, stamp, sha)
         return sha
 
-    def flush(self) -> None:
-        """Kept for callers that flushed the old batched writes: every write is committed already."""
+    def remember(self, path: Path, sha: str) -> None:
+        """Record the sha256 of a file this process just wrote (its bytes hashed in memory), so a
+        resume compares it by stat alone until the file is touched."""
+        path = Path(path).resolve()
+        self._store(path, _stamp(path), sha)
 
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
 
 
 def _use_wal(db: sqlite3.Connection, path: Path, tries: int = 20) -> None:
@@ -226,14 +237,54 @@ def file_digest(path: Path) -> str:
 
 
 def folder_digests(folder: Path) -> dict[str, str]:
-    """{relative path: file_digest} of every file under folder (hidden temp files excluded), so a
-    refused resume can name the file that changed."""
+    """{relative path: file_digest} of every file under folder (hidden files excluded), so a
+    refused resume can name the file that changed. A subfolder holding a retrieval bank
+    (bank.json) is ONE entry, "bank/": its tree_digest (a bank holds thousands of images)."""
     folder = Path(folder)
     out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in list(dirnames):
+            if (here / d / BANK_INFO).is_file():
+                dirnames.remove(d)
+                out[(here / d).relative_to(folder).as_posix() + "/"] = tree_digest(here / d)
+        for name in filenames:
+            if not name.startswith("."):
+                out[(here / name).relative_to(folder).as_posix()] = file_digest(here / name)
+    return dict(sorted(out.items()))
+
+
+def tree_digest(folder: Path) -> str:
+    """ONE digest (16 hex digits) of a folder's whole content: every file's relative path and
+    full-content digest (each cached), so a byte changed anywhere in it changes the digest, and a
+    resume reads no file again."""
+    folder = Path(folder)
+    h = hashlib.sha256()
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = f.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        out[rel.as_posix()] = file_digest(f)
-    digest_cache().flush()
-    return out
+        if not any(part.startswith(".") for part in rel.parts):
+            h.update(f"{rel.as_posix()}\0{file_digest(f)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def load_verified_bank(folder: Path) -> Any:
+    """A retrieval bank (cm3leon.bank.MemoryBank) loaded with bank.json's content hash checked
+    against embeddings.npy and meta.jsonl. The check reads the bank once: its success is remembered
+    in the digest cache by those files' stamps, and repeated only when one of them changes.
+    Raises ValueError (hash mismatch, bad format) or FileNotFoundError."""
+    from cm3leon.bank import EMB_FILE, META_FILE, MemoryBank
+
+    folder = Path(folder).resolve()
+    cache = digest_cache()
+    key = folder / f"{BANK_INFO}#verified"
+    try:
+        stamp = ";".join(_stamp(folder / f) for f in (BANK_INFO, EMB_FILE, META_FILE))
+    except OSError:
+        stamp = None  # MemoryBank.load names the missing file
+    if stamp is not None and cache._lookup(key, stamp) is not None:
+        return MemoryBank.load(folder)
+    bank = MemoryBank.load(folder, verify_hash=True)
+    if stamp is not None:
+        cache._store(key, stamp, str(bank.content_hash))
+    return bank

@@ -10,16 +10,32 @@ from typing import Any
 from PIL import Image
 
 from evals import runs
+from evals.disk import THUMBNAIL  # input/target images are copied into the run as PNG thumbnails
 from evals.protocol import Item
-from tasks.loaders import Sample
+from evals.provenance import file_digest
+from tasks.images import confined
+from tasks.loaders import DataError, Sample
 from tasks.spec import TaskSpec
 
-THUMBNAIL = 256  # input/target images are copied into the run as PNG thumbnails for the report
 # The first REPORT_SAMPLES samples of a task are the report's sample cards: for them (only, so a
 # 30K-prompt run writes no extra gigabytes) the t2i reference, the candidates the reranker
 # decoded anyway and the retrieved documents' images are saved as small thumbnails too.
 REPORT_SAMPLES = 24
 SMALL_THUMBNAIL = 128
+
+def input_files(root: Path, s: Sample) -> dict[str, str | None]:
+    """{path under the data root: content digest (None: missing)} of every image a sample reads,
+    its shots' included: stored in the sample line, so a resume sees swapped image bytes."""
+    rels = [s.image, s.target] + [x.image for x in s.shots]
+    out: dict[str, str | None] = {}
+    for rel in rels:
+        if rel is None or rel in out:
+            continue
+        try:
+            out[rel] = file_digest(confined(root, rel))  # never read a file outside the data root
+        except (OSError, DataError):
+            out[rel] = None
+    return out
 
 
 def base_record(spec: TaskSpec, s: Sample, inputs: dict[str, str | None] | None) -> dict[str, Any]:
@@ -45,11 +61,11 @@ def output_record(spec: TaskSpec, task_dir: Path, item: Item, inputs: dict[str, 
     stem = f"{s.index:07d}-{re.sub(r'[^A-Za-z0-9._-]', '_', s.id)[:60]}"
     img_dir = Path(task_dir) / runs.IMAGES
     paths: dict[str, str] = {}
-    sizes: dict[str, int] = {}  # a resume stats the files against these (a truncated PNG is regenerated)
+    digests: dict[str, str] = {}  # a resume checks the files against these (a changed PNG is regenerated)
 
     def save(img: Any, name: str, max_side: int | None = None) -> str:
         rel = f"{runs.IMAGES}/{name}"
-        sizes[rel] = runs.save_png(img, img_dir / name, max_side)
+        digests[rel] = runs.save_png(img, img_dir / name, max_side)
         return rel
 
     for role, img in (out.get("images") or {}).items():
@@ -73,7 +89,7 @@ def output_record(spec: TaskSpec, task_dir: Path, item: Item, inputs: dict[str, 
         retrieved.append(doc)
     rec.update(prompt=out.get("prompt", s.text), prediction=out.get("prediction"), images=paths,
                candidates=cands, scores=out.get("scores"), best=int(out.get("best") or 0),
-               retrieved=retrieved, image_bytes=sizes)
+               retrieved=retrieved, image_digests=digests)
     if out.get("extra"):
         rec["extra"] = out["extra"]
     return rec

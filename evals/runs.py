@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -104,11 +105,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise _disk_error(e, path) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove a temp file; where that fails too (a read-only file system refuses even the unlink
+    of a file that is not there), the first error is the one to report."""
+    with _ignored_oserror():
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -227,13 +235,14 @@ def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def read_samples(task_dir: Path) -> dict[str, dict[str, Any]]:
     """THE reader: finished sample lines of every rank by id, ordered by (index, id). Where one id
-    has several lines (a retried failure, a merge cut short) a success wins over a failure."""
+    has several lines (a retried failure, a regenerated damaged output, a merge cut short) a
+    success wins over a failure, and a later success over an earlier one."""
     out: dict[str, dict[str, Any]] = {}
     for path in sample_files(task_dir):
         for _, rec in _lines(path):
             key = str(rec["id"])
             old = out.get(key)
-            if old is None or old.get("failure") is not None:
+            if old is None or old.get("failure") is not None or rec.get("failure") is None:
                 out[key] = rec
     return dict(sorted(out.items(), key=lambda kv: (kv[1]["index"], kv[0])))
 
@@ -307,9 +316,12 @@ def rewrite_samples(task_dir: Path, records: dict[str, dict[str, Any]]) -> Path:
     return target
 
 
-def save_png(img: Image.Image, path: Path, max_side: int | None = None) -> int:
+def save_png(img: Image.Image, path: Path, max_side: int | None = None) -> str:
     """PNG via temp file + rename, so a kill never leaves a half-written image under its name.
-    Returns its size in bytes (the sample line records it; see unreadable_images)."""
+    Returns the first 16 hex digits of its sha256 (the sample line records it; see
+    unreadable_images); the digest cache learns it too, so a resume needs only a stat."""
+    from evals.provenance import digest_cache
+
     if max_side is not None and max(img.size) > max_side:
         img = img.copy()
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
@@ -317,29 +329,48 @@ def save_png(img: Image.Image, path: Path, max_side: int | None = None) -> int:
         img = img.convert("RGB")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-    return buf.tell()
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    sha = hashlib.sha256(data).hexdigest()
+    digest_cache().remember(path, sha)
+    return sha[:16]
 
 
 def unreadable_images(task_dir: Path, rec: dict[str, Any]) -> list[str]:
-    """The image files of a sample line that are missing or damaged. Lines record each file's
-    size ("image_bytes"), so a resume only stats them (a truncated file has another size); lines
-    without sizes get PIL's verify (chunk structure and CRCs, no pixel decoding)."""
+    """The image files of a sample line that are missing, damaged or changed. Lines record each
+    file's content digest ("image_digests", the digest cache answers by stat until the file is
+    touched, so a flipped byte of the same size is seen); lines of runs that recorded sizes
+    ("image_bytes") are checked by size; lines with neither get PIL's verify (chunk structure and
+    CRCs, no pixel decoding)."""
+    from evals.provenance import file_digest
+
     rels = list((rec.get("images") or {}).values()) + list(rec.get("candidates") or [])
-    sizes = rec.get("image_bytes")
+    digests, sizes = rec.get("image_digests"), rec.get("image_bytes")
     bad = []
     for rel in rels:
         path = Path(task_dir) / rel
         try:
-            if isinstance(sizes, dict) and rel in sizes:
+            if isinstance(digests, dict) and rel in digests:
+                if file_digest(path) != digests[rel]:
+                    bad.append(str(rel))
+            elif isinstance(sizes, dict) and rel in sizes:
                 if path.stat().st_size != sizes[rel]:
                     bad.append(str(rel))
-                continue
-            with Image.open(path) as im:
-                im.verify()
+            else:
+                with Image.open(path) as im:
+                    im.verify()
         except Exception:  # noqa: BLE001 - any decoder complaint means: regenerate
             bad.append(str(rel))
     return bad
+
+
+def damaged_output(task_dir: Path, rec: dict[str, Any], output_modality: str) -> str | None:
+    """Why a finished sample line cannot be scored as it stands (it is then regenerated): a text
+    prediction that is not a string (a hand-edited NaN), or an image file missing or changed."""
+    if output_modality == "text" and not isinstance(rec.get("prediction"), str):
+        return f"its prediction is {rec.get('prediction')!r}, not a string"
+    bad = unreadable_images(task_dir, rec)
+    return f"{bad[0]} is missing or changed since it was written" if bad else None
 
 
 def write_task_config(task_dir: Path, config: dict[str, Any]) -> None:
@@ -500,7 +531,7 @@ class RunLock:
             return False
         old = _holder_of(fd)
         if old is not None and old.pid != os.getpid():
-            log.info("%s: took over a stale lock of %s (no longer running)", self.path, old.describe())
+            log.info("%s: took over a stale lock of %s (that process is gone)", self.path, old.describe())
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started,
                            "argv": sys.argv}).encode()

@@ -214,6 +214,7 @@ class MetricDef:
     # (dataset file role, what its texts are) the metric's texts come from, when the loader knows the role
     texts: tuple[tuple[str, str], ...] = ()
     needs_encoder: bool = False  # the `encoder` option must name one (null: refused)
+    min_samples: int = 1  # fewer successful samples: not computed (a --limit below it: refused by the plan)
 
     def higher_is_better(self, result_name: str) -> bool:
         for pattern, hib in self.outputs:
@@ -229,12 +230,12 @@ METRICS: dict[str, MetricDef] = {
     "fid": MetricDef(_fid, ("t2i",), {"feature_space": "inception", "protocol": "pytorch-fid", "resolution": 256,
                                      "weights": None, "reference_stats": None, "cache_dir": None,
                                      "batch_size": 50, "bootstrap": 0},
-                     (("FID", False), ("FD-*", False))),
+                     (("FID", False), ("FD-*", False)), min_samples=2),  # a covariance needs 2
     "clip_score": MetricDef(_clip_score, ("t2i",), {"encoder": "model", "scale": 2.5, "name": None},
                             (("CLIPScore", True),), needs_encoder=True),
     "rank_accuracy": MetricDef(_rank_accuracy, ("t2i",), {"encoder": "demo", "pool_size": 100, "ks": [1, 5, 10]},
                                (("t2i_R@*", True), ("t2i_rank", False)),  # a mean rank: 1 is best
-                               needs_encoder=True),
+                               needs_encoder=True, min_samples=2),
     "captioning": MetricDef(_captioning, ("caption",), {"tokenize": "ptb", "spice": False, "report": None},
                             tuple((n, True) for n in _CAPTION_NAMES)),
     "vqa_accuracy": MetricDef(_vqa, ("vqa",), {"evaluation": "current"}, (("accuracy", True),)),
@@ -344,10 +345,14 @@ def score_metrics(metrics: dict[str, dict[str, Any]], ctx: Context, *, label: st
         return Scored(out, per_sample, [], notes, {k: notes[0] for k in metrics})
     for key, user_opts in metrics.items():
         try:
+            if len(ctx.records) < METRICS[key].min_samples:
+                raise MetricUnavailable(f"needs at least {METRICS[key].min_samples} successful samples, "
+                                        f"got {len(ctx.records)}")
             results = _run_one(ctx, key, user_opts)
-        except MetricUnavailable as e:
-            notes.append(f"{key}: not computed: {e}")
-            unavailable[key] = str(e)
+        except Exception as e:  # noqa: BLE001 - one metric's failure never costs the others (or later tasks)
+            why = str(e) if isinstance(e, MetricUnavailable) else f"{type(e).__name__}: {e}"
+            notes.append(f"{key}: not computed: {why}")
+            unavailable[key] = why
             log.warning("%s: %s", label or "scoring", notes[-1])
             continue
         for name, res in results.items():
@@ -431,8 +436,9 @@ def check_inputs(spec: Any) -> None:
     exit 2, one line naming the option): an encoder named where the metric needs one, the data file
     its texts come from, the Java (and SPICE jars) its captioning back-end runs on.
 
-    Not refused here: a --limit below a metric's minimum (FID and rank accuracy need 2 samples);
-    the run generates and the metric is reported missing (exit 3), which tests/test_cli.py relies on."""
+    A limit below a metric's `min_samples` (FID/FD and rank accuracy need 2) is refused here too;
+    where the count is known only after generating (failed samples), the metric is recorded as not
+    computed with its reason (exit 3)."""
     from tasks.loaders import LOADERS
 
     loader = LOADERS.get(spec.dataset.loader)
@@ -442,6 +448,9 @@ def check_inputs(spec: Any) -> None:
         if d is None:
             continue  # check_metrics reports it
         opts = {**d.options, **(user_opts or {})}
+        if spec.limit is not None and spec.limit < d.min_samples:
+            raise MetricInputMissing(f"{spec.name}: metrics.{key} needs at least {d.min_samples} samples, but limit is "
+                                     f"{spec.limit}; raise --limit to {d.min_samples} or more, or leave {key} out")
         if d.needs_encoder and not opts.get("encoder"):
             raise MetricInputMissing(f"{spec.name}: metrics.{key}.encoder is not set and {key} needs an encoder; "
                                      f"pass --set metrics.{key}.encoder=NAME, e.g. {_encoder_hint()}")

@@ -127,7 +127,10 @@ def render_leaderboard_html(lb: pd.DataFrame) -> str:
 def write_leaderboard(lb: pd.DataFrame, out_dir: Path | str, formats: Iterable[str] = ("csv", "md", "html")
                       ) -> list[Path]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise runs.RunFolderError(f"{out_dir}: cannot write ({e.strerror or e})") from None
     written = []
     for f in formats:
         if f not in FORMATS:

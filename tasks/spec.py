@@ -12,9 +12,9 @@ lists the closest known keys.
 
 The sampler's settings are not copied here: `GenerationSpec` extends
 `cm3leon.sampling.SamplingConfig`, and whether a combination of them is acceptable is decided by
-`SamplingConfig.validate()` alone (the spec only types the values and words the message), so a
-spec, a `--set` and the sampler can no longer disagree (`temperature: 0` used to pass the spec
-and fail every sample).
+`SamplingConfig.validate()` alone (its table of bounds, `cm3leon.sampling_config.BOUNDS`; the spec
+only types the values and words the message from that table), so a spec, a `--set` and the
+sampler accept the same values.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import yaml
 
 from cm3leon.errors import Cm3evalError
 from cm3leon.families import ROLE_PLACEHOLDERS
+from cm3leon.sampling_config import BOUNDS as SAMPLING_BOUNDS
 from cm3leon.sampling_config import SamplingConfig
 
 from .published import PUBLISHED
@@ -179,10 +180,6 @@ COSMETIC_FIELDS = ("description",)
 
 
 # ----------------------------------------------------------------------------- value checks
-def _in_unit(x: float) -> bool:
-    return 0 < x <= 1
-
-
 # dotted path -> (predicate, human description); applied after type checks
 CHECKS: dict[str, tuple[Any, str]] = {
     "kind": (lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
@@ -203,19 +200,9 @@ CHECKS: dict[str, tuple[Any, str]] = {
 }
 
 
-# How messages word the sampler's settings. Wording only: what is accepted is decided by
-# SamplingConfig.validate() (see _check_sampling), never by a predicate here.
-SAMPLING_WORDS: dict[str, str] = {
-    "temperature": "a number > 0 (or greedy: true)",
-    "top_p": "a number in (0, 1]",
-    "top_k": "an integer >= 1",
-    "cfg_scale": "a number >= 0",
-    "image_cfg_scale": "a number >= 0",
-    "cdk_alpha": "a number in (0, 1]",
-    "cdk_k": "an integer >= 1",
-    "mix_cdk_fraction": "a number in [0, 1] (and cdk_alpha set)",
-    "n_candidates": "an integer >= 1",
-}
+# How messages word the sampler's settings: cm3leon.sampling_config.BOUNDS, whose check
+# (SamplingConfig.validate(), see _check_sampling) decides what is accepted.
+SAMPLING_WORDS: dict[str, str] = {name: words for name, (_, words) in SAMPLING_BOUNDS.items()}
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingConfig))
 _FIELD_RE = re.compile(r"\b(" + "|".join(sorted(SAMPLING_FIELDS, key=len, reverse=True)) + r")\b")
 

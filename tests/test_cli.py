@@ -202,8 +202,8 @@ def test_run_exit_1_when_every_sample_failed(tmp_path, capsys, monkeypatch):
     assert code == 1 and "2 of 2 samples failed" in capsys.readouterr().err
 
 
-def test_run_exit_3_when_a_requested_metric_cannot_be_computed(tmp_path, capsys):
-    # rank accuracy needs at least two samples: one sample generates fine and the metric is missing
+def test_run_exit_3_when_a_requested_metric_cannot_be_computed(tmp_path, capsys, monkeypatch):
+    # rank accuracy needs at least two samples: of two, one fails (allowed) and the metric is missing
     import yaml
 
     import tasks
@@ -211,7 +211,8 @@ def test_run_exit_3_when_a_requested_metric_cannot_be_computed(tmp_path, capsys)
     spec = tasks.get("shapes-fid").to_dict()
     spec.update(name="rank-only", metrics={"rank_accuracy": spec["metrics"]["rank_accuracy"]})
     (tmp_path / "rank-only.yaml").write_text(yaml.safe_dump(spec))
-    code = main(["run", str(tmp_path / "rank-only.yaml"), "--model", "demo", "--limit", "1",
+    monkeypatch.setenv("CM3EVAL_TEST_FAIL_IDS", _ids("shapes-fid", 2)[1])
+    code = main(["run", str(tmp_path / "rank-only.yaml"), "--model", "demo", "--limit", "2", "--max-failures", "50%",
                  "--out", str(tmp_path / "r")], predictor_factory=fixtures.make_echo)
     err = capsys.readouterr().err
     assert code == 3, err

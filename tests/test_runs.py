@@ -171,22 +171,31 @@ def test_stale_lock_without_flock_is_judged_by_pid(tmp_path, monkeypatch):
         runs.RunLock(run).acquire()
 
 
-def test_unreadable_images_by_recorded_size_or_by_verify(tmp_path):
+def test_unreadable_images_by_recorded_digest_size_or_verify(tmp_path, monkeypatch):
     from PIL import Image
 
+    from evals.provenance import file_digest
+
+    monkeypatch.setenv("CM3EVAL_CACHE", str(tmp_path / "cache"))
     task = tmp_path / "task"
     (task / "images").mkdir(parents=True)
-    n = runs.save_png(Image.new("RGB", (40, 40), (10, 200, 30)), task / "images" / "a.png")
-    runs.save_png(Image.new("RGB", (40, 40), (1, 2, 3)), task / "images" / "b.png")
-    assert n == (task / "images" / "a.png").stat().st_size
-    line = {"images": {"output": "images/a.png"}, "candidates": ["images/b.png"],
-            "image_bytes": {"images/a.png": n}}
-    assert runs.unreadable_images(task, line) == []
-    old_line = {k: v for k, v in line.items() if k != "image_bytes"}  # a line of an older version
-    assert runs.unreadable_images(task, old_line) == []
-    for path in (task / "images" / "a.png", task / "images" / "b.png"):
+    a, b = task / "images" / "a.png", task / "images" / "b.png"
+    da = runs.save_png(Image.new("RGB", (40, 40), (10, 200, 30)), a)
+    runs.save_png(Image.new("RGB", (40, 40), (1, 2, 3)), b)
+    assert da == file_digest(a)
+    line = {"images": {"output": "images/a.png"}, "candidates": ["images/b.png"], "image_digests": {"images/a.png": da}}
+    sized = {**{k: v for k, v in line.items() if k != "image_digests"}, "image_bytes": {"images/a.png": a.stat().st_size}}
+    bare = {k: v for k, v in line.items() if k != "image_digests"}  # a line recording neither
+    assert runs.unreadable_images(task, line) == runs.unreadable_images(task, sized) == \
+        runs.unreadable_images(task, bare) == []
+    data = bytearray(a.read_bytes())  # one flipped byte in the pixel data: same size, still a valid PNG chunk layout
+    data[len(data) // 2] ^= 0xFF
+    a.write_bytes(bytes(data))
+    assert runs.unreadable_images(task, line) == ["images/a.png"]  # the digest sees it
+    assert runs.unreadable_images(task, sized) == []  # a size cannot
+    for path in (a, b):
         path.write_bytes(path.read_bytes()[:50])  # truncated
     assert runs.unreadable_images(task, line) == ["images/a.png", "images/b.png"]
-    assert runs.unreadable_images(task, old_line) == ["images/a.png", "images/b.png"]
-    (task / "images" / "a.png").unlink()
+    assert runs.unreadable_images(task, bare) == ["images/a.png", "images/b.png"]
+    a.unlink()
     assert runs.unreadable_images(task, line)[0] == "images/a.png"

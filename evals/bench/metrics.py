@@ -4,13 +4,11 @@ VQA accuracy: the vectorised `vqa_accuracy` against `vqa_accuracy_reference` (th
 line by line) on synthetic VQAv2-style questions whose answers carry the noise the official
 normalisation exists for (case, punctuation, articles, number words, contractions, digit commas),
 with a mix of unanimous and disagreeing answer sets, for the current official loop (default) or
-the pre-2021 one (`--legacy`). The two must agree exactly; the command fails otherwise. Fréchet distance at d=2048 comes from `evals.bench.fid.run_fid_bench()` when
-that module is installed.
+the pre-2021 one (`--legacy`). The two must agree exactly; the command fails otherwise. Fréchet distance at d=2048 comes from `evals.bench.fid.run_fid_bench()`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from typing import Annotated, Any
@@ -154,14 +152,9 @@ def run_vqa_bench(n_questions: int, seed: int = 0, repeats: int = 3, evaluation:
 
 
 def _fid_bench() -> dict[str, Any]:
-    try:
-        module = importlib.import_module("evals.bench.fid")
-    except ModuleNotFoundError as e:
-        if e.name != "evals.bench.fid":
-            raise
-        return {"skipped": "evals.bench.fid is not installed"}
-    result = module.run_fid_bench()
-    return result if isinstance(result, dict) else {"result": result}
+    from evals.bench.fid import run_fid_bench
+
+    return run_fid_bench()
 
 
 def command(

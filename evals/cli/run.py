@@ -209,7 +209,9 @@ def run(
                                          "not only the chosen image."),
     force_disk: bool = typer.Option(False, "--force-disk", help="Run even when the estimated disk need is over "
                                     "the free space of --out's filesystem."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run of a different config."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace only what differs from this command: a "
+                                   "task whose config changed loses its samples, samples whose input images changed "
+                                   "are recomputed; finished samples of an unchanged config are kept."),
     json_: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Evaluate a model on tasks or suites; re-running the same command resumes."""

@@ -52,6 +52,7 @@ from evals.metrics.fid_stats import (  # noqa: F401 - re-exported public API
     psd_factor,
     trace_sqrt_product,
 )
+from evals.metrics.errors import MetricUnavailable
 from evals.metrics.result import MetricResult
 
 
@@ -196,6 +197,9 @@ def compute_fid(gen_images_or_stats, ref_stats, *, protocol: str = "pytorch-fid"
     sides = _Sides(feature_extractor, extractor_name, weights, device, protocol, batch_size, resolution)
     gen = sides.stats(gen_images_or_stats, keep_features or kid_subsets is not None or bootstrap > 0)
     ref = sides.stats(ref_stats, kid_subsets is not None)
+    for side, n in (("generated", gen.n), ("reference", ref.n if isinstance(ref, FeatureStats) else 2)):
+        if n < 2:  # a covariance needs two samples: not computed, with the reason (exit 3 in a run)
+            raise MetricUnavailable(f"a Fréchet distance needs at least 2 {side} samples, got {n}")
     ref_meta = _check_sides(gen, ref, protocol)
     fd = _DistanceToReference(gen, ref)
     value = fd(gen.mu, gen.sigma)
