@@ -98,6 +98,9 @@ WEIGHTS: dict[str, WeightsFile] = {w.key: w for w in (
     WeightsFile("dinov2-vitb14", "DINOv2 ViT-B/14 weights", "dinov2_vitb14_pretrain.pth",
                 _DINOV2 + "dinov2_vitb14/dinov2_vitb14_pretrain.pth",
                 "CM3EVAL_DINOV2_VITB14_WEIGHTS", "--dinov2-weights", "metrics.fd_dinov2.weights"),
+    WeightsFile("dinov2-vits14", "DINOv2 ViT-S/14 weights", "dinov2_vits14_pretrain.pth",
+                _DINOV2 + "dinov2_vits14/dinov2_vits14_pretrain.pth",
+                "CM3EVAL_DINOV2_VITS14_WEIGHTS", "--dinov2-weights", "metrics.fd_dinov2.weights"),
     # named encoders (evals.encoders): open_clip state dicts saved as safetensors
     WeightsFile("clip-vit-b-32", "open_clip ViT-B-32 weights", "open_clip_vit_b32.safetensors",
                 "open_clip's ViT-B-32 'laion2b_s34b_b79k' (huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K, "
