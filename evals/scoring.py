@@ -60,7 +60,7 @@ def _fid(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
         res.extra.setdefault("resolution", opts["resolution"])
         return {res.name: res}
     try:
-        ext = fid_lib.inception_extractor(opts["weights"], ctx.device)  # looked up on fid: tests stand one in
+        ext = fid_lib.inception_extractor(opts["weights"], ctx.device, opts["protocol"])  # looked up on fid: tests stand one in
     except FileNotFoundError as e:
         raise MetricUnavailable(f"FID needs the Inception weights: {e}") from None
     if opts["reference_stats"]:
@@ -486,6 +486,7 @@ def required_files(spec: Any) -> list[RequiredFile]:
     `cm3leon.checkpoint.inspect`, not here. Raises `evals.encoders.EncoderUnavailable` for an
     encoder name of no known kind, or one whose back-end (open_clip, transformers) is not installed."""
     from evals.metrics import dino, inception
+    from evals.metrics.weights import WEIGHTS
 
     check_inputs(spec)
     out: list[RequiredFile] = []
@@ -494,7 +495,9 @@ def required_files(spec: Any) -> list[RequiredFile]:
             continue  # check_metrics reports it
         opts = {**METRICS[key].options, **(user_opts or {})}
         if key == "fid" and opts["feature_space"] == "inception":
-            out.append(_weights_file(inception.WEIGHTS_FILE, opts["weights"], key))
+            clean = opts["protocol"] == "clean"  # clean-fid's own network file
+            out.append(_weights_file(WEIGHTS["clean-fid-inception"] if clean else inception.WEIGHTS_FILE,
+                                     opts["weights"], key))
             if opts["reference_stats"]:
                 rel = not Path(opts["reference_stats"]).is_absolute()
                 out.append(RequiredFile(Path(opts["reference_stats"]), "FID reference statistics (metrics.fid)",

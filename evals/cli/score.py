@@ -139,8 +139,9 @@ def fid(
     ref_stats: Annotated[Optional[Path], typer.Option("--ref-stats", help="Reference statistics .npz instead "
                                                       "of REF_DIR.")] = None,
     protocol: Annotated[str, typer.Option(help=f"Preprocessing: {_PROTOCOLS}.")] = "pytorch-fid",
-    weights: Annotated[Optional[Path], typer.Option(help="pt_inception-2015-12-05-6726825d.pth (else "
-                                                    "$CM3EVAL_INCEPTION_WEIGHTS, then the torch hub cache).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="pt_inception-2015-12-05-6726825d.pth; with --protocol "
+                                                    "clean, clean-fid's inception-2015-12-05.pt (else the weights "
+                                                    "finder: its variable, the cache, the torch hub cache).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 50,
     kid: Annotated[bool, typer.Option("--kid", help="Also report KID (needs reference features: REF_DIR or a "
                                       "stats file that has them).")] = False,
@@ -163,7 +164,7 @@ def fid(
     from evals.metrics.fid import compute_fid, inception_extractor, reference_stats
 
     try:
-        extractor = inception_extractor(weights, _device(device))
+        extractor = inception_extractor(weights, _device(device), protocol)
         if ref_dir is not None:
             ref: Any = reference_stats(ref_dir, cache_dir, protocol=protocol, resolution=resolution,
                                        feature_extractor=extractor, batch_size=batch_size, keep_features=kid)
