@@ -216,12 +216,21 @@ def run(
     plan = build_plan(RunRequest(tuple(names), tuple(set_), tuple(sweep), shorthands, model, data_root, out, vq,
                                  max_failures, tp=tp, inspect_model=factory is None,
                                  save_candidates=save_candidates, force_disk=force_disk))
-    if plan.disk is not None and os.environ.get("RANK", "0") == "0":  # once per torchrun job, not per rank
-        typer.echo(plan.disk.describe(), err=True)  # before anything loads: the run may take hours
+    if os.environ.get("RANK", "0") == "0":  # once per torchrun job, not per rank
+        if plan.disk is not None:
+            typer.echo(plan.disk.describe(), err=True)  # before anything loads: the run may take hours
+        for line in skipped_lines(plan):
+            typer.echo(line, err=True)
     code = execute(plan, PredictorSettings(plan.model, device, dtype, batch_size, vq, compile_, tp, save_candidates),
                    factory, overwrite=overwrite, data_root=data_root, as_json=json_)
     if code:
         raise typer.Exit(code)
+
+
+def skipped_lines(plan: Any) -> list[str]:
+    """One plan line per `when_available` metric left out, saying why (its missing file)."""
+    return [f"plan: {t.spec.name}: metric {key} skipped: {why}" for run_plan in plan.runs for t in run_plan.tasks
+            for key, why in t.skipped_metrics.items()]
 
 
 def execute(plan: Any, settings: PredictorSettings, factory: Callable[..., Any] | None, *, overwrite: bool,
