@@ -508,6 +508,7 @@ def required_files(spec: Any) -> list[RequiredFile]:
     from evals.metrics.weights import WEIGHTS
 
     check_inputs(spec)
+    spec, _ = skip_absent(spec)  # a `when_available` metric without its files is left out, not required
     out: list[RequiredFile] = []
     for key, user_opts in spec.metrics.items():
         if key not in METRICS:
