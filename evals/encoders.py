@@ -6,10 +6,11 @@ An encoder is named by a string:
   bundle's own when the demo model is the one being evaluated, so it is not loaded twice);
 - "open_clip:ARCH:PATH", "hf-clip:FOLDER", "native:PATH": `cm3leon.encoder.load_encoder`;
 - a bare folder holding a transformers CLIP (`config.json` inside): the same as "hf-clip:FOLDER";
-- a named default, `clip-vit-b-32`: open_clip ViT-B-32 (the CM3leon paper's frozen retriever and
-  reranker), its weights file found at $CM3EVAL_CLIP_WEIGHTS, else
-  `<cache>/weights/open_clip_vit_b32.safetensors` (tasks.cache.cache_dir): what the registry's
-  defaults can name on any checkpoint, since no Chameleon/Anole folder carries an encoder.
+- a named default (`tasks.weights.NAMED_ENCODERS`): `clip-vit-b-32`, open_clip ViT-B-32 (the CM3leon
+  paper's frozen retriever and reranker), and `clip-vit-l-14-336` (CMMD's CLIP), each file found by
+  the one weights finder ($CM3EVAL_CLIP_WEIGHTS / ..., `<cache>/weights/<file>`, the torch hub
+  cache): what the registry's defaults can name on any checkpoint, since no Chameleon/Anole folder
+  carries an encoder.
 Nothing downloads: a missing file is a one-line `EncoderUnavailable` naming it and how to get it.
 
 `required_encoder_files(name)` lists the files a name needs, for the plan phase (no loading).
@@ -23,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from cm3leon.errors import Cm3evalError
+from tasks.weights import NAMED_ENCODERS, WEIGHTS, WeightsFile
 
-KINDS = "model, demo, clip-vit-b-32, open_clip:ARCH:PATH, hf-clip:FOLDER (or an HF CLIP folder), native:PATH"
+KINDS = "model, demo, clip-vit-b-32, clip-vit-l-14-336, open_clip:ARCH:PATH, hf-clip:FOLDER (or an HF CLIP folder), native:PATH"
 DEMO_ENCODER_FILE = "encoder.safetensors"
 
 
@@ -40,28 +42,29 @@ class EncoderUnavailable(Cm3evalError):
 
 @dataclass(frozen=True)
 class NamedEncoder:
-    """A default encoder known by name: an open_clip architecture whose weights file is searched
-    in two fixed places (never downloaded)."""
+    """A default encoder known by name: an open_clip architecture whose weights file is found by the
+    one weights finder (`tasks.weights`: the variable, the cache, the torch hub cache; never downloaded)."""
 
-    name: str
-    arch: str  # open_clip architecture
-    env: str  # the variable naming the weights file
-    filename: str  # the file's name under <cache>/weights/
-    get: str  # how to obtain the file, one clause
+    file: WeightsFile
+
+    @property
+    def name(self) -> str:
+        return self.file.key
+
+    @property
+    def arch(self) -> str:
+        return str(self.file.encoder)
+
+    @property
+    def env(self) -> str:
+        return self.file.env
 
     def places(self) -> list[tuple[str, Path]]:
-        """(how, path) in search order: the variable when set, then the cache file."""
-        from tasks.cache import cache_dir
-
-        out = []
-        explicit = os.environ.get(self.env)
-        if explicit:
-            out.append((f"${self.env}", Path(explicit).expanduser()))
-        out.append(("the cache", cache_dir("weights", self.filename)))
-        return out
+        """(how, path) in the finder's search order."""
+        return self.file.search_paths()
 
     def find(self) -> Path | None:
-        return next((p for _, p in self.places() if p.is_file()), None)
+        return self.file.find_or_none()
 
     def spec(self) -> str:
         """The `open_clip:ARCH:PATH` it stands for; EncoderUnavailable when no place holds the file."""
@@ -76,16 +79,11 @@ class NamedEncoder:
         unset = "" if os.environ.get(self.env) else f" (${self.env} is unset)"
         direct = f"--set {option}=open_clip:{self.arch}:PATH" if option else f"open_clip:{self.arch}:PATH"
         return (f"encoder {self.name}: no open_clip {self.arch} weights file at {looked}{unset}; set "
-                f"${self.env}=FILE, save it as {self.places()[-1][1]}, or name the file with {direct}; "
-                f"{self.get}")
+                f"${self.env}=FILE, save it as {self.places()[-2][1]}, or name the file with {direct}; "
+                f"get it on a connected machine: {self.file.url}")
 
 
-NAMED: dict[str, NamedEncoder] = {
-    "clip-vit-b-32": NamedEncoder(
-        "clip-vit-b-32", "ViT-B-32", "CM3EVAL_CLIP_WEIGHTS", "open_clip_vit_b32.safetensors",
-        "get it on a connected machine: open_clip's ViT-B-32 'laion2b_s34b_b79k' (huggingface.co/laion/"
-        "CLIP-ViT-B-32-laion2B-s34B-b79K, open_clip_model.safetensors) or 'openai' weights, saved as safetensors"),
-}
+NAMED: dict[str, NamedEncoder] = {key: NamedEncoder(WEIGHTS[key]) for key in NAMED_ENCODERS}
 
 
 def _demo_dir() -> Path:

@@ -81,6 +81,7 @@ class TaskPlan:
     files: list[Path]  # the local files the task needs, all present
     protocol: dict[str, Any] | None = None  # tasks.protocols.summary(): metrics.json's "protocol"
     n_samples: int | None = None  # samples the run evaluates, where known before loading the model
+    skipped_metrics: dict[str, str] = field(default_factory=dict)  # `when_available` metrics left out: why
     sizing: Any = None  # evals.sizing.TaskSizing: prompts per step (the engine's chunk), modelled time
 
     @property
@@ -275,6 +276,9 @@ def plan_task(spec: TaskSpec, data_root: Path | None, info: Any) -> TaskPlan:
         check_data_root(spec, root)
         if spec.prompt.k_shot:
             check_data_root(spec, root, support=True)
+    from evals.scoring import skip_absent
+
+    spec, skipped = skip_absent(spec)  # before local_files: an absent optional metric's files are not needed
     files = local_files(spec, root)
     if info is not None:
         check_capabilities(spec, info)
@@ -282,7 +286,7 @@ def plan_task(spec: TaskSpec, data_root: Path | None, info: Any) -> TaskPlan:
     protocol = None
     if spec.protocol is not None:
         spec, protocol = resolve_protocol(spec, root)
-    return TaskPlan(spec, sampling, root, files, protocol, count_samples(spec, root, data_root, protocol))
+    return TaskPlan(spec, sampling, root, files, protocol, count_samples(spec, root, data_root, protocol), skipped)
 
 
 def size_task(t: TaskPlan, info: Any, device: Any, req: RunRequest) -> Any:

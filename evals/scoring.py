@@ -32,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from evals import runs
+from evals import image_scoring
 from evals import scoring_inputs as inputs
 from evals.metrics.captioning import METRIC_NAMES as _CAPTION_NAMES
 from evals.metrics.errors import MetricInputMissing, MetricUnavailable
@@ -62,7 +63,7 @@ def _fid(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
         res.extra.setdefault("resolution", opts["resolution"])
         return {res.name: res}
     try:
-        ext = fid_lib.inception_extractor(opts["weights"], ctx.device)  # looked up on fid: tests stand one in
+        ext = fid_lib.inception_extractor(opts["weights"], ctx.device, opts["protocol"])  # looked up on fid: tests stand one in
     except FileNotFoundError as e:
         raise MetricUnavailable(f"FID needs the Inception weights: {e}") from None
     if opts["reference_stats"]:
@@ -252,6 +253,22 @@ METRICS: dict[str, MetricDef] = {
     "dino": MetricDef(_dino, ("edit",), {"weights": None}, (("DINO", True),)),
 }
 
+# Image-set metrics beside FID, from the saved images (evals/image_scoring.py). `when_available`: a
+# task that lists the metric runs it only when its files are present (the plan says which it skips).
+METRICS.update({
+    "cmmd": MetricDef(image_scoring.cmmd, ("t2i",), {"encoder": "clip-vit-l-14-336", "resolution": 256,
+                                                     "batch_size": 32, "bootstrap": 100, "when_available": False},
+                      (("CMMD", False),), needs_encoder=True),
+    "fd_dinov2": MetricDef(image_scoring.fd_dinov2, ("t2i",), {"arch": "vitl14", "weights": None, "resolution": 256,
+                                                               "cache_dir": None, "batch_size": 32, "bootstrap": 0,
+                                                               "when_available": False},
+                           (("FD-DINOv2", False),)),
+    "prdc": MetricDef(image_scoring.prdc, ("t2i",), {"feature_space": "inception", "nearest_k": 5, "arch": "vitl14",
+                                                     "weights": None, "resolution": 256, "batch_size": 32,
+                                                     "when_available": False},
+                      tuple((n, True) for n in ("precision", "recall", "density", "coverage"))),
+})
+
 # The edit metric set `cm3eval score edit` computes, in its output order (the run's adapters).
 EDIT_METRICS = ("pixel_distances", "dino", "clip_i", "clip_img", "clip_t", "clip_dir")
 
@@ -274,6 +291,8 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("fid", "protocol"): ("pytorch-fid", "torch-fidelity", "clean"),
     ("captioning", "tokenize"): ("ptb", "none"),
     ("vqa_accuracy", "evaluation"): ("current", "legacy-2017"),
+    ("fd_dinov2", "arch"): ("vitl14", "vitb14", "vits14"),
+    ("prdc", "arch"): ("vitl14", "vitb14", "vits14"),
 }
 
 
@@ -499,15 +518,19 @@ def required_files(spec: Any) -> list[RequiredFile]:
     `cm3leon.checkpoint.inspect`, not here. Raises `evals.encoders.EncoderUnavailable` for an
     encoder name of no known kind, or one whose back-end (open_clip, transformers) is not installed."""
     from evals.metrics import dino, inception
+    from evals.metrics.weights import WEIGHTS
 
     check_inputs(spec)
+    spec, _ = skip_absent(spec)  # a `when_available` metric without its files is left out, not required
     out: list[RequiredFile] = []
     for key, user_opts in spec.metrics.items():
         if key not in METRICS:
             continue  # check_metrics reports it
         opts = {**METRICS[key].options, **(user_opts or {})}
         if key == "fid" and opts["feature_space"] == "inception":
-            out.append(_weights_file(inception.WEIGHTS_FILE, opts["weights"], key))
+            clean = opts["protocol"] == "clean"  # clean-fid's own network file
+            out.append(_weights_file(WEIGHTS["clean-fid-inception"] if clean else inception.WEIGHTS_FILE,
+                                     opts["weights"], key))
             if opts["reference_stats"]:
                 rel = not Path(opts["reference_stats"]).is_absolute()
                 out.append(RequiredFile(Path(opts["reference_stats"]), "FID reference statistics (metrics.fid)",
@@ -517,6 +540,18 @@ def required_files(spec: Any) -> list[RequiredFile]:
             out += _encoder_files(opts["feature_space"], key, "feature_space")
         elif key == "dino":
             out.append(_weights_file(dino.WEIGHTS_FILE, opts["weights"], key))
+        elif key in ("fd_dinov2", "prdc"):
+            out += [_weights_file(wf, path, key) for wf, path in image_scoring.weights_files(key, opts)]
+            for name, option in image_scoring.encoder_names(key, opts):
+                out += _encoder_files(name, key, option)
         elif "encoder" in opts:
             out += _encoder_files(opts["encoder"], key, "encoder")
     return out
+
+
+def skip_absent(spec: Any) -> tuple[Any, dict[str, str]]:
+    """(the spec without its `when_available` metrics whose files are absent, {metric: why}) for the plan."""
+    from dataclasses import replace
+
+    keep, skipped = image_scoring.skip_absent(spec.metrics, {k: d.options for k, d in METRICS.items()})
+    return (replace(spec, metrics=keep) if skipped else spec), skipped

@@ -35,6 +35,7 @@ from cm3leon.errors import Cm3evalError
 from cm3leon.families import ROLE_PLACEHOLDERS
 from cm3leon.sampling_config import BOUNDS as SAMPLING_BOUNDS
 from cm3leon.sampling_config import SamplingConfig
+from tasks.weights import NAMED_ENCODERS  # the named default encoders (evals.encoders resolves them)
 
 from .published import PUBLISHED
 from .yamlio import YAMLLimitError, safe_load
@@ -54,8 +55,6 @@ TEMPLATE_FIELDS = {
 # reranking), or a CLIP-style one: "model" (the checkpoint's own dual encoder), "demo", or a
 # cm3leon.encoder.load_encoder spec: "open_clip:ARCH:PATH", "hf-clip:DIR", "native:PATH".
 SCORER_PREFIXES = ("open_clip:", "hf-clip:", "native:")
-# named defaults resolved by evals/encoders.py NAMED (tasks may not import evals: keep the two in step)
-NAMED_ENCODERS = ("clip-vit-b-32",)
 
 
 class SpecError(Cm3evalError, ValueError):

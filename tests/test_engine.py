@@ -316,7 +316,7 @@ def test_fid_scores_the_generated_images_against_the_prompts_images(tmp_path, ro
             return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)  # [N, 48]
 
     ext = fid_lib.Extractor(PooledPixels().eval(), "inception", 299, "pooled-pixels-for-tests")
-    monkeypatch.setattr(fid_lib, "inception_extractor", lambda weights=None, device="cpu": ext)
+    monkeypatch.setattr(fid_lib, "inception_extractor", lambda weights=None, device="cpu", protocol="pytorch-fid": ext)
     cache = tmp_path / "cache"
     out = tmp_path / "run"
     results, _ = run(spec("coco-fid", limit="4", **{"metrics.fid.cache_dir": str(cache)}), out, root)

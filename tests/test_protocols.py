@@ -179,7 +179,7 @@ def pooled_fid(monkeypatch):
             return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
 
     ext = fid_lib.Extractor(PooledPixels().eval(), "inception", 299, "pooled-pixels-for-tests")
-    monkeypatch.setattr(fid_lib, "inception_extractor", lambda weights=None, device="cpu": ext)
+    monkeypatch.setattr(fid_lib, "inception_extractor", lambda weights=None, device="cpu", protocol="pytorch-fid": ext)
 
 
 def test_metrics_json_records_the_protocol_and_a_resume_checks_it(root, tmp_path, weights, pooled_fid, capsys):

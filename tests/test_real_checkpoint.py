@@ -47,7 +47,8 @@ def hermetic(tmp_path_factory):
     """No weights from this machine's caches or environment (only the files a test names), and a
     cache folder of the module's own (digests, FID statistics), shared with no other process."""
     with pytest.MonkeyPatch.context() as mp:
-        for var in ("CM3EVAL_INCEPTION_WEIGHTS", "CM3EVAL_DINO_WEIGHTS", "CM3EVAL_CLIP_WEIGHTS", "CM3EVAL_DATA_ROOT"):
+        for var in ("CM3EVAL_INCEPTION_WEIGHTS", "CM3EVAL_DINO_WEIGHTS", "CM3EVAL_CLIP_WEIGHTS", "CM3EVAL_DATA_ROOT",
+                    "CM3EVAL_DINOV2_WEIGHTS", "CM3EVAL_CLIP_L14_336_WEIGHTS"):
             mp.delenv(var, raising=False)
         mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty-torch-home")))
         mp.setenv("CM3EVAL_CACHE", str(tmp_path_factory.mktemp("cm3eval-cache")))
@@ -374,3 +375,50 @@ def test_an_all_failed_run_exits_non_zero(real, tmp_path, capfd):
                        "--out", tmp_path / "run")
     assert rc == 1, err[-3000:]  # 1: failures over --max-failures (every sample failed always counts)
     assert "2 of 2 samples failed" in err and "first:" in err, err[-3000:]
+
+
+# ----------------------------------------------------------------------------- CMMD and FD-DINOv2 in coco-fid
+@pytest.fixture(scope="module")
+def dinov2_file(tmp_path_factory) -> Path:
+    from metric_fixtures import save_dinov2
+
+    return save_dinov2(tmp_path_factory.mktemp("dinov2") / "dinov2_vits14_pretrain.pth")
+
+
+def test_coco_fid_reports_cmmd_and_fd_dinov2_when_their_weights_are_given(real, bank, dinov2_file, tmp_path, capfd):
+    """The saved random networks named by their options (open_clip ViT-B-32 and DINOv2 ViT-S/14 in the
+    official layouts stand in for ViT-L/14@336 and ViT-L/14, which differ only in size)."""
+    rc, out, err = cli(capfd, *fid_args(real, bank, tmp_path / "run"), "--set", f"metrics.cmmd.encoder={real.clip_spec}",
+                       "--set", "metrics.fd_dinov2.arch=vits14", "--set", f"metrics.fd_dinov2.weights={dinov2_file}")
+    assert rc == 0, err
+    assert "skipped" not in err
+    metrics = task_metrics(tmp_path / "run", "coco-fid")
+    assert_finite(metrics, ("FID", "CMMD", "FD-DINOv2"), FID_PROMPTS)
+    assert metrics["CMMD"]["higher_is_better"] is False and metrics["FD-DINOv2"]["higher_is_better"] is False
+    assert metrics["CMMD"]["value"] > 0 and metrics["CMMD"]["ci"] is not None
+
+
+def test_coco_fid_skips_them_with_a_plan_line_when_not(real, bank, fid_run, tmp_path):
+    from evals.cli.run import skipped_lines
+    from evals.plan import RunRequest, build_plan
+
+    args = fid_args(real, bank, tmp_path / "run")
+    sets = tuple(str(args[i + 1]) for i, a in enumerate(args) if a == "--set")
+    plan = build_plan(RunRequest(("coco-fid",), sets, model=str(real.hf), vq=real.vq, data_root=real.data_root,
+                                 out=tmp_path / "run"))
+    lines = skipped_lines(plan)
+    assert len(lines) == 2, lines
+    assert "metric cmmd skipped" in lines[0] and "open_clip_vit_l14_336.safetensors" in lines[0]
+    assert "metric fd_dinov2 skipped" in lines[1] and "dinov2_vitl14_pretrain.pth" in lines[1]
+    assert all("when_available=false" in ln and "\n" not in ln for ln in lines)
+    # the run without them: FID only, nothing reported missing, exit 0
+    entry = json.loads((fid_run.run_dir / "metrics.json").read_text())["tasks"]["coco-fid"]
+    assert fid_run.rc == 0 and "FID" in entry["metrics"] and "CMMD" not in entry["metrics"]
+    assert "missing_metrics" not in entry
+
+
+def test_a_metric_asked_for_explicitly_without_its_file_is_refused(real, bank, tmp_path, capfd, no_model_load):
+    rc, out, err = cli(capfd, *fid_args(real, bank, tmp_path / "run"), "--set", "metrics.fd_dinov2.when_available=false")
+    line = one_error_line(err)
+    assert rc == 2 and "dinov2_vitl14_pretrain.pth" in line and "CM3EVAL_DINOV2_WEIGHTS" in line, line
+    assert no_model_load == []

@@ -5,6 +5,8 @@ line by line) on synthetic VQAv2-style questions whose answers carry the noise t
 normalisation exists for (case, punctuation, articles, number words, contractions, digit commas),
 with a mix of unanimous and disagreeing answer sets, for the current official loop (default) or
 the pre-2021 one (`--legacy`). The two must agree exactly; the command fails otherwise. Fréchet distance at d=2048 comes from `evals.bench.fid.run_fid_bench()`.
+Metric networks (`evals.bench.networks`): each network's feature extraction throughput beside a
+plain forward of the same network on ready tensors.
 """
 
 from __future__ import annotations
@@ -163,11 +165,23 @@ def command(
     fid: Annotated[bool, typer.Option("--fid/--no-fid", help="Also run the Fréchet-distance benchmark.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
     legacy: Annotated[bool, typer.Option("--legacy", help="Benchmark the pre-2021 official loop.")] = False,
+    networks: Annotated[bool, typer.Option("--networks/--no-networks", help="Also benchmark each metric network's "
+                                           "feature extraction against its plain forward.")] = True,
+    n_images: Annotated[int, typer.Option("--n-images", min=2, help="Images per network benchmark.")] = 16,
+    dinov2_arch: Annotated[str, typer.Option("--dinov2-arch", help="vits14 (default on CPU), vitb14 or vitl14.")] = "vits14",
+    clip_arch: Annotated[str, typer.Option("--clip-arch", help="open_clip architecture, e.g. ViT-L-14-336.")] = "ViT-B-32",
+    device: Annotated[str, typer.Option(help="Device of the network benchmark.")] = "cpu",
 ) -> None:
     """Metric speed: vectorised VQA accuracy vs the official per-question loop (and FID when available)."""
     vqa = run_vqa_bench(n_questions, seed, evaluation="legacy-2017" if legacy else "current")
     out: dict[str, Any] = {"vqa": vqa, "vqa_speedup": vqa["speedup"], "vqa_identical": vqa["identical"]}
     out["fid"] = _fid_bench() if fid else {"skipped": "--no-fid"}
+    if networks:
+        from evals.bench.networks import run_network_bench
+
+        out["networks"] = run_network_bench(n_images, dinov2_arch=dinov2_arch, clip_arch=clip_arch, device=device)
+    else:
+        out["networks"] = {"skipped": "--no-networks"}
     if json_out:
         typer.echo(json.dumps(out, default=str))
     else:
@@ -183,6 +197,10 @@ def command(
         console.print(table)
         console.print(f"identical numbers: {'yes' if vqa['identical'] else 'NO'} (accuracy {vqa['accuracy']})")
         console.print(f"FID: {json.dumps(out['fid'], default=str)}")
+        for name, r in out["networks"].items():
+            if isinstance(r, dict) and "ratio" in r:
+                console.print(f"{name}: extraction {r['extract_images_per_s']:.2f} img/s, plain forward "
+                              f"{r['forward_images_per_s']:.2f} img/s, ratio {r['ratio']:.2f}")
     if not vqa["identical"]:
         typer.echo("error: vectorised VQA accuracy differs from the reference: " + "; ".join(vqa["mismatches"]), err=True)
         raise typer.Exit(1)

@@ -236,6 +236,12 @@ def run(
         raise typer.Exit(code)
 
 
+def skipped_lines(plan: Any) -> list[str]:
+    """One plan line per `when_available` metric left out, saying why (its missing file)."""
+    return [f"plan: {t.spec.name}: metric {key} skipped: {why}" for run_plan in plan.runs for t in run_plan.tasks
+            for key, why in t.skipped_metrics.items()]
+
+
 def execute(plan: Any, settings: PredictorSettings, factory: Callable[..., Any] | None, *, overwrite: bool,
             data_root: Path | None, as_json: bool, argv: list[str] | None = None) -> int:
     """Load the model once, run every sweep point's tasks, write the views, return the exit code.
@@ -299,6 +305,8 @@ def print_plan(plan: Any) -> None:
         for t in run_plan.tasks:
             where = f"{run_plan.out.name}/" if sweep else ""
             typer.echo(t.sizing.describe(where + t.spec.name), err=True)
+    for line in skipped_lines(plan):
+        typer.echo(line, err=True)
 
 
 def record_protocols(run_plan: Any, results: dict[str, Any]) -> None:

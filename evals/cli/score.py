@@ -9,6 +9,9 @@
   folders go through `reference_stats`, so their statistics are cached on disk.
 - `edit --generated DIR --target DIR [--source DIR --captions FILE --encoder SPEC]`: the run's
   edit metrics (`evals.scoring.EDIT_METRICS`) on folders of images.
+- `images GEN_DIR REF_DIR [--metrics fid,cmmd,fd_dinov2,prdc]`: the image-set metrics of a t2i task
+  (the same adapters as a run) on two folders, e.g. a run's saved images against the references;
+  exit 3 when a requested metric could not be computed (its reason printed).
 Every command has `--json`; every metric carries `higher_is_better` from the metric table.
 Heavy imports (torch, numpy, the metrics) happen inside the commands: `cm3eval --help` stays fast.
 """
@@ -139,8 +142,9 @@ def fid(
     ref_stats: Annotated[Optional[Path], typer.Option("--ref-stats", help="Reference statistics .npz instead "
                                                       "of REF_DIR.")] = None,
     protocol: Annotated[str, typer.Option(help=f"Preprocessing: {_PROTOCOLS}.")] = "pytorch-fid",
-    weights: Annotated[Optional[Path], typer.Option(help="pt_inception-2015-12-05-6726825d.pth (else "
-                                                    "$CM3EVAL_INCEPTION_WEIGHTS, then the torch hub cache).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="pt_inception-2015-12-05-6726825d.pth; with --protocol "
+                                                    "clean, clean-fid's inception-2015-12-05.pt (else the weights "
+                                                    "finder: its variable, the cache, the torch hub cache).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 50,
     kid: Annotated[bool, typer.Option("--kid", help="Also report KID (needs reference features: REF_DIR or a "
                                       "stats file that has them).")] = False,
@@ -163,7 +167,7 @@ def fid(
     from evals.metrics.fid import compute_fid, inception_extractor, reference_stats
 
     try:
-        extractor = inception_extractor(weights, _device(device))
+        extractor = inception_extractor(weights, _device(device), protocol)
         if ref_dir is not None:
             ref: Any = reference_stats(ref_dir, cache_dir, protocol=protocol, resolution=resolution,
                                        feature_extractor=extractor, batch_size=batch_size, keep_features=kid)
@@ -257,3 +261,58 @@ def edit(
                                "skipped": skipped, "encoder": encoder}))
         return
     _print_edit(metrics, skipped, n)
+
+
+_IMAGE_METRICS = "fid,cmmd,fd_dinov2,prdc"
+
+
+@score_app.command("images")
+def images(
+    gen_dir: Annotated[Path, typer.Argument(help="Folder of generated images (e.g. a run task's images/).")],
+    ref_dir: Annotated[Path, typer.Argument(help="Folder of reference images.")],
+    metrics: Annotated[str, typer.Option(help="Comma-separated metric keys of the metric table.")] = _IMAGE_METRICS,
+    weights: Annotated[Optional[Path], typer.Option(help="FID Inception weights (else the weights finder).")] = None,
+    protocol: Annotated[str, typer.Option(help=f"FID preprocessing: {_PROTOCOLS}.")] = "pytorch-fid",
+    dinov2_weights: Annotated[Optional[Path], typer.Option("--dinov2-weights", help="dinov2_vit?14_pretrain.pth "
+                                                           "(else the weights finder).")] = None,
+    dinov2_arch: Annotated[str, typer.Option("--dinov2-arch", help="vitl14 (FD-DINOv2), vitb14 or vits14.")] = "vitl14",
+    cmmd_encoder: Annotated[str, typer.Option("--cmmd-encoder", help="CMMD's CLIP: clip-vit-l-14-336, "
+                                              "open_clip:ARCH:PATH or an HF CLIP folder.")] = "clip-vit-l-14-336",
+    prdc_space: Annotated[str, typer.Option("--prdc-space", help="PRDC features: inception, dinov2 or an encoder "
+                                            "name.")] = "inception",
+    nearest_k: Annotated[int, typer.Option("--nearest-k", min=1)] = 5,
+    resolution: Annotated[Optional[int], typer.Option(help="Resize+center-crop both sets to this square first.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs (FID/FD: ~1 s each at 2048-d "
+                                           "when N > D).")] = 100,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """FID, CMMD, FD-DINOv2 and precision/recall/density/coverage of two image folders, with CIs."""
+    from evals.image_scoring import FolderContext
+    from evals.scoring import METRICS, score_metrics
+
+    keys = [k.strip() for k in metrics.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in METRICS or "t2i" not in METRICS[k].kinds]
+    if unknown or not keys:
+        raise typer.BadParameter(f"unknown image metric(s) {unknown}; choose from fid, cmmd, fd_dinov2, prdc")
+    common = {"resolution": resolution, "bootstrap": bootstrap}
+    opts = {"fid": {**common, "weights": weights, "protocol": protocol},
+            "cmmd": {**common, "encoder": cmmd_encoder},
+            "fd_dinov2": {**common, "weights": dinov2_weights, "arch": dinov2_arch},
+            "prdc": {"resolution": resolution, "nearest_k": nearest_k, "feature_space": prdc_space, "arch": dinov2_arch,
+                     "weights": dinov2_weights if prdc_space == "dinov2" else weights}}
+    try:
+        ctx = FolderContext(gen_dir, ref_dir, device=_device(device), seed=seed)
+        scored = score_metrics({k: opts[k] for k in keys}, ctx, label="score images")
+    except (Cm3evalError, ValueError, FileNotFoundError, TypeError) as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps({"metrics": {k: r.to_json() for k, r in scored.metrics.items()},
+                               "not_computed": scored.unavailable, "n_generated": len(ctx.generated),
+                               "n_reference": len(ctx.reference)}))
+    else:
+        _table(f"image metrics ({len(ctx.generated)} generated vs {len(ctx.reference)} reference)", scored.metrics,
+               scored.notes)
+    if scored.unavailable:
+        raise typer.Exit(3)

@@ -13,8 +13,8 @@ Preprocessing (`dino_transform`) is MagicBrush's: Resize(256, bicubic) on the PI
 CenterCrop(224), ToTensor, ImageNet mean/std. Inputs must be 224x224: DINO's positional-
 embedding interpolation for other sizes is not needed by this protocol and is not implemented.
 
-Weights come only from a local file: an explicit path, `$CM3EVAL_DINO_WEIGHTS`, or the torch hub
-cache (`$TORCH_HOME/hub/checkpoints/`), loaded with `torch.load(weights_only=True)`.
+Weights come only from a local file, found by `tasks.weights` (an explicit path, `$CM3EVAL_DINO_WEIGHTS`,
+the cache, the torch hub cache), loaded with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -29,17 +29,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from evals.metrics.weights import WeightsFile, WeightsNotFound, load_state_dict_file
+from evals.metrics.weights import WEIGHTS, DinoWeightsNotFound, load_state_dict_file  # noqa: F401
 
-WEIGHTS_FILENAME = "dino_deitsmall16_pretrain.pth"
-WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/" + WEIGHTS_FILENAME
-WEIGHTS_ENV = "CM3EVAL_DINO_WEIGHTS"
+WEIGHTS_FILE = WEIGHTS["dino-vits16"]
+WEIGHTS_FILENAME = WEIGHTS_FILE.filename
+WEIGHTS_URL = WEIGHTS_FILE.url
+WEIGHTS_ENV = WEIGHTS_FILE.env
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DinoWeightsNotFound(WeightsNotFound):
-    pass
 
 
 class Attention(nn.Module):
@@ -124,10 +121,6 @@ def dino_transform() -> transforms.Compose:
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-
-
-WEIGHTS_FILE = WeightsFile("DINO ViT-S/16 weights", WEIGHTS_FILENAME, WEIGHTS_URL, WEIGHTS_ENV, "--dino-weights",
-                       "metrics.dino.weights", DinoWeightsNotFound)
 
 
 def weights_search_paths(explicit: str | os.PathLike | None = None) -> list[tuple[str, Path]]:

@@ -74,7 +74,7 @@ def reference_stats(image_dir_or_files, cache_dir: str | os.PathLike | None = No
         files = [Path(f) for f in image_dir_or_files]
         if not files:
             raise ValueError("reference_stats: no image files given")
-    ext = get_extractor(feature_extractor, extractor_name, weights, device)
+    ext = get_extractor(feature_extractor, extractor_name, weights, device, protocol)
     key = {"fingerprint": image_set_fingerprint(files), "resolution": resolution, "protocol": protocol,
            "extractor": ext.id}
     path = cache_path(key, cache_dir)
@@ -113,7 +113,7 @@ class _Sides:
         if _is_feature_array(obj):
             return FeatureStats.from_features(obj, keep_features=True)
         if self.ext is None:
-            self.ext = get_extractor(*self._args)
+            self.ext = get_extractor(*self._args, self.protocol)
         return image_stats(obj, self.ext, protocol=self.protocol, batch_size=self.batch_size,
                            resolution=self.resolution, keep_features=keep_features)
 

@@ -105,7 +105,7 @@ class Extractor:
     id: str = ""  # fingerprint for cache keys and compatibility checks
 
     def __post_init__(self) -> None:
-        if self.name == INCEPTION_NAME and not isinstance(self.module, FIDInceptionV3):
+        if self.name == INCEPTION_NAME and getattr(self.module, "name", None) != INCEPTION_NAME:
             raise ValueError(f"extractor name {INCEPTION_NAME!r} is reserved for the FID Inception network")
         if not self.id:
             self.id = f"{self.name}:{module_fingerprint(self.module)}"
@@ -140,19 +140,27 @@ def _file_sha256(path: Path) -> str:
     return _WEIGHTS_HASH[key]
 
 
-def inception_extractor(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Extractor:
-    """The FID network from a local weights file; its id is the file's content hash."""
+def inception_extractor(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                        protocol: str = "pytorch-fid") -> Extractor:
+    """The FID network from a local weights file; its id is the file's content hash. Protocol "clean"
+    uses clean-fid's own network, NVIDIA's TorchScript file (`evals.metrics.cleanfid`)."""
+    if protocol == "clean":
+        from evals.metrics.cleanfid import load_cleanfid_inception
+
+        net = load_cleanfid_inception(weights, device)
+        return Extractor(net, INCEPTION_NAME, INPUT_SIZE, f"cleanfid-inception:{_file_sha256(net.weights_path)}")
     path = find_weights(weights)
     return Extractor(load_fid_inception(path, device), INCEPTION_NAME, INPUT_SIZE,
                      f"{WEIGHTS_FILENAME.removesuffix('.pth')}:{_file_sha256(path)}")
 
 
 def get_extractor(feature_extractor: Extractor | nn.Module | None = None, extractor_name: str | None = None,
-                  weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Extractor:
+                  weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                  protocol: str = "pytorch-fid") -> Extractor:
     if isinstance(feature_extractor, Extractor):
         return feature_extractor
     if feature_extractor is None:
-        return inception_extractor(weights, device)
+        return inception_extractor(weights, device, protocol)
     if isinstance(feature_extractor, FIDInceptionV3):
         return Extractor(feature_extractor.eval(), INCEPTION_NAME)
     name = extractor_name or getattr(feature_extractor, "name", None)

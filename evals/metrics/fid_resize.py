@@ -7,7 +7,8 @@ Protocols (how a uint8 image becomes the 299x299 network input):
   source coordinate = dst * in/out, no half-pixel offset, neighbours clamped at the border),
   then (x-128)/128 — the arithmetic of torch-fidelity's `interpolate_bilinear_2d_like_tensorflow1x`.
 - "clean" (clean-fid's "clean" mode): each channel as a float32 PIL image (mode "F") resized to
-  299 with PIL bicubic (antialiased when downsampling), clipped to [0,255], then (x-128)/128.
+  299 with PIL bicubic (antialiased when downsampling), clipped to [0,255], then (x-128)/128; the
+  network is then clean-fid's own (NVIDIA's TorchScript file, `evals.metrics.cleanfid`).
 
 `square_resize` is the optional first step of every protocol (a task's `resolution`): resize the
 short side (PIL bicubic) and center-crop a square. Scoring uses the same function for the

@@ -20,18 +20,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evals.metrics.weights import WeightsFile, WeightsNotFound, load_state_dict_file
+from evals.metrics.weights import WEIGHTS, InceptionWeightsNotFound, load_state_dict_file  # noqa: F401
 
-WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
-WEIGHTS_ENV = "CM3EVAL_INCEPTION_WEIGHTS"
+WEIGHTS_FILE = WEIGHTS["inception"]
+WEIGHTS_FILENAME = WEIGHTS_FILE.filename
+WEIGHTS_URL = WEIGHTS_FILE.url
+WEIGHTS_ENV = WEIGHTS_FILE.env
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
 INPUT_SIZE = 299
-
-
-class InceptionWeightsNotFound(WeightsNotFound):
-    pass
 
 
 class BasicConv2d(nn.Module):
@@ -203,10 +200,6 @@ class FIDInceptionV3(nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """pool3 features -> the 1008 class logits (used by the Inception Score, not by FID)."""
         return self.fc(features)
-
-
-WEIGHTS_FILE = WeightsFile("FID Inception weights", WEIGHTS_FILENAME, WEIGHTS_URL, WEIGHTS_ENV, "--weights",
-                       "metrics.fid.weights", InceptionWeightsNotFound)
 
 
 def weights_search_paths(explicit: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
