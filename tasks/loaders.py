@@ -1,5 +1,5 @@
 """Dataset loaders for the official file layouts: COCO captions, Karpathy splits, VQAv2 / OK-VQA,
-VizWiz, TextVQA and MagicBrush.
+VizWiz, TextVQA and MagicBrush (VisDial, Stanford paragraphs and MARIO-Eval: tasks/more_loaders.py).
 
 A loader turns annotation files into `Sample`s in a canonical order, plus a fingerprint of the
 bytes it read. It never opens images: the engine opens them per sample (with `open_image`, the
@@ -186,13 +186,13 @@ def load_coco_captions(ctx: _Ctx) -> list[Sample]:
             samples.append(Sample(str(image_id), "caption", image=path, references=refs, meta=meta))
         elif ctx.one_per_image:
             a = caps[_stable_choice(ctx.seed, str(image_id), len(caps))]
-            samples.append(Sample(str(image_id), "t2i", text=a["caption"].strip(), image=path, references=refs,
+            samples.append(Sample(str(image_id), ctx.kind, text=a["caption"].strip(), image=path, references=refs,
                                   meta={**meta, "annotation_id": a["id"]}))
         else:
             for a in caps:
-                samples.append(Sample(str(a["id"]), "t2i", text=a["caption"].strip(), image=path, references=refs,
+                samples.append(Sample(str(a["id"]), ctx.kind, text=a["caption"].strip(), image=path, references=refs,
                                       meta={**meta, "annotation_id": a["id"]}))
-    if ctx.kind == "t2i" and not ctx.one_per_image:
+    if ctx.kind != "caption" and not ctx.one_per_image:
         samples.sort(key=lambda s: int(s.id))
     return samples
 
@@ -367,7 +367,8 @@ class Loader:
 
 
 LOADERS: dict[str, Loader] = {
-    "coco_captions": Loader(load_coco_captions, ("t2i", "caption"), ("annotations",), (),
+    # control: the caption is the prompt, the image's edge map the condition (coco-canny2image)
+    "coco_captions": Loader(load_coco_captions, ("t2i", "caption", "control"), ("annotations",), (),
                             "COCO captions JSON ({images, annotations}) and the image folder"),
     "karpathy": Loader(load_karpathy, ("t2i", "caption"), ("annotations",), (),
                        "Karpathy split JSON (dataset_coco.json: images with split/filepath/filename/sentences); "
@@ -385,6 +386,28 @@ LOADERS: dict[str, Loader] = {
     "magicbrush": Loader(load_magicbrush, ("edit",), ("sessions",), ("descriptions",),
                          "MagicBrush edit_sessions.json and <images>/<session>/<file>.png"),
 }
+
+
+def _more(name: str) -> Callable[[_Ctx], list[Sample]]:
+    """A loader of tasks/more_loaders.py (which imports this module), imported when first called."""
+    def fn(ctx: _Ctx) -> list[Sample]:
+        from . import more_loaders
+
+        return getattr(more_loaders, name)(ctx)
+    return fn
+
+
+LOADERS.update({
+    "visdial": Loader(_more("load_visdial"), ("dialog",), ("dialogs",), ("dense",),
+                      "visdial_1.0_<split>.json ({split, data: {dialogs, questions, answers}}), optionally "
+                      "visdial_1.0_<split>_dense_annotations.json, and <images>/VisualDialog_<split>_<id:012d>.jpg"),
+    "stanford_paragraphs": Loader(_more("load_paragraphs"), ("caption",), ("paragraphs", "split"), (),
+                                  "paragraphs_v1.json ([{image_id, paragraph, url}]), <split>_split.json (image ids) "
+                                  "and Visual Genome images <images>/VG_100K[_2]/<image_id>.jpg"),
+    "mario_eval": Loader(_more("load_mario_eval"), ("t2i",), ("prompts",), (),
+                         "MARIOEval/<subset>/<subset>.txt (one prompt per line, words to render in single quotes); "
+                         "images (optional): <images>/<index>.jpg"),
+})
 
 
 def check_spec(spec: TaskSpec, src: str) -> None:

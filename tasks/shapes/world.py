@@ -651,6 +651,15 @@ def _documents(world: World) -> Iterable[tuple[str, Callable[[], bytes]]]:
         yield f"edit/{split}/edit_sessions.json", lambda d=sessions: _json_bytes(d)
         yield f"edit/{split}/global_descriptions.json", lambda d=descriptions: _json_bytes(d)
     yield "annotations/dataset_shapes.json", lambda: _json_bytes({"dataset": "shapes", "images": karpathy})
+    from .extras import extra_documents  # dialogs, paragraphs, text prompts (extras imports this module)
+
+    yield from extra_documents(world, _json_bytes)
+
+
+def _extras_version() -> int:
+    from .extras import EXTRAS_VERSION
+
+    return EXTRAS_VERSION
 
 
 def write_world(world: World, root: str | os.PathLike) -> dict[str, Path]:
@@ -668,7 +677,8 @@ def write_world(world: World, root: str | os.PathLike) -> dict[str, Path]:
         manifest[rel] = hashlib.sha256(data).hexdigest()
     content_hash = hashlib.sha256(_json_bytes(manifest)).hexdigest()
     (root / "world.json").write_bytes(_json_bytes({
-        "generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(world.config),
+        "generator_version": GENERATOR_VERSION, "extras_version": _extras_version(),
+        "config": dataclasses.asdict(world.config),
         "content_hash": content_hash, "files": manifest}))
     return world_paths(root)
 
@@ -679,6 +689,8 @@ def _is_current(root: Path, cfg: WorldConfig, verify: bool) -> bool:
     except (OSError, ValueError):
         return False
     if meta.get("generator_version") != GENERATOR_VERSION or meta.get("config") != dataclasses.asdict(cfg):
+        return False
+    if meta.get("extras_version") != _extras_version():
         return False
     files: dict[str, str] = meta.get("files", {})
     if meta.get("content_hash") != hashlib.sha256(_json_bytes(files)).hexdigest():
