@@ -500,7 +500,7 @@ def check_inputs(spec: Any) -> None:
 
             if importlib.util.find_spec("kornia") is None:
                 raise MetricInputMissing(f"{spec.name}: the Canny edge maps of {spec.kind} tasks need kornia, which is "
-                                         "not installed; pip install 'cm3eval[control]'")
+                                         "not installed; pip install kornia")
 
 
 def _check_captioning(task: str, opts: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """Dataset loaders for the official file layouts: COCO captions, Karpathy splits, VQAv2 / OK-VQA,
-VizWiz, TextVQA and MagicBrush (VisDial, Stanford paragraphs and MARIO-Eval: tasks/more_loaders.py).
+VizWiz, TextVQA and MagicBrush (VisDial, Stanford paragraphs and MARIO-Eval: tasks/more_loaders.py,
+which adds its rows to LOADERS when the package is imported).
 
 A loader turns annotation files into `Sample`s in a canonical order, plus a fingerprint of the
 bytes it read. It never opens images: the engine opens them per sample (with `open_image`, the
@@ -386,28 +387,6 @@ LOADERS: dict[str, Loader] = {
     "magicbrush": Loader(load_magicbrush, ("edit",), ("sessions",), ("descriptions",),
                          "MagicBrush edit_sessions.json and <images>/<session>/<file>.png"),
 }
-
-
-def _more(name: str) -> Callable[[_Ctx], list[Sample]]:
-    """A loader of tasks/more_loaders.py (which imports this module), imported when first called."""
-    def fn(ctx: _Ctx) -> list[Sample]:
-        from . import more_loaders
-
-        return getattr(more_loaders, name)(ctx)
-    return fn
-
-
-LOADERS.update({
-    "visdial": Loader(_more("load_visdial"), ("dialog",), ("dialogs",), ("dense",),
-                      "visdial_1.0_<split>.json ({split, data: {dialogs, questions, answers}}), optionally "
-                      "visdial_1.0_<split>_dense_annotations.json, and <images>/VisualDialog_<split>_<id:012d>.jpg"),
-    "stanford_paragraphs": Loader(_more("load_paragraphs"), ("caption",), ("paragraphs", "split"), (),
-                                  "paragraphs_v1.json ([{image_id, paragraph, url}]), <split>_split.json (image ids) "
-                                  "and Visual Genome images <images>/VG_100K[_2]/<image_id>.jpg"),
-    "mario_eval": Loader(_more("load_mario_eval"), ("t2i",), ("prompts",), (),
-                         "MARIOEval/<subset>/<subset>.txt (one prompt per line, words to render in single quotes); "
-                         "images (optional): <images>/<index>.jpg"),
-})
 
 
 def check_spec(spec: TaskSpec, src: str) -> None:

@@ -1,9 +1,9 @@
 """Loaders for the official layouts of VisDial v1.0, the Stanford image paragraphs and MARIO-Eval;
 COCO captions for structure-guided generation reuse `load_coco_captions` (tasks/loaders.py).
 
-Same contract as tasks/loaders.py (whose LOADERS table names these functions): annotation files
--> `Sample`s in a canonical order, every path confined to the data root, one error naming the
-file and the entry for a malformed one.
+Same contract as tasks/loaders.py: annotation files -> `Sample`s in a canonical order, every path
+confined to the data root, one error naming the file and the entry for a malformed one. The rows
+below join tasks.loaders.LOADERS when this module is imported (tasks/__init__.py imports it).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from .errors import DataError
-from .loaders import Sample, _Ctx, _fail, _need
+from .loaders import LOADERS, Loader, Sample, _Ctx, _fail, _need
 
 VISDIAL_OPTIONS = 100  # candidate answers per round in VisDial v1.0
 
@@ -153,3 +153,16 @@ def load_mario_eval(ctx: _Ctx) -> list[Sample]:
         samples.append(Sample(f"{subset}-{i}", "t2i", text=prompt, image=image, references=words,
                               meta={"subset": subset, "index": i}))
     return samples
+
+
+LOADERS.update({
+    "visdial": Loader(load_visdial, ("dialog",), ("dialogs",), ("dense",),
+                      "visdial_1.0_<split>.json ({split, data: {dialogs, questions, answers}}), optionally "
+                      "visdial_1.0_<split>_dense_annotations.json, and <images>/VisualDialog_<split>_<id:012d>.jpg"),
+    "stanford_paragraphs": Loader(load_paragraphs, ("caption",), ("paragraphs", "split"), (),
+                                  "paragraphs_v1.json ([{image_id, paragraph, url}]), <split>_split.json (image ids) "
+                                  "and Visual Genome images <images>/VG_100K[_2]/<image_id>.jpg"),
+    "mario_eval": Loader(load_mario_eval, ("t2i",), ("prompts",), (),
+                         "MARIOEval/<subset>/<subset>.txt (one prompt per line, words to render in single quotes); "
+                         "images (optional): <images>/<index>.jpg"),
+})

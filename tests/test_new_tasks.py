@@ -86,12 +86,12 @@ def test_a_malformed_dialog_is_one_error_naming_the_file(data, tmp_path):
 # ----------------------------------------------------------------------------- the command line
 def test_every_new_task_runs_with_the_demo_model(data, tmp_path, capfd):
     run = tmp_path / "demo-run"
-    rc = main(["run", *TASKS, "--model", "demo", "--data-root", str(data), "--limit", "4", "--out", str(run),
+    rc = main(["run", *TASKS, "--model", "demo", "--data-root", str(data), "--limit", "2", "--out", str(run),
                "--set", "metrics.clip_score.encoder=demo", "--set", "metrics.fid.feature_space=demo", *FAST])
     assert rc == 0, capfd.readouterr().err[-3000:]
     assert_all_finite(run)
     assert metrics_of(run, "coco-canny2image")["FD-demo"]["value"] >= 0
-    assert metrics_of(run, "visdial")["NDCG"]["n"] == 1  # the dense round of dialog 1 is among the first 4
+    assert metrics_of(run, "visdial")["NDCG"]["n"] == 1  # the dense round of dialog 1 is among the first 2
     ocr = metrics_of(run, "text-render")["OCR_F1"]["extra"]["engine"]
     assert ocr.startswith("tesseract ")
 
@@ -100,7 +100,7 @@ def test_every_new_task_runs_with_a_real_layout_chameleon(data, tmp_path_factory
     real = build_real_setup(tmp_path_factory.mktemp("real"))
     run = tmp_path_factory.mktemp("cham") / "run"
     rc = main(["run", *TASKS, "--model", str(real.hf), "--vq", str(real.vq), "--data-root", str(data),
-               "--limit", "3", "--out", str(run), "--set", f"metrics.clip_score.encoder={real.clip_spec}",
+               "--limit", "2", "--out", str(run), "--set", f"metrics.clip_score.encoder={real.clip_spec}",
                "--set", f"metrics.fid.weights={real.inception}", *FAST])
     assert rc == 0, capfd.readouterr().err[-3000:]
     assert_all_finite(run)

@@ -33,7 +33,7 @@ def canny_edges(image: Image.Image) -> Image.Image:
     try:
         from kornia.filters import canny
     except ImportError:
-        raise MetricUnavailable("Canny edges need kornia (pip install 'cm3eval[control]')") from None
+        raise MetricUnavailable("Canny edges need kornia (pip install kornia)") from None
     x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)[None] / 255.0
     k, s = CANNY["kernel_size"], CANNY["sigma"]
     with torch.no_grad():

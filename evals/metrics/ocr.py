@@ -24,7 +24,7 @@ from .result import MetricResult, bootstrap_ci
 
 TESSERACT_CONFIG = "--psm 11"  # sparse text: words anywhere in the image, in no particular order
 INSTALL_HINT = ("install Tesseract with English data (Debian/Ubuntu: apt-get install tesseract-ocr "
-                "tesseract-ocr-eng) and pytesseract (pip install 'cm3eval[ocr]')")
+                "tesseract-ocr-eng) and pytesseract (pip install pytesseract)")
 
 
 def engine_problem() -> str | None:

@@ -16,9 +16,10 @@ import random
 from collections import Counter
 from typing import Any, Callable, Iterable
 
-from .world import COLORS, KINDS, NUMBER_WORDS, PLURALS, SIZES, ShapeScene, World, position_name, position_phrase
+from .world import (COLORS, EXTENSIONS, KINDS, NUMBER_WORDS, PLURALS, SIZES, ShapeScene, World, position_name,
+                    position_phrase)
 
-EXTRAS_VERSION = 1  # world.json records it: a cached world without these files is rebuilt
+EXTRAS_VERSION = 1  # world.json records it (world.EXTENSIONS): a cached world without these files is rebuilt
 N_DIALOGS = 8  # test images with a dialog (their 5 questions are the rounds)
 N_OPTIONS = 100
 
@@ -109,3 +110,6 @@ def extra_documents(world: World, as_json: Callable[[Any], bytes]) -> Iterable[t
     for split, ids in splits.items():
         yield f"paragraphs/{split}_split.json", lambda ids=ids: as_json(ids)
     yield "MARIOEval/ShapesText/ShapesText.txt", lambda: _text_prompts().encode()
+
+
+EXTENSIONS["dialog-paragraph-text"] = (EXTRAS_VERSION, extra_documents)

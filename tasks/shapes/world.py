@@ -651,15 +651,18 @@ def _documents(world: World) -> Iterable[tuple[str, Callable[[], bytes]]]:
         yield f"edit/{split}/edit_sessions.json", lambda d=sessions: _json_bytes(d)
         yield f"edit/{split}/global_descriptions.json", lambda d=descriptions: _json_bytes(d)
     yield "annotations/dataset_shapes.json", lambda: _json_bytes({"dataset": "shapes", "images": karpathy})
-    from .extras import extra_documents  # dialogs, paragraphs, text prompts (extras imports this module)
+    for _, documents in EXTENSIONS.values():
+        yield from documents(world, _json_bytes)
 
-    yield from extra_documents(world, _json_bytes)
+
+# Files of further tasks written from a world's scenes: name -> (version, documents(world, as_json)
+# -> (relative path, bytes producer)...). tasks/shapes/extras.py adds its entry when the package is
+# imported; world.json records the versions, so a cached world without a newer entry's files is rebuilt.
+EXTENSIONS: dict[str, tuple[int, Callable[[World, Callable[[Any], bytes]], Iterable[tuple[str, Callable[[], bytes]]]]]] = {}
 
 
-def _extras_version() -> int:
-    from .extras import EXTRAS_VERSION
-
-    return EXTRAS_VERSION
+def _extras_version() -> dict[str, int]:
+    return {name: version for name, (version, _) in sorted(EXTENSIONS.items())}
 
 
 def write_world(world: World, root: str | os.PathLike) -> dict[str, Path]:
