@@ -358,10 +358,12 @@ class ModelPredictor:
     def _ranked(self, req: GenerationRequest, text: str, rec: list, sample: Any) -> dict[str, Any]:
         """A dialog round: every candidate answer (then eos) scored by log p(answer | prompt), the
         prompt run once (cm3leon.scoring); the prediction is the best-scored candidate."""
-        options = sample.meta["options"]
-        tok, eos = self.bundle.tokenizer, self.cfg.eos_id
-        scores = score_continuations(self.bundle.model, req.prompt, [tok.encode(o) + [eos] for o in options],
-                                     pad_id=self.cfg.pad_id)
+        tok, eos, options = self.bundle.tokenizer, self.cfg.eos_id, sample.meta["options"]
+        conts = [tok.encode(o) + [eos] for o in options]
+        # candidate rows per pass: as many as the KV budget holds at this prompt's length
+        rows = self._agreed(kv_batch_size(
+            self.cfg, self.device, self.dtype, streams=1, seq_len=len(req.prompt) + max(map(len, conts)), tp=self.tp))
+        scores = score_continuations(self.bundle.model, req.prompt, conts, pad_id=self.cfg.pad_id, rows=rows)
         best = max(range(len(scores)), key=scores.__getitem__)
         return {"prediction": options[best], "prompt": text, "retrieved": rec, "scores": scores, "best": best}
 

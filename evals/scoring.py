@@ -204,6 +204,9 @@ def _visdial(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
     from evals.metrics.visdial import visdial_metrics
 
     recs = ctx.records
+    if any(not isinstance(r.get("scores"), list) or len(r["scores"]) != len(r["meta"]["options"]) for r in recs):
+        raise MetricUnavailable("visdial needs one score per candidate answer in every sample line (the predictor "
+                                "gave none)")
     dense = [(i, r["meta"]["gt_relevance"]) for i, r in enumerate(recs) if r["meta"].get("gt_relevance") is not None]
     res = visdial_metrics([r["scores"] for r in recs], [r["meta"]["gt_index"] for r in recs], dense, seed=ctx.seed)
     if not dense:

@@ -263,7 +263,8 @@ def test_each_task_gets_the_predictors_batch_size_for_it(tmp_path, monkeypatch, 
     monkeypatch.setattr(engine, "run", recording_run)
     args = ["run", "demo", "--limit", "2", "--out", str(tmp_path / "r")]
     assert main(args, predictor_factory=lambda **kw: Sized()) == 0, capsys.readouterr().err
-    assert calls == [(["shapes-fid"], 2), (["shapes-caption", "shapes-vqa"], 5), (["shapes-edit"], 2)]
+    new = ["shapes-dialog", "shapes-paragraph", "shapes-text-render", "shapes-canny2image"]
+    assert calls == [(["shapes-fid"], 2), (["shapes-caption", "shapes-vqa"], 5), (["shapes-edit"], 2), (new, 5)]
     calls.clear()
     assert main([*args, "--batch-size", "3"], predictor_factory=lambda **kw: Sized()) == 0
-    assert calls == [(["shapes-fid", "shapes-caption", "shapes-vqa", "shapes-edit"], 3)]
+    assert calls == [(["shapes-fid", "shapes-caption", "shapes-vqa", "shapes-edit", *new], 3)]
