@@ -54,13 +54,17 @@ def score_continuations(model: Transformer, prompt: Sequence[int], continuations
             cand[i, :len(c)] = torch.as_tensor(list(c), dtype=torch.long)
         cand = cand.to(device)
         live = (torch.arange(width)[None] < torch.as_tensor([len(c) for c in chunk])[:, None]).to(device)
-        logits = [first.expand(len(chunk), -1)]
+        total = torch.zeros(len(chunk), device=device)
+        bad = torch.zeros(len(chunk), dtype=torch.bool, device=device)
         cache = _replicate(shared, len(chunk))
-        for j in range(width - 1):  # token j predicts token j + 1; a finished row feeds pad, unread
-            logits.append(model.step(cand[:, j], cache).float())
-        logits_t = torch.stack(logits, dim=1)  # [rows, width, V]
-        if not torch.isfinite(logits_t[live]).all():
+        logits = first.expand(len(chunk), -1)
+        for j in range(width):  # the logits before token j score it; then token j is fed (pad once finished)
+            bad |= live[:, j] & ~torch.isfinite(logits).all(dim=-1)
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, cand[:, j:j + 1])[:, 0]
+            total += torch.where(live[:, j], logp, 0.0)
+            if j + 1 < width:
+                logits = model.step(cand[:, j], cache).float()
+        if bool(bad.any()):
             raise NonFiniteLogitsError("the model produced non-finite logits while scoring continuations")
-        logp = torch.log_softmax(logits_t, dim=-1).gather(-1, cand[..., None])[..., 0]
-        out += (logp * live).sum(dim=1).tolist()
+        out += total.tolist()
     return out

@@ -6,6 +6,8 @@ What a task shows the model, in the layout of the checkpoint's family (cm3leon/f
   caption  [context…] image [prefix]                -> text
   vqa      [context…] image "Question: … Answer:"   -> text
   edit     [context…] instruction image             -> image codes (+ uncond, + image-only stream)
+  dialog   [context…] image caption+history+question -> each candidate answer scored (not generated)
+  control  [context…] condition image, caption      -> image codes (uncond keeps the condition)
 
 The context is the retrieved documents (caption first for t2i/edit, image first for caption/vqa,
 as in CM3leon's documents), then the k-shot examples. Templates are `str.format` templates over

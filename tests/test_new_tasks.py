@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from evals.cli import main
-from real_fixtures import build_real_setup
+from chameleon_fixture import build_chameleon
+from real_fixtures import CLIP_ARCH, CLIP_FILE, INCEPTION_FILE, save_inception, save_open_clip
 from task_fixtures import MARIO_PROMPTS, write_all_new
 from tasks import registry
 from tasks.loaders import DataError, load_dataset
@@ -21,7 +22,7 @@ from tasks.spec import apply_overrides
 
 TASKS = ("visdial", "image-paragraph", "text-render", "coco-canny2image")
 EXPECTED = {"visdial": ("R@1", "R@5", "R@10", "mean_rank", "MRR", "NDCG"),
-            "image-paragraph": ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"),
+            "image-paragraph": ("BLEU-4", "ROUGE-L", "CIDEr"),
             "text-render": ("OCR_precision", "OCR_recall", "OCR_F1", "OCR_accuracy", "CLIPScore"),
             "coco-canny2image": ("edge_F1",)}
 FAST = ["--set", "generation.max_new_tokens=12"]  # paragraphs: a short budget keeps the test quick
@@ -91,17 +92,24 @@ def test_every_new_task_runs_with_the_demo_model(data, tmp_path, capfd):
     assert rc == 0, capfd.readouterr().err[-3000:]
     assert_all_finite(run)
     assert metrics_of(run, "coco-canny2image")["FD-demo"]["value"] >= 0
+    assert math.isfinite(metrics_of(run, "image-paragraph")["METEOR"]["value"])
     assert metrics_of(run, "visdial")["NDCG"]["n"] == 1  # the dense round of dialog 1 is among the first 2
     ocr = metrics_of(run, "text-render")["OCR_F1"]["extra"]["engine"]
     assert ocr.startswith("tesseract ")
 
 
 def test_every_new_task_runs_with_a_real_layout_chameleon(data, tmp_path_factory, capfd):
-    real = build_real_setup(tmp_path_factory.mktemp("real"))
-    run = tmp_path_factory.mktemp("cham") / "run"
-    rc = main(["run", *TASKS, "--model", str(real.hf), "--vq", str(real.vq), "--data-root", str(data),
-               "--limit", "2", "--out", str(run), "--set", f"metrics.clip_score.encoder={real.clip_spec}",
-               "--set", f"metrics.fid.weights={real.inception}", *FAST])
+    root = tmp_path_factory.mktemp("real")
+    cham = build_chameleon(root / "chameleon")
+    (root / "weights").mkdir()
+    clip = save_open_clip(root / "weights" / CLIP_FILE)
+    inception = save_inception(root / "weights" / INCEPTION_FILE)
+    run = root / "run"
+    rc = main(["run", *TASKS, "--model", str(cham.hf), "--vq", str(cham.vq_dir / "vqgan.ckpt"), "--data-root", str(data),
+               "--limit", "2", "--out", str(run), "--set", f"metrics.clip_score.encoder=open_clip:{CLIP_ARCH}:{clip}",
+               "--set", f"metrics.fid.weights={inception}", *FAST,
+               # no Java here (the demo run above covers the PTB tokenizer and METEOR)
+               "--set", "metrics.captioning={tokenize: none, spice: false, report: [BLEU-4, CIDEr, ROUGE-L]}"])
     assert rc == 0, capfd.readouterr().err[-3000:]
     assert_all_finite(run)
     assert math.isfinite(metrics_of(run, "coco-canny2image")["FID"]["value"])
@@ -125,3 +133,34 @@ def test_a_missing_ocr_engine_is_one_line_before_the_model_loads(data, tmp_path,
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and "Traceback" not in err, err
     assert any("metrics.ocr" in ln and "apt-get install tesseract-ocr tesseract-ocr-eng" in ln for ln in lines), err
+
+
+# ----------------------------------------------------------------------------- stream layouts
+def test_dialog_and_control_streams_in_the_chameleon_layout(tmp_path):
+    """Chameleon: the dialog prompt is the VQA turn (image, text, <reserved08706>); control writes the
+    condition image, the caption, the end of turn, then <racm3:break> for the output, and its
+    unconditional stream keeps only the condition image (the prompt filtered to image tokens)."""
+    import torch
+
+    from chameleon_vocab import BOI, BOS, EOI, EOT, text_tokenizer
+    from cm3leon.config import ModelConfig
+    from cm3leon.document import DocumentCodec
+    from cm3leon.sampling import SamplingConfig
+    from tasks import prompts
+
+    tok = text_tokenizer(tmp_path)
+    codec = DocumentCodec(tok, None, ModelConfig(**tok.model_config_fields(), image_seq_len=16, max_seq_len=512,
+                                                 d_model=32, n_layers=1, n_heads=2))
+    codes = torch.arange(16)
+    image = [BOI] + codec.codes_to_tokens(codes) + [EOI]
+    meta = {"caption": "a man", "history": [["is it red?", "yes"]]}
+    dialog = prompts.build(codec, "dialog", "{caption}.{history} Q: {question} A:", "what color?", seed=0,
+                           sampling=SamplingConfig(greedy=True), max_new_tokens=8, image=codes,
+                           fields=prompts.sample_fields("dialog", meta))
+    assert dialog.text == "a man. Q: is it red? A: yes Q: what color? A:"
+    assert dialog.request.prompt == [BOS] + image + tok.encode(dialog.text) + [EOT]
+    control = prompts.build(codec, "control", "{caption}", "a red dog", seed=0,
+                            sampling=SamplingConfig(cfg_scale=3.0), max_new_tokens=8, image=codes)
+    assert control.request.prompt == [BOS] + image + tok.encode("a red dog") + [EOT, BOI]
+    assert control.request.uncond_prompt == [BOS] + image + [BOI]
+    assert prompts.stream_count("control", SamplingConfig(cfg_scale=3.0)) == 2
