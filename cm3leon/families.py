@@ -37,7 +37,7 @@ ROLES = ("bos", "eos", "pad", "unk", "boi", "eoi", "break", "eot", "mask", "infi
 ROLE_PLACEHOLDERS = frozenset(ROLES)
 FILTER = "filter"  # image_cond layout: the conditional stream filtered to bos/boi/eoi/image tokens
 STREAMS = ("cond", "uncond", "image_cond")
-KINDS = ("t2i", "edit", "caption", "vqa")
+KINDS = ("t2i", "edit", "caption", "vqa", "dialog", "control")
 
 Layout = tuple[str, ...]
 
@@ -62,7 +62,7 @@ class KindLayout:
     """The streams of one task kind; None: the kind has no such stream."""
 
     cond: Layout
-    uncond: Layout | None = None
+    uncond: Layout | str | None = None  # or FILTER
     image_cond: Layout | str | None = None
 
 
@@ -127,6 +127,12 @@ NATIVE = Family(
                            image_cond=("bos", "mask", "sep", "image", "sep", "boi")),
         "caption": KindLayout(cond=("bos", "context", "image", "sep", "text?")),
         "vqa": KindLayout(cond=("bos", "context", "image", "sep", "text", "sep")),
+        # visual dialog: the prompt every candidate answer is scored after (the VQA layout)
+        "dialog": KindLayout(cond=("bos", "context", "image", "sep", "text", "sep")),
+        # structure-guided generation: the condition image (an edge map), the instruction, the
+        # output image; guidance keeps the condition and masks the text (ControlNet's CFG)
+        "control": KindLayout(cond=("bos", "context", "image", "sep", "text", "sep", "boi"),
+                              uncond=("bos", "image", "sep", "mask", "sep", "boi")),
     },
     banned_text=("eoi", "pad", "bos", "mask", "infill"),
     notes="CM3leon: <break> between parts; guidance streams replace text (and images) by <mask>.",
@@ -148,6 +154,10 @@ CHAMELEON = Family(
         # ChameleonProcessor: "{prompt}<image>" + sep_token, bos added by the tokenizer
         "caption": KindLayout(cond=("bos", "context", "image", "text", "eot")),
         "vqa": KindLayout(cond=("bos", "context", "image", "text", "eot")),
+        "dialog": KindLayout(cond=("bos", "context", "image", "text", "eot")),
+        # the condition image, then the instruction, then the output; uncond: the prompt filtered to
+        # its image tokens (the condition stays, the text goes)
+        "control": KindLayout(cond=("bos", "context", "image", "text", "eot", "boi"), uncond=FILTER),
     },
     banned_text="angle-named",
     shot_answer_join="{eot}",

@@ -26,6 +26,7 @@ from PIL import Image
 from cm3leon.document import Document, DocumentCodec
 from cm3leon.errors import Cm3evalError
 from cm3leon.sampling import GenerationRequest, Sampler, SamplingConfig, continuation_logprobs, rerank
+from cm3leon.scoring import score_continuations
 from evals.protocol import Batch, FatalPredictorError, Item
 from tasks import prompts
 from tasks.spec import TaskSpec
@@ -250,7 +251,7 @@ class ModelPredictor:
         context = [self._with_codes(d) for d in docs] + shots
         built = prompts.build(self.codec, spec.kind, p.template, s.text, seed=s.seed, sampling=sampling,
                               max_new_tokens=spec.generation.max_new_tokens, image=images.get("image"),
-                              context=context)
+                              context=context, fields=prompts.sample_fields(spec.kind, s.meta))
         return built.request, built.text, rec
 
     def _rerank_score_fn(self, spec: TaskSpec, texts: list[str], images: list[list[Image.Image]] | None):
@@ -281,17 +282,34 @@ class ModelPredictor:
         spec = batch.task
         self.check_ready(spec)
         sampling = sampling_config(spec)
+        if spec.kind == "control":  # the model sees the source's edge map, never the source
+            from evals.metrics.edges import condition_image
+
+            for it in batch.items:
+                it.images["image"] = condition_image(it.images["image"], self.bundle.image_resolution)
         retrieved = self._retrieved_batch(spec, batch.items, getattr(batch, "data_root", None))
         # every image of the batch through the VQ in one call (cached: VQA repeats images)
         self._codes_for([im for it in batch.items for k, im in it.images.items()
                          if (k == "image" or k.startswith("shot:")) and isinstance(im, Image.Image)]
                         + [p for docs, _ in retrieved for d in docs for p in d.parts if isinstance(p, Image.Image)])
         built = [self._request(spec, it, sampling, r) for it, r in zip(batch.items, retrieved)]
+        if spec.kind == "dialog":
+            return [self._ranked(req, text, rec, it.sample) for (req, text, rec), it in zip(built, batch.items)]
         # one sampler step over the whole batch: the plan sized it (the engine's chunk is its prompts per step)
         gens = self.sampler.generate([b[0] for b in built], sampling, prompts_per_step=len(built))
         if spec.output_modality == "text":
             return [self._text_output(spec, text, rec, gen) for (_, text, rec), gen in zip(built, gens)]
         return self._image_outputs(spec, built, gens)
+
+    def _ranked(self, req: GenerationRequest, text: str, rec: list, sample: Any) -> dict[str, Any]:
+        """A dialog round: every candidate answer (then eos) scored by log p(answer | prompt), the
+        prompt run once (cm3leon.scoring); the prediction is the best-scored candidate."""
+        tok, eos, options = self.bundle.tokenizer, self.cfg.eos_id, sample.meta["options"]
+        conts = [tok.encode(o) + [eos] for o in options]
+        # the prompt's KV is stored once; the candidates' suffixes are small, so one pass scores them all
+        scores = score_continuations(self.bundle.model, req.prompt, conts, pad_id=self.cfg.pad_id)
+        best = max(range(len(scores)), key=scores.__getitem__)
+        return {"prediction": options[best], "prompt": text, "retrieved": rec, "scores": scores, "best": best}
 
     def _text_output(self, spec: TaskSpec, text: str, rec: list, gen) -> dict[str, Any]:
         raw = self.bundle.tokenizer.decode(gen.output)

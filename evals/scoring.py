@@ -202,6 +202,39 @@ def _dino(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
     return {res.name: res}
 
 
+def _visdial(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
+    """VisDial's ranking metrics from each round's 100 candidate scores (NDCG on the dense rounds)."""
+    from evals.metrics.visdial import visdial_metrics
+
+    recs = ctx.records
+    if any(not isinstance(r.get("scores"), list) or len(r["scores"]) != len(r["meta"]["options"]) for r in recs):
+        raise MetricUnavailable("visdial needs one score per candidate answer in every sample line (the predictor "
+                                "gave none)")
+    dense = [(i, r["meta"]["gt_relevance"]) for i, r in enumerate(recs) if r["meta"].get("gt_relevance") is not None]
+    res = visdial_metrics([r["scores"] for r in recs], [r["meta"]["gt_index"] for r in recs], dense, seed=ctx.seed)
+    if not dense:
+        log.warning("visdial: no densely annotated round among the scored ones; NDCG not computed "
+                    "(give dataset.files.dense: visdial_1.0_val_dense_annotations.json)")
+    return res
+
+
+def _ocr(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
+    """TextDiffuser's OCR word metrics of the generated images against the prompts' quoted words."""
+    from evals.metrics import ocr
+
+    words = [ocr.read_words(inputs.open_rgb(p)) for p in ctx.output_paths()]
+    return ocr.ocr_metrics(words, [r["references"] for r in ctx.records], seed=ctx.seed, engine=ocr.engine_version())
+
+
+def _edge_f1(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
+    """ControlNet++'s Canny controllability: edge F1 of each output against its source's edge map."""
+    from evals.metrics.edges import edge_f1
+
+    res = edge_f1([inputs.open_rgb(p) for p in ctx.output_paths()],
+                  [inputs.open_rgb(p) for p in ctx.data_images("image")], seed=ctx.seed)
+    return {res.name: res}
+
+
 # ----------------------------------------------------------------------------- the metric table
 @dataclass(frozen=True)
 class MetricDef:
@@ -228,11 +261,11 @@ class MetricDef:
 
 
 METRICS: dict[str, MetricDef] = {
-    "fid": MetricDef(_fid, ("t2i",), {"feature_space": "inception", "protocol": "pytorch-fid", "resolution": 256,
+    "fid": MetricDef(_fid, ("t2i", "control"), {"feature_space": "inception", "protocol": "pytorch-fid", "resolution": 256,
                                      "weights": None, "reference_stats": None, "cache_dir": None,
                                      "batch_size": 50, "bootstrap": 0},
                      (("FID", False), ("FD-*", False)), min_samples=2),  # a covariance needs 2
-    "clip_score": MetricDef(_clip_score, ("t2i",), {"encoder": "model", "scale": 2.5, "name": None},
+    "clip_score": MetricDef(_clip_score, ("t2i", "control"), {"encoder": "model", "scale": 2.5, "name": None},
                             (("CLIPScore", True),), needs_encoder=True),
     "rank_accuracy": MetricDef(_rank_accuracy, ("t2i",), {"encoder": "demo", "pool_size": 100, "ks": [1, 5, 10]},
                                (("t2i_R@*", True), ("t2i_rank", False)),  # a mean rank: 1 is best
@@ -251,6 +284,10 @@ METRICS: dict[str, MetricDef] = {
     "clip_img": MetricDef(_clip_img, ("edit",), {"encoder": None, "name": "CLIP-img"}, (("CLIP-img", True),),
                           needs_encoder=True),
     "dino": MetricDef(_dino, ("edit",), {"weights": None}, (("DINO", True),)),
+    "visdial": MetricDef(_visdial, ("dialog",), {}, (("NDCG", True), ("R@*", True), ("MRR", True),
+                                                      ("mean_rank", False))),
+    "ocr": MetricDef(_ocr, ("t2i",), {}, (("OCR_*", True),)),
+    "edge_f1": MetricDef(_edge_f1, ("control",), {}, (("edge_F1", True),)),
 }
 
 # Image-set metrics beside FID, from the saved images (evals/image_scoring.py). `when_available`: a
@@ -486,6 +523,19 @@ def check_inputs(spec: Any) -> None:
                                      f"{_encoder_hint()}")
         if key == "captioning":
             _check_captioning(spec.name, opts)
+        if key == "ocr":
+            from evals.metrics.ocr import INSTALL_HINT, engine_problem
+
+            problem = engine_problem()
+            if problem is not None:
+                raise MetricInputMissing(f"{spec.name}: metrics.ocr reads the images with Tesseract and {problem}; "
+                                         f"{INSTALL_HINT}")
+        if key == "edge_f1" or spec.kind == "control":
+            import importlib.util
+
+            if importlib.util.find_spec("kornia") is None:
+                raise MetricInputMissing(f"{spec.name}: the Canny edge maps of {spec.kind} tasks need kornia, which is "
+                                         "not installed; pip install kornia")
 
 
 def _check_captioning(task: str, opts: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """Dataset loaders for the official file layouts: COCO captions, Karpathy splits, VQAv2 / OK-VQA,
-VizWiz, TextVQA and MagicBrush.
+VizWiz, TextVQA and MagicBrush (VisDial, Stanford paragraphs and MARIO-Eval: tasks/more_loaders.py,
+which adds its rows to LOADERS when the package is imported).
 
 A loader turns annotation files into `Sample`s in a canonical order, plus a fingerprint of the
 bytes it read. It never opens images: the engine opens them per sample (with `open_image`, the
@@ -186,13 +187,13 @@ def load_coco_captions(ctx: _Ctx) -> list[Sample]:
             samples.append(Sample(str(image_id), "caption", image=path, references=refs, meta=meta))
         elif ctx.one_per_image:
             a = caps[_stable_choice(ctx.seed, str(image_id), len(caps))]
-            samples.append(Sample(str(image_id), "t2i", text=a["caption"].strip(), image=path, references=refs,
+            samples.append(Sample(str(image_id), ctx.kind, text=a["caption"].strip(), image=path, references=refs,
                                   meta={**meta, "annotation_id": a["id"]}))
         else:
             for a in caps:
-                samples.append(Sample(str(a["id"]), "t2i", text=a["caption"].strip(), image=path, references=refs,
+                samples.append(Sample(str(a["id"]), ctx.kind, text=a["caption"].strip(), image=path, references=refs,
                                       meta={**meta, "annotation_id": a["id"]}))
-    if ctx.kind == "t2i" and not ctx.one_per_image:
+    if ctx.kind != "caption" and not ctx.one_per_image:
         samples.sort(key=lambda s: int(s.id))
     return samples
 
@@ -367,7 +368,8 @@ class Loader:
 
 
 LOADERS: dict[str, Loader] = {
-    "coco_captions": Loader(load_coco_captions, ("t2i", "caption"), ("annotations",), (),
+    # control: the caption is the prompt, the image's edge map the condition (coco-canny2image)
+    "coco_captions": Loader(load_coco_captions, ("t2i", "caption", "control"), ("annotations",), (),
                             "COCO captions JSON ({images, annotations}) and the image folder"),
     "karpathy": Loader(load_karpathy, ("t2i", "caption"), ("annotations",), (),
                        "Karpathy split JSON (dataset_coco.json: images with split/filepath/filename/sentences); "

@@ -6,6 +6,8 @@ What a task shows the model, in the layout of the checkpoint's family (cm3leon/f
   caption  [context…] image [prefix]                -> text
   vqa      [context…] image "Question: … Answer:"   -> text
   edit     [context…] instruction image             -> image codes (+ uncond, + image-only stream)
+  dialog   [context…] image caption+history+question -> each candidate answer scored (not generated)
+  control  [context…] condition image, caption      -> image codes (uncond keeps the condition)
 
 The context is the retrieved documents (caption first for t2i/edit, image first for caption/vqa,
 as in CM3leon's documents), then the k-shot examples. Templates are `str.format` templates over
@@ -31,7 +33,8 @@ from cm3leon.families import ROLE_PLACEHOLDERS, Family
 from cm3leon.sampling import GenerationRequest, SamplingConfig
 
 ImageLike = Image.Image | torch.Tensor
-TEMPLATE_FIELD = {"t2i": "caption", "vqa": "question", "edit": "instruction", "caption": None}
+TEMPLATE_FIELD = {"t2i": "caption", "vqa": "question", "edit": "instruction", "caption": None,
+                  "dialog": "question", "control": "caption"}
 
 
 @dataclass
@@ -76,10 +79,25 @@ def render(template: str, values: Mapping[str, Any]) -> str | Text:
     return Text(tuple(p for p in pieces if not (isinstance(p, str) and p == "")))
 
 
-def query_text(kind: str, template: str, sample_text: str) -> str | Text:
-    """The query's text part: the template over the sample's caption / question / instruction."""
+def query_text(kind: str, template: str, sample_text: str, fields: Mapping[str, str] | None = None) -> str | Text:
+    """The query's text part: the template over the sample's caption / question / instruction
+    (and a dialog's `fields`: its caption and history)."""
     key = TEMPLATE_FIELD[kind]
-    return render(template, {key: sample_text} if key else {})
+    return render(template, {**(fields or {}), **({key: sample_text} if key else {})})
+
+
+def sample_fields(kind: str, meta: Mapping[str, Any] | None) -> dict[str, str]:
+    """Template fields a sample carries besides its text: a dialog round's caption and history."""
+    if kind != "dialog":
+        return {}
+    meta = meta or {}
+    return {"caption": str(meta.get("caption", "")), "history": dialog_history(meta.get("history") or [])}
+
+
+def dialog_history(rounds: Sequence[tuple[str, str]], template: str = " Q: {question} A: {answer}") -> str:
+    """A dialog's earlier rounds as one text: each (question, answer) through `template`, joined
+    ("" before the first round, so "{caption}.{history} Q: {question} A:" reads without gaps)."""
+    return "".join(template.format(question=q, answer=a) for q, a in rounds)
 
 
 def shot_template(kind: str, template: str, shot_template_: str | None, family: Family) -> str:
@@ -149,10 +167,10 @@ def needs_uncond(sampling: SamplingConfig) -> bool:
 
 def build(codec: DocumentCodec, kind: str, template: str, sample_text: str, *, seed: int,
           sampling: SamplingConfig, max_new_tokens: int, image: ImageLike | None = None,
-          context: Sequence[Document] = ()) -> Prompt:
+          context: Sequence[Document] = (), fields: Mapping[str, str] | None = None) -> Prompt:
     """One sample's streams in the codec's family layout, checked against the model's length."""
-    text = query_text(kind, template, sample_text)
-    modality = "image" if kind in ("t2i", "edit") else "text"
+    text = query_text(kind, template, sample_text, fields)
+    modality = "image" if kind in ("t2i", "edit", "control") else "text"
     if kind != "t2i" and image is None:
         raise ValueError(f"a {kind} prompt needs the sample's input image")
     prompt = codec.stream(kind, "cond", text=text, image=image, context=context)
@@ -176,6 +194,6 @@ def build(codec: DocumentCodec, kind: str, template: str, sample_text: str, *, s
 
 def stream_count(kind: str, sampling: SamplingConfig) -> int:
     """Rows per sample in the sampler's batch: cond, + uncond, + image-only (editing)."""
-    if kind not in ("t2i", "edit"):
+    if kind not in ("t2i", "edit", "control"):
         return 1
     return 1 + needs_uncond(sampling) + (kind == "edit" and sampling.image_cfg_scale is not None)

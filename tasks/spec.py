@@ -40,7 +40,7 @@ from tasks.weights import NAMED_ENCODERS  # the named default encoders (evals.en
 from .published import PUBLISHED
 from .yamlio import YAMLLimitError, safe_load
 
-KINDS = ("t2i", "caption", "vqa", "edit")
+KINDS = ("t2i", "caption", "vqa", "edit", "dialog", "control")
 
 # Which `{placeholders}` a prompt template may use, per kind. `answer` is the target text of an
 # in-context example (caption / answer); a zero-shot template must not use it.
@@ -49,6 +49,8 @@ TEMPLATE_FIELDS = {
     "caption": set(),
     "vqa": {"question"},
     "edit": {"instruction"},
+    "dialog": {"caption", "history", "question"},  # visual dialog: the image's caption, the rounds so far
+    "control": {"caption"},  # structure-guided generation: the caption of the image to draw
 }
 
 # Reranker: "lm" (the decoder itself: log p(caption | candidate image), CM3's self-contained
@@ -160,7 +162,7 @@ class TaskSpec:
 
     @property
     def output_modality(self) -> str:
-        return "image" if self.kind in ("t2i", "edit") else "text"
+        return "image" if self.kind in ("t2i", "edit", "control") else "text"
 
     def sampling_config(self) -> SamplingConfig:
         """The settings the sampler runs with for this task: the generation block as given,
@@ -361,8 +363,8 @@ def validate(spec: TaskSpec, src: str) -> TaskSpec:
         if p.is_absolute() or ".." in p.parts:
             raise SpecError(f"{src}: dataset.{'files.' + role if role != 'images' else 'images'}: "
                             f"must be a path inside the data root, got {rel!r}")
-    if spec.prompt.k_shot and spec.kind == "edit":
-        raise SpecError(f"{src}: prompt.k_shot: in-context examples are not supported for edit tasks")
+    if spec.prompt.k_shot and spec.kind in ("edit", "dialog", "control"):
+        raise SpecError(f"{src}: prompt.k_shot: in-context examples are not supported for {spec.kind} tasks")
     if spec.prompt.k_shot and spec.dataset.support is None:
         raise SpecError(f"{src}: prompt.k_shot: {spec.prompt.k_shot} examples need dataset.support "
                         "(the split they are drawn from)")

@@ -294,6 +294,10 @@ class EchoPredictor:
         if kind == "vqa":
             pred = s.references[r % len(s.references)] if r % 4 else "banana"
             return {"prediction": pred, "prompt": s.text}
+        if kind == "dialog":  # a score per candidate answer; the best one is the prediction
+            scores = np.random.default_rng(r % (1 << 32)).normal(size=len(s.meta["options"])).tolist()
+            best = int(np.argmax(scores))
+            return {"prediction": s.meta["options"][best], "prompt": s.text, "scores": scores, "best": best}
         if kind == "t2i":
             rng = np.random.default_rng(r % (1 << 32))
             img = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))

@@ -326,16 +326,15 @@ def test_each_task_runs_in_chunks_of_the_prompts_per_step_the_plan_sized(tmp_pat
     monkeypatch.setattr(engine, "run", recording_run)
     args = ["run", "demo", "--limit", "2", "--out", str(tmp_path / "r")]
     assert main(args, predictor_factory=fixtures.make_echo) == 0, capsys.readouterr().err
-    assert calls == [(["shapes-fid"], 2), (["shapes-caption", "shapes-vqa"], 5), (["shapes-edit"], 2)]
+    new = ["shapes-dialog", "shapes-paragraph", "shapes-text-render", "shapes-canny2image"]
+    assert calls == [(["shapes-fid"], 2), (["shapes-caption", "shapes-vqa"], 5), (["shapes-edit"], 2), (new, 5)]
     err = capsys.readouterr().err.splitlines()
-    assert [line for line in err if "per step" in line] == ["shapes-fid: 2 prompts per step",
-                                                            "shapes-caption: 5 prompts per step",
-                                                            "shapes-vqa: 5 prompts per step",
-                                                            "shapes-edit: 2 prompts per step"]
-    assert [n for n, _ in asked] == ["shapes-fid", "shapes-caption", "shapes-vqa", "shapes-edit"]  # once each
+    sized = [(n, sizes.get(n, 5)) for n in ["shapes-fid", "shapes-caption", "shapes-vqa", "shapes-edit", *new]]
+    assert [line for line in err if "per step" in line] == [f"{n}: {k} prompts per step" for n, k in sized]
+    assert [n for n, _ in asked] == [n for n, _ in sized]  # once each
     calls.clear()
     assert main([*args, "--batch-size", "3"], predictor_factory=fixtures.make_echo) == 0
-    assert calls == [(["shapes-fid", "shapes-caption", "shapes-vqa", "shapes-edit"], 3)]
+    assert calls == [(["shapes-fid", "shapes-caption", "shapes-vqa", "shapes-edit", *new], 3)]
     assert "shapes-fid: 3 prompts per step (--batch-size)" in capsys.readouterr().err
 
 

@@ -64,10 +64,12 @@ def test_every_shipped_spec_loads_and_suites_resolve():
         spec = tasks.get(n)
         assert spec.name == n and spec.metrics
         plan.check_spec(spec, n)  # metric names and options: checked above the task layer
-    assert tasks.suites()["demo"] == ["shapes-fid", "shapes-caption", "shapes-vqa", "shapes-edit"]
+    assert tasks.suites()["demo"] == ["shapes-fid", "shapes-caption", "shapes-vqa", "shapes-edit", "shapes-dialog",
+                                      "shapes-paragraph", "shapes-text-render", "shapes-canny2image"]
     assert tasks.suites()["paper"] == ["coco-fid", "coco-caption", "vqav2", "vizwiz", "okvqa"]
     assert tasks.expand(["demo", "shapes-vqa", "vqav2"]) == ["shapes-fid", "shapes-caption", "shapes-vqa",
-                                                            "shapes-edit", "vqav2"]
+                                                            "shapes-edit", "shapes-dialog", "shapes-paragraph",
+                                                            "shapes-text-render", "shapes-canny2image", "vqav2"]
     with pytest.raises(SpecError, match="did you mean vqav2"):
         tasks.get("vqa2")
 
@@ -125,7 +127,7 @@ def test_error_names_file_and_field(tmp_path):
     assert "inside the data root" in err(tmp_path, GOOD.replace("q.json", "../../etc/q.json"))
     assert "inside the data root" in err(tmp_path, GOOD.replace("q.json", "/etc/q.json"))
     assert "metrics.bleu: unknown metric" in err(tmp_path, GOOD.replace("vqa_accuracy: {}", "bleu: {}"))
-    assert "metrics.fid: applies to t2i tasks, not vqa" in err(tmp_path, GOOD.replace("vqa_accuracy: {}", "fid: {}"))
+    assert "metrics.fid: applies to t2i/control tasks, not vqa" in err(tmp_path, GOOD.replace("vqa_accuracy: {}", "fid: {}"))
     assert "dataset.files.questions: required by loader vqav2" in err(tmp_path, GOOD.replace("questions: q.json, ", ""))
     assert "dataset.loader: unknown loader 'vqa3'" in err(tmp_path, GOOD.replace("loader: vqav2", "loader: vqa3"))
 

@@ -3,6 +3,8 @@
 world.py     the world itself (scenes, captions, VQA, edits) and its writer in the official COCO /
              VQAv2 / MagicBrush layouts; `demo_world_root(cache_dir)` is the built-in demo tasks'
              data root, written on first use
+extras.py    the files of the dialog, paragraph and text-rendering demo tasks (VisDial, Stanford
+             paragraphs and MARIO-Eval layouts)
 training.py  the world as cm3leon.train.DemoData for the demo recipe (`cm3eval train demo`)
 __main__.py  `python -m tasks.shapes ROOT [--seed N]`: write the default world, print its stats
 
@@ -18,6 +20,7 @@ from .world import (BACKGROUNDS, COLORS, EDIT_TYPES, EVAL_WORLD, GENERATOR_VERSI
                     WorldFolderError, WorldImage, WorldSplit, caption_tokens, demo_world_root, ensure_world,
                     generate_world, position_name, render, scene_caption, shape_mask, vocabulary, world_paths,
                     world_stats, write_world)
+from . import extras  # noqa: E402,F401  (registers the dialog / paragraph / text-prompt files of the world)
 
 _TRAINING = ("demo_data", "t2i_extra_scenes")
 

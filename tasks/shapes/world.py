@@ -651,6 +651,18 @@ def _documents(world: World) -> Iterable[tuple[str, Callable[[], bytes]]]:
         yield f"edit/{split}/edit_sessions.json", lambda d=sessions: _json_bytes(d)
         yield f"edit/{split}/global_descriptions.json", lambda d=descriptions: _json_bytes(d)
     yield "annotations/dataset_shapes.json", lambda: _json_bytes({"dataset": "shapes", "images": karpathy})
+    for _, documents in EXTENSIONS.values():
+        yield from documents(world, _json_bytes)
+
+
+# Files of further tasks written from a world's scenes: name -> (version, documents(world, as_json)
+# -> (relative path, bytes producer)...). tasks/shapes/extras.py adds its entry when the package is
+# imported; world.json records the versions, so a cached world without a newer entry's files is rebuilt.
+EXTENSIONS: dict[str, tuple[int, Callable[[World, Callable[[Any], bytes]], Iterable[tuple[str, Callable[[], bytes]]]]]] = {}
+
+
+def _extras_version() -> dict[str, int]:
+    return {name: version for name, (version, _) in sorted(EXTENSIONS.items())}
 
 
 def write_world(world: World, root: str | os.PathLike) -> dict[str, Path]:
@@ -668,7 +680,8 @@ def write_world(world: World, root: str | os.PathLike) -> dict[str, Path]:
         manifest[rel] = hashlib.sha256(data).hexdigest()
     content_hash = hashlib.sha256(_json_bytes(manifest)).hexdigest()
     (root / "world.json").write_bytes(_json_bytes({
-        "generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(world.config),
+        "generator_version": GENERATOR_VERSION, "extras_version": _extras_version(),
+        "config": dataclasses.asdict(world.config),
         "content_hash": content_hash, "files": manifest}))
     return world_paths(root)
 
@@ -679,6 +692,8 @@ def _is_current(root: Path, cfg: WorldConfig, verify: bool) -> bool:
     except (OSError, ValueError):
         return False
     if meta.get("generator_version") != GENERATOR_VERSION or meta.get("config") != dataclasses.asdict(cfg):
+        return False
+    if meta.get("extras_version") != _extras_version():
         return False
     files: dict[str, str] = meta.get("files", {})
     if meta.get("content_hash") != hashlib.sha256(_json_bytes(files)).hexdigest():
