@@ -308,24 +308,25 @@ def grid_of(image_seq_len: int) -> tuple[int, int]:
     return side, side
 
 
-def image_elements(family: Family, ids: Mapping[str, int], h: int, w: int,
-                   encode: Callable[[str], list[int]]) -> list[list[int] | str]:
+def image_elements(family: Family, token_id: Callable[[str], int], encode: Callable[[str], list[int]],
+                   h: int, w: int) -> list[list[int] | str]:
     """The family's image layout for an h x w grid: each element a list of forced ids, or the
-    marker "codes" (h*w codes in row-major order) / "row" (one row of w codes)."""
+    marker "codes" (h*w codes in row-major order) / "row" (one row of w codes). `token_id` gives the
+    id of a role ("boi") or of a token name ("<reserved08816>")."""
     out: list[list[int] | str] = []
     for el in family.image:
         if el == "codes":
             out.append("codes")
         elif el == "rows":
             for _ in range(h):
-                out += ["row", [ids["eol"]]]
+                out += ["row", [token_id("eol")]]
         elif el == "grid":
-            names = [family.grid_token.format(n=family.grid_base + n // family.grid_codes) for n in (h, w)]
-            out.append([ids[f"name:{n}"] for n in names])
+            out.append([token_id(family.grid_token.format(n=family.grid_base + n // family.grid_codes))
+                        for n in (h, w)])
         elif el == "size":
             out.append(encode(family.size_text.format(h=h, w=w)))
         else:
-            out.append([ids[el]])
+            out.append([token_id(el)])
     return out
 
 
@@ -339,13 +340,13 @@ def split_image(elements: list[list[int] | str]) -> tuple[list[int], list[list[i
     return head, []
 
 
-def image_structure(elements: list[list[int] | str], w: int, h: int) -> list[int]:
+def image_structure(elements: list[list[int] | str], h: int, w: int) -> list[int]:
     """The sampler's template of the image after `image_head`: -1 for each sampled code, the id of
     each forced structural token (end of line, end of frame, end of image) at its place."""
     _, rest = split_image(elements)
     out: list[int] = []
     for el in rest:
-        out += [-1] * (w * h if el == "codes" else w) if isinstance(el, str) else list(el)
+        out += ([-1] * (h * w if el == "codes" else w)) if isinstance(el, str) else list(el)
     return out
 
 
