@@ -56,7 +56,7 @@ EMU3_VOCAB = 184622
 EMU3_CODES = 32768
 EMU3_VQ = dict(codebook_size=EMU3_CODES, embed_dim=4, latent_channels=4, base_channels=32,
                channel_multiplier=[1, 1, 2], num_res_blocks=1, attn_resolutions=[], temporal_downsample_factor=4,
-               hidden_size=32, num_attention_heads=1)
+               hidden_size=64, num_attention_heads=1)  # the middle block's width: 32 x 2
 EMU3_RESOLUTION = 32  # image_area 32*32: an 8 x 8 grid at the VQ's factor 4
 EMU3_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5)
@@ -122,14 +122,13 @@ class OpenFamilyFiles:
 
 
 def build_lumina(root: Path, seed: int = 1) -> Path:
-    from chameleon_fixture import write_tokenizer
-
     folder = build_chameleon(root / "lumina-build", seed=seed).hf
     cfg = json.loads((folder / "config.json").read_text())
     vocab = lumina_vocab()
     cfg.update(architectures=["ChameleonXLLMXForConditionalGeneration"], z_loss_weight=0.0, vocabulary_map=vocab)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    write_tokenizer(vocab, folder / "tokenizer.json")
+    specials = [n for n in vocab if n.startswith("<") and n.endswith(">")]
+    write_word_tokenizer(vocab, folder / "tokenizer.json", specials, unk="<unk>")
     return folder
 
 
