@@ -279,16 +279,19 @@ def _tokenizer_names(file: Path) -> set[str]:
     return names | {t.get("content") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
 
 
-def _open_family_plan(path: Path, hf: dict[str, Any], family: families.Family) -> _Plan:
-    """Liquid (Gemma) and Emu3: the decoder config from config.json, ids from tokenizer.json."""
+def _open_family_plan(path: Path, hf: dict[str, Any], family: families.Family, vq: str | Path | None) -> _Plan:
+    """Liquid (Gemma) and Emu3: the decoder config from config.json, ids from tokenizer.json.
+    Liquid's images are Chameleon's VQGAN's: its grid is the one `vq`'s vqgan.yaml describes
+    (Meta's: 512 px, 16x downsampling, 1024 codes), which is also the default."""
     source, tok_file = str(path / "config.json"), path / "tokenizer.json"
     weights = hf_weight_plan(path)
     if family.loader == "gemma":  # Liquid: Chameleon's VQGAN codes after the text vocabulary, 512 px
         n_text = len(_tokenizer_names(tok_file))
         tok = _tokenizer_from(tok_file, appended_codes=int(hf.get("vocab_size", 0)) - n_text)
-        vq_default = vq_lib.VQConfig()
-        resolution = vq_default.resolution
-        cfg = gemma_config(hf, tok.model_config_fields(), source, resolution, vq_default.downsample_factor)
+        yaml_file = resolve_vq(vq)[1] if vq is not None else None
+        vq_cfg = vq_lib.VQConfig.from_taming_yaml(yaml_file) if yaml_file is not None else vq_lib.VQConfig()
+        resolution = vq_cfg.resolution
+        cfg = gemma_config(hf, tok.model_config_fields(), source, resolution, vq_cfg.downsample_factor)
         has_decoder, emu3_vq = False, None
     else:  # Emu3: its own VQ (vq_config) inside the weights; image_area as in BAAI/Emu3-Gen's config
         tok = _tokenizer_from(tok_file)
@@ -302,8 +305,9 @@ def _open_family_plan(path: Path, hf: dict[str, Any], family: families.Family) -
     return _Plan(path, "hf", cfg, tok, tok_file, weights, resolution, has_vq_decoder=has_decoder, emu3_vq=emu3_vq)
 
 
-def _plan(path: Path, family: str | None = None) -> _Plan:
-    """`family`: a cm3leon.families name overriding detection from config.json (--family)."""
+def _plan(path: Path, family: str | None = None, vq: str | Path | None = None) -> _Plan:
+    """`family`: a cm3leon.families name overriding detection from config.json (--family);
+    `vq`: the --vq file (Liquid's image grid is its VQGAN's)."""
     if not (path / "config.json").is_file():
         release = find_meta_release(path)
         if release is not None:
@@ -315,7 +319,7 @@ def _plan(path: Path, family: str | None = None) -> _Plan:
         fam = families.get(family) if family else families.from_config(meta, _tokenizer_names(path / "tokenizer.json"))
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    plan = _hf_plan(path, meta) if fam.loader == "chameleon" else _open_family_plan(path, meta, fam)
+    plan = _hf_plan(path, meta) if fam.loader == "chameleon" else _open_family_plan(path, meta, fam, vq)
     plan.family = fam.name
     plan.tokenizer.layout = fam.detected_by[0]  # so codecs built from the tokenizer write this family
     return plan
@@ -364,7 +368,7 @@ def _info(plan: _Plan, vq: str | Path | None) -> CheckpointInfo:
 
 def inspect(path_or_alias: str | Path, *, vq: str | Path | None = None, family: str | None = None) -> CheckpointInfo:
     """What a checkpoint is and can do, from its small files only (no tensor data is read)."""
-    return _info(_plan(resolve(path_or_alias), family), vq)
+    return _info(_plan(resolve(path_or_alias), family, vq), vq)
 
 
 # ----------------------------------------------------------------------------- the decoder, streamed
@@ -429,7 +433,7 @@ def load(path_or_alias: str | Path = "demo", *, device: str | torch.device = "cp
     detected from config.json, or `family`) or Meta's release.
     `vq`: Meta's vqgan.ckpt (+ vqgan.yaml) or a vq.safetensors to decode images with."""
     path = resolve(path_or_alias)
-    plan = _plan(path, family)
+    plan = _plan(path, family, vq)
     info = _info(plan, vq)
     model = build_decoder(plan.config, plan.weights, str(plan.path), device=device, dtype=dtype)
     vq_model = _load_vq(plan, vq, device)
