@@ -318,7 +318,7 @@ def _plan(path: Path, family: str | None = None, vq: str | Path | None = None) -
     try:
         fam = families.get(family) if family else families.from_config(meta, _tokenizer_names(path / "tokenizer.json"))
     except ValueError as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+        raise CheckpointError(f"--family {family}: {e}" if family else f"{path / 'config.json'}: {e}") from None
     plan = _hf_plan(path, meta) if fam.loader == "chameleon" else _open_family_plan(path, meta, fam, vq)
     plan.family = fam.name
     plan.tokenizer.layout = fam.detected_by[0]  # so codecs built from the tokenizer write this family

@@ -247,3 +247,32 @@ def test_emu3_vq_decodes_our_stream_as_transformers_does(bundles, tmp_path_facto
     with torch.no_grad():
         ref_codes = hf.model.vqmodel.encode(pixels, torch.tensor([[EMU3_RESOLUTION] * 2] * 2)).image_tokens
     assert torch.equal(bundle.vq.encode(pixels), torch.stack([t.reshape(-1) for t in ref_codes]))
+
+
+# ----------------------------------------------------------------------------- defaults, command line
+def test_family_sampling_defaults_are_t2i_task_defaults():
+    from types import SimpleNamespace
+
+    import tasks
+    from evals.plan import family_defaults
+    from tasks.spec import apply_overrides
+
+    spec = tasks.get("coco-fid")
+    liquid = family_defaults(spec, SimpleNamespace(family="liquid"), {}).sampling_config()
+    assert (liquid.cfg_scale, liquid.top_k, liquid.top_p, liquid.temperature) == (7.0, 4096, 0.96, 0.99)
+    user = {"generation.cfg_scale": 1.5}
+    kept = family_defaults(apply_overrides(spec, user), SimpleNamespace(family="emu3"), user).sampling_config()
+    assert (kept.cfg_scale, kept.top_k) == (1.5, 2048)  # the command line wins
+    lumina = family_defaults(spec, SimpleNamespace(family="lumina-mgpt"), {}).sampling_config()
+    assert (lumina.cfg_scale, lumina.top_k) == (4.0, 2000)
+    assert family_defaults(tasks.get("vqav2"), SimpleNamespace(family="liquid"), {}) == tasks.get("vqav2")
+
+
+def test_unknown_family_is_one_line_exit_2(tmp_path_factory, tmp_path, capfd):
+    from evals.cli import main
+
+    path = open_family_folder(tmp_path_factory, "emu3")
+    capfd.readouterr()
+    rc = main(["run", "vqav2", "--model", str(path), "--family", "gpt", "--limit", "1", "--out", str(tmp_path / "r")])
+    err = capfd.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--family gpt" in err and "emu3" in err
