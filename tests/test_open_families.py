@@ -276,3 +276,15 @@ def test_unknown_family_is_one_line_exit_2(tmp_path_factory, tmp_path, capfd):
     rc = main(["run", "vqav2", "--model", str(path), "--family", "gpt", "--limit", "1", "--out", str(tmp_path / "r")])
     err = capfd.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--family gpt" in err and "emu3" in err
+
+
+@pytest.mark.slow  # a fresh process per load; test_logits_equal_transformers covers the same loader fast
+@pytest.mark.parametrize("name", ["liquid", "emu3"])
+def test_loading_host_memory_stays_within_the_bound(name, tmp_path_factory):
+    """Gemma's tied head and Emu3's hub names go through the same streamed loader: peak host memory
+    beyond the loaded model stays within 1.25 x the largest shard + 0.5 GiB (measured in a fresh process)."""
+    from test_checkpoint_streaming import _bound, _report, measure
+
+    r = measure(open_family_folder(tmp_path_factory, name), "float32")
+    print(f"\n{name}: " + _report(r))
+    assert r["overhead"] <= _bound(r), _report(r)
