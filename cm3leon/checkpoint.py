@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,8 +316,12 @@ def _plan(path: Path, family: str | None = None, vq: str | Path | None = None) -
     meta = _read_json(path / "config.json")
     if meta.get("format") == NATIVE_FORMAT:
         return _native_plan(path, meta)
+    if not (family or meta.get("model_type") or meta.get("architectures")):
+        raise CheckpointError(f"{path / 'config.json'}: unknown checkpoint format (neither 'format': "
+                              f"'{NATIVE_FORMAT}' nor an HF config with 'model_type' / 'architectures')")
     try:
-        fam = families.get(family) if family else families.from_config(meta, _tokenizer_names(path / "tokenizer.json"))
+        names = partial(_tokenizer_names, path / "tokenizer.json")  # read only for a Gemma config
+        fam = families.get(family) if family else families.from_config(meta, names)
     except ValueError as e:
         raise CheckpointError(f"--family {family}: {e}" if family else f"{path / 'config.json'}: {e}") from None
     plan = _hf_plan(path, meta) if fam.loader == "chameleon" else _open_family_plan(path, meta, fam, vq)

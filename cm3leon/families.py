@@ -208,7 +208,8 @@ LUMINA_MGPT = Family(
     sampling={"cfg_scale": 4.0, "top_k": 2000, "temperature": 1.0},
     notes="Lumina-mGPT: Chameleon fine-tuned; grid tokens and end-of-line tokens inside each image.",
     sources="Alpha-VLLM/Lumina-mGPT lumina_mgpt/data/item_processor.py @ 250b9cf6, inference_solver.py @ 250b9cf6, "
-            "generate_examples/generate.py @ 250b9cf6, data/convertsation.py @ d897672a",
+            "generate_examples/generate.py @ 250b9cf6, data/convertsation.py @ d897672a, README.md @ 009a877f "
+            "(cfg 4.0, image_top_k 2000, temperature 1.0)",
     detected_by=("lumina-mgpt",),
 )
 
@@ -283,9 +284,10 @@ def detect(vocab: Vocabulary) -> Family:
     raise ValueError(f"no model family for tokenizer layout {layout!r} (known: {', '.join(FAMILIES)})")
 
 
-def from_config(hf: Mapping[str, object], tokenizer_names: set[str] | frozenset[str] = frozenset()) -> Family:
+def from_config(hf: Mapping[str, object], tokenizer_names: Callable[[], set[str]] = set) -> Family:
     """The family of an HF checkpoint from its config.json: `architectures` first, then `model_type`
-    (Gemma is Liquid only with Liquid's `<boi>` in the tokenizer), Chameleon's for model_type chameleon."""
+    (Gemma is Liquid only with Liquid's `<boi>` among `tokenizer_names()`), Chameleon's for model_type
+    chameleon."""
     archs = hf.get("architectures") or ()
     for fam in FAMILIES.values():
         if any(a in fam.architectures for a in archs):
@@ -294,7 +296,7 @@ def from_config(hf: Mapping[str, object], tokenizer_names: set[str] | frozenset[
     if model_type == "chameleon":
         return CHAMELEON
     for fam in FAMILIES.values():
-        if model_type in fam.model_types and all(n in tokenizer_names for n in (fam.roles.get("boi"),)):
+        if model_type in fam.model_types and fam.roles.get("boi") in tokenizer_names():
             return fam
     raise ValueError(f"unknown model family (config.json model_type {model_type!r}, architectures "
                      f"{list(archs)}); known families: {', '.join(FAMILIES)} (override with --family)")
