@@ -376,6 +376,9 @@ def check_family_templates(spec: TaskSpec, info: Any) -> None:
     from cm3leon import families
 
     family = families.get(info.family)
+    if spec.kind not in family.kinds:  # e.g. editing: the open one-stream models publish no layout for it
+        raise PlanError(f"{spec.name}: the {family.name} family has no {spec.kind} prompt layout "
+                        f"(it has {', '.join(family.kinds)})")
     for where in ("template", "shot_template"):
         template = getattr(spec.prompt, where)
         if template is None:

@@ -288,3 +288,14 @@ def test_loading_host_memory_stays_within_the_bound(name, tmp_path_factory):
     r = measure(open_family_folder(tmp_path_factory, name), "float32")
     print(f"\n{name}: " + _report(r))
     assert r["overhead"] <= _bound(r), _report(r)
+
+
+def test_a_kind_the_family_lacks_is_refused_by_the_plan():
+    from types import SimpleNamespace
+
+    import tasks
+    from evals.plan import PlanError, check_family_templates
+
+    with pytest.raises(PlanError, match="the liquid family has no edit prompt layout"):
+        check_family_templates(tasks.get("magicbrush-edit"), SimpleNamespace(family="liquid"))
+    check_family_templates(tasks.get("vqav2"), SimpleNamespace(family="emu3"))
