@@ -1,5 +1,6 @@
-"""Checkpoints: inspect and load the native folder, Chameleon / Anole in the HF layout, and Meta's
-original Chameleon release; save the native folder.
+"""Checkpoints: inspect and load the native folder, HF-layout folders (Chameleon / Anole / Lumina-mGPT,
+Liquid, Emu3: the family detected from config.json, cm3leon/families.py) and Meta's original
+Chameleon release; save the native folder.
 
 Native folder:
     config.json          {"format": "cm3eval-native", "model": ModelConfig, "image_resolution": int, ...}
