@@ -299,3 +299,27 @@ def test_a_kind_the_family_lacks_is_refused_by_the_plan():
     with pytest.raises(PlanError, match="the liquid family has no edit prompt layout"):
         check_family_templates(tasks.get("magicbrush-edit"), SimpleNamespace(family="liquid"))
     check_family_templates(tasks.get("vqav2"), SimpleNamespace(family="emu3"))
+
+
+@pytest.mark.slow  # three model loads and four tasks; test_*_streams cover the prompts fast
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_readme_caption_and_vqa_commands_run_on_each_family(name, tmp_path_factory, tmp_path):
+    """README's coco-caption + vqav2 command, no family flag: exit 0, finite metrics for 2 samples."""
+    import math
+
+    from evals.cli import main
+    from real_fixtures import write_data_root
+
+    data = tmp_path_factory.getbasetemp() / "open-families-data"
+    if not data.is_dir():
+        write_data_root(data)
+    folder = open_family_folder(tmp_path_factory, name)
+    vq = ["--vq", str(open_family_folder(tmp_path_factory, "lumina-mgpt").parent / "tokenizer" / "vqgan.ckpt")]
+    out = tmp_path / "run"
+    rc = main(["run", "coco-caption", "vqav2", "--model", str(folder), "--data-root", str(data), "--limit", "2",
+               "--out", str(out), *(vq if name == "liquid" else [])])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())["tasks"]
+    for task in ("coco-caption", "vqav2"):
+        values = metrics[task]["metrics"]
+        assert values and all(math.isfinite(m["value"]) and m["n"] == 2 for m in values.values()), values
