@@ -111,6 +111,7 @@ class Family:
     negative_prompt: str = ""
     architectures: tuple[str, ...] = ()  # config.json `architectures` that name this family
     model_types: tuple[str, ...] = ()  # config.json `model_type` (when no architecture matched)
+    marker_token: str = ""  # with model_types: a token the tokenizer must hold (Liquid's <boi> in a Gemma)
     loader: str = "chameleon"  # which config/weights reader (cm3leon/layouts.py LOADERS)
     sampling: Mapping[str, object] = field(default_factory=dict)  # published defaults (SamplingConfig fields)
     sources: str = ""  # where the layouts and defaults were read (file @ commit)
@@ -231,7 +232,7 @@ LIQUID = Family(
     image=("boi", "codes", "eoi"),
     text_wrap={"t2i": "{text} Generate an image based on this description.", "caption": "\n{text}",
                "vqa": "\n{text}"},
-    architectures=(), model_types=("gemma",), loader="gemma",
+    architectures=(), model_types=("gemma",), marker_token="<boi>", loader="gemma",
     sampling={"cfg_scale": 7.0, "top_k": 4096, "top_p": 0.96, "temperature": 0.99},
     notes="Liquid: Gemma-7B with the Chameleon VQGAN codes appended after the text vocabulary.",
     sources="FoundationVision/Liquid evaluation/inference_t2i.py, evaluation/inference_i2t.py, "
@@ -286,8 +287,8 @@ def detect(vocab: Vocabulary) -> Family:
 
 def from_config(hf: Mapping[str, object], tokenizer_names: Callable[[], set[str]] = set) -> Family:
     """The family of an HF checkpoint from its config.json: `architectures` first, then `model_type`
-    (Gemma is Liquid only with Liquid's `<boi>` among `tokenizer_names()`), Chameleon's for model_type
-    chameleon."""
+    (with the family's marker token among `tokenizer_names()`: a Gemma is Liquid only with `<boi>`),
+    Chameleon's for model_type chameleon."""
     archs = hf.get("architectures") or ()
     for fam in FAMILIES.values():
         if any(a in fam.architectures for a in archs):
@@ -296,7 +297,7 @@ def from_config(hf: Mapping[str, object], tokenizer_names: Callable[[], set[str]
     if model_type == "chameleon":
         return CHAMELEON
     for fam in FAMILIES.values():
-        if model_type in fam.model_types and fam.roles.get("boi") in tokenizer_names():
+        if model_type in fam.model_types and (not fam.marker_token or fam.marker_token in tokenizer_names()):
             return fam
     raise ValueError(f"unknown model family (config.json model_type {model_type!r}, architectures "
                      f"{list(archs)}); known families: {', '.join(FAMILIES)} (override with --family)")

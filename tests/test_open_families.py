@@ -323,3 +323,25 @@ def test_readme_caption_and_vqa_commands_run_on_each_family(name, tmp_path_facto
     for task in ("coco-caption", "vqav2"):
         values = metrics[task]["metrics"]
         assert values and all(math.isfinite(m["value"]) and m["n"] == 2 for m in values.values()), values
+
+
+def test_key_names_of_each_layout_map_to_one_decoder():
+    from cm3leon.layouts import hf_name
+
+    # Emu3 on the hub (convert_emu3_weights_to_hf.py) and in transformers 5's memory (conversion_mapping.py)
+    for hub, mem in (("text_model.model.layers.3.self_attn.q_proj.weight", "model.text_model.layers.3.self_attn.q_proj.weight"),
+                     ("text_model.model.embed_tokens.weight", "model.text_model.embed_tokens.weight"),
+                     ("text_model.lm_head.weight", "lm_head.weight")):
+        assert hf_name(hub) == hf_name(mem) is not None
+    assert hf_name("model.layers.0.mlp.gate_proj.weight") == "layers.0.feed_forward.w1.weight"  # Gemma / Llama
+    assert hf_name("vqmodel.decoder.conv_in.conv.weight") is None and hf_name("model.vqmodel.quantize.x") is None
+
+
+def test_detection_rules():
+    names = {"<boi>", "<eoi>", "<unconditional>"}
+    assert families.from_config({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, lambda: names).name == "liquid"
+    with pytest.raises(ValueError, match="known families"):  # a plain Gemma is no image model
+        families.from_config({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, set)
+    assert families.from_config({"model_type": "chameleon", "architectures": ["ChameleonForConditionalGeneration"]}).name \
+        == "chameleon"
+    assert families.from_config({"model_type": "emu3"}).name == "emu3"
