@@ -1,5 +1,6 @@
-"""Checkpoints: inspect and load the native folder, Chameleon / Anole in the HF layout, and Meta's
-original Chameleon release; save the native folder.
+"""Checkpoints: inspect and load the native folder, HF-layout folders (Chameleon / Anole / Lumina-mGPT,
+Liquid, Emu3: the family detected from config.json, cm3leon/families.py) and Meta's original
+Chameleon release; save the native folder.
 
 Native folder:
     config.json          {"format": "cm3eval-native", "model": ModelConfig, "image_resolution": int, ...}
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +30,13 @@ from typing import Any
 
 import torch
 
+from . import families
 from . import vq as vq_lib
 from .config import ModelConfig
 from .errors import Cm3evalError
 from .layouts import (MetaRelease, WeightPlan, chameleon_image_token_ids,  # noqa: F401  (re-exported names)
-                      chameleon_state_dict_from_hf, find_meta_release, hf_weight_plan, meta_config, meta_weight_plan,
-                      model_config_from_hf, unpermute_rows)
+                      chameleon_state_dict_from_hf, emu3_config, find_meta_release, gemma_config, hf_weight_plan,
+                      meta_config, meta_weight_plan, model_config_from_hf, unpermute_rows)
 from .text import TextTokenizer
 from .transformer import Transformer, rope_tables
 from .weights import CheckpointError, CheckpointNotFoundError, check_against, iter_safetensors, read_header, stream_into
@@ -61,7 +64,7 @@ class CheckpointInfo:
 
     path: Path
     layout: str  # "native" | "hf" | "meta"
-    family: str  # "cm3leon" (native vocabulary) | "chameleon" (Chameleon / Anole vocabulary)
+    family: str  # a name of cm3leon.families.FAMILIES ("cm3leon", "chameleon", "lumina-mgpt", "liquid", "emu3")
     config: ModelConfig
     image_resolution: int
     n_params: int
@@ -106,6 +109,8 @@ class ModelBundle:
 
     @property
     def family(self) -> str:
+        if self.info is not None:
+            return self.info.family
         return "chameleon" if self.tokenizer.layout == "chameleon" else "cm3leon"
 
 
@@ -157,8 +162,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _tokenizer(file: Path) -> TextTokenizer:
     if not file.is_file():
         raise CheckpointNotFoundError(f"{file}: tokenizer missing; a model folder needs its tokenizer.json")
+    return _tokenizer_from(file)
+
+
+def _tokenizer_from(file: Path, appended_codes: int = 0) -> TextTokenizer:
     try:
-        return TextTokenizer.from_file(file)
+        return TextTokenizer.from_file(file, appended_codes=appended_codes)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 
@@ -179,6 +188,8 @@ class _Plan:
     vq_file: Path | None = None  # native vq.safetensors, or Meta's vqgan.ckpt
     vq_yaml: Path | None = None
     has_vq_decoder: bool = False
+    family: str = ""  # cm3leon.families name; "" = from the tokenizer's layout
+    emu3_vq: dict[str, Any] | None = None  # Emu3's vq_config (its VQ is transformers' Emu3VQVAE)
 
 
 def _reconcile_special_ids(cfg: ModelConfig, tok: TextTokenizer, declared: dict[str, Any], source: str) -> None:
@@ -260,18 +271,64 @@ def _meta_plan(release: MetaRelease) -> _Plan:
                  vq_file=ckpt if has_vq else None, vq_yaml=yaml_file if has_vq else None, has_vq_decoder=has_vq)
 
 
-def _plan(path: Path) -> _Plan:
+def _tokenizer_names(file: Path) -> set[str]:
+    """Every token name of a tokenizer.json (read as JSON: detection happens before the tokenizer
+    is built, since Liquid's needs to know how many codes follow its vocabulary)."""
+    if not file.is_file():
+        raise CheckpointNotFoundError(f"{file}: tokenizer missing; a model folder needs its tokenizer.json")
+    data = _read_json(file)
+    names = set((data.get("model") or {}).get("vocab") or {})
+    return names | {t.get("content") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
+
+
+def _open_family_plan(path: Path, hf: dict[str, Any], family: families.Family, vq: str | Path | None) -> _Plan:
+    """Liquid (Gemma) and Emu3: the decoder config from config.json, ids from tokenizer.json.
+    Liquid's images are Chameleon's VQGAN's: its grid is the one `vq`'s vqgan.yaml describes
+    (Meta's: 512 px, 16x downsampling, 1024 codes), which is also the default."""
+    source, tok_file = str(path / "config.json"), path / "tokenizer.json"
+    weights = hf_weight_plan(path)
+    if family.loader == "gemma":  # Liquid: Chameleon's VQGAN codes after the text vocabulary, 512 px
+        n_text = len(_tokenizer_names(tok_file))
+        tok = _tokenizer_from(tok_file, appended_codes=int(hf.get("vocab_size", 0)) - n_text)
+        yaml_file = resolve_vq(vq)[1] if vq is not None else None
+        vq_cfg = vq_lib.VQConfig.from_taming_yaml(yaml_file) if yaml_file is not None else vq_lib.VQConfig()
+        resolution = vq_cfg.resolution
+        cfg = gemma_config(hf, tok.model_config_fields(), source, resolution, vq_cfg.downsample_factor)
+        has_decoder, emu3_vq = False, None
+    else:  # Emu3: its own VQ (vq_config) inside the weights; image_area as in BAAI/Emu3-Gen's config
+        tok = _tokenizer_from(tok_file)
+        emu3_vq = dict(hf.get("vq_config") or {})
+        factor = 2 ** (len(emu3_vq.get("channel_multiplier", [1, 2, 2, 4])) - 1)
+        resolution = int(round(float(hf.get("image_area", 518400)) ** 0.5))
+        cfg = emu3_config(hf, tok.model_config_fields(), source, resolution, factor)
+        has_decoder = any(k.startswith("decoder.") for k in weights.vq_keys)
+    _check_tokenizer(tok, cfg, tok_file)
+    _reconcile_special_ids(cfg, tok, {}, source)
+    return _Plan(path, "hf", cfg, tok, tok_file, weights, resolution, has_vq_decoder=has_decoder, emu3_vq=emu3_vq)
+
+
+def _plan(path: Path, family: str | None = None, vq: str | Path | None = None) -> _Plan:
+    """`family`: a cm3leon.families name overriding detection from config.json (--family);
+    `vq`: the --vq file (Liquid's image grid is its VQGAN's)."""
     if not (path / "config.json").is_file():
         release = find_meta_release(path)
         if release is not None:
             return _meta_plan(release)
     meta = _read_json(path / "config.json")
-    if meta.get("model_type") == "chameleon":
-        return _hf_plan(path, meta)
     if meta.get("format") == NATIVE_FORMAT:
         return _native_plan(path, meta)
-    raise CheckpointError(f"{path / 'config.json'}: unknown checkpoint format (neither 'format': '{NATIVE_FORMAT}' "
-                          "nor an HF config with 'model_type': 'chameleon')")
+    if not (family or meta.get("model_type") or meta.get("architectures")):
+        raise CheckpointError(f"{path / 'config.json'}: unknown checkpoint format (neither 'format': "
+                              f"'{NATIVE_FORMAT}' nor an HF config with 'model_type' / 'architectures')")
+    try:
+        names = partial(_tokenizer_names, path / "tokenizer.json")  # read only for a Gemma config
+        fam = families.get(family) if family else families.from_config(meta, names)
+    except ValueError as e:
+        raise CheckpointError(f"--family {family}: {e}" if family else f"{path / 'config.json'}: {e}") from None
+    plan = _hf_plan(path, meta) if fam.loader == "chameleon" else _open_family_plan(path, meta, fam, vq)
+    plan.family = fam.name
+    plan.tokenizer.layout = fam.detected_by[0]  # so codecs built from the tokenizer write this family
+    return plan
 
 
 def resolve_vq(vq: str | Path) -> tuple[Path, Path | None]:
@@ -305,7 +362,8 @@ def _info(plan: _Plan, vq: str | Path | None) -> CheckpointInfo:
             has_decoder = json.loads(read_header(vq_source).metadata.get("has_decoder", "true")) is True
     native = plan.layout == "native"
     return CheckpointInfo(
-        path=plan.path, layout=plan.layout, family="chameleon" if plan.tokenizer.layout == "chameleon" else "cm3leon",
+        path=plan.path, layout=plan.layout,
+        family=plan.family or ("chameleon" if plan.tokenizer.layout == "chameleon" else "cm3leon"),
         config=plan.config, image_resolution=plan.image_resolution, n_params=plan.weights.n_params,
         dtype=plan.weights.dtype, files=list(plan.weights.files), largest_file_bytes=plan.weights.largest_file_bytes,
         has_vq_encoder=has_vq_encoder, has_vq_decoder=has_decoder,
@@ -314,9 +372,9 @@ def _info(plan: _Plan, vq: str | Path | None) -> CheckpointInfo:
         vq_source=vq_source, tokenizer_file=plan.tokenizer_file)
 
 
-def inspect(path_or_alias: str | Path, *, vq: str | Path | None = None) -> CheckpointInfo:
+def inspect(path_or_alias: str | Path, *, vq: str | Path | None = None, family: str | None = None) -> CheckpointInfo:
     """What a checkpoint is and can do, from its small files only (no tensor data is read)."""
-    return _info(_plan(resolve(path_or_alias)), vq)
+    return _info(_plan(resolve(path_or_alias), family, vq), vq)
 
 
 # ----------------------------------------------------------------------------- the decoder, streamed
@@ -352,6 +410,10 @@ def build_decoder(cfg: ModelConfig, weights: WeightPlan, source: str, *, device:
 
 def _load_vq(plan: _Plan, vq: str | Path | None, device: str | torch.device) -> vq_lib.VQModel | None:
     own: vq_lib.VQModel | None = None
+    if plan.emu3_vq is not None and plan.weights.vq_keys:  # transformers' Emu3VQVAE (the emu3 extra)
+        from .emu3_vq import Emu3VQ
+
+        return Emu3VQ(plan.emu3_vq, plan.image_resolution, plan.weights.vq_tensors(), str(plan.path)).to(device)
     if plan.weights.vq_keys:
         own = vq_lib.load_hf_vq(plan.weights.vq_tensors(), plan.vq_config, str(plan.path))
     elif plan.vq_file is not None and plan.vq_yaml is None:
@@ -371,11 +433,13 @@ def _load_vq(plan: _Plan, vq: str | Path | None, device: str | torch.device) -> 
 
 
 def load(path_or_alias: str | Path = "demo", *, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32, with_encoder: bool = True, vq: str | Path | None = None) -> ModelBundle:
-    """Load a native folder, an HF-layout Chameleon/Anole folder or Meta's release (detected).
+         dtype: torch.dtype = torch.float32, with_encoder: bool = True, vq: str | Path | None = None,
+         family: str | None = None) -> ModelBundle:
+    """Load a native folder, an HF-layout folder (Chameleon / Anole / Lumina-mGPT / Liquid / Emu3,
+    detected from config.json, or `family`) or Meta's release.
     `vq`: Meta's vqgan.ckpt (+ vqgan.yaml) or a vq.safetensors to decode images with."""
     path = resolve(path_or_alias)
-    plan = _plan(path)
+    plan = _plan(path, family, vq)
     info = _info(plan, vq)
     model = build_decoder(plan.config, plan.weights, str(plan.path), device=device, dtype=dtype)
     vq_model = _load_vq(plan, vq, device)

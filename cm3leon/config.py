@@ -1,4 +1,5 @@
-"""ModelConfig: one dataclass for the CM3leon (OPT-style) and Chameleon (LLaMA-style) decoders."""
+"""ModelConfig: one dataclass for the CM3leon (OPT-style), Chameleon / Emu3 (LLaMA-style) and Liquid (Gemma)
+decoders."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def _bound_problems(cfg: "ModelConfig") -> list[str]:
             problems.append(f"{name}={value!r} is not an integer")
         elif not 1 <= value <= hi:
             problems.append(f"{name}={value} is outside the sane range 1..{hi}")
+    if cfg.attn_head_dim is not None and not (_is_int(cfg.attn_head_dim) and 1 <= cfg.attn_head_dim <= 1 << 12):
+        problems.append(f"attn_head_dim={cfg.attn_head_dim!r} is not an integer in 1..{1 << 12}")
     if not _is_int(cfg.image_token_offset):
         problems.append(f"image_token_offset={cfg.image_token_offset!r} is not an integer")
     return problems
@@ -51,12 +54,15 @@ class ModelConfig:
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     norm_affine: bool = True  # CM3leon has no learnable norm parameters
+    norm_weight_offset: float = 0.0  # Gemma: RMSNorm scales by (1 + w), in float32
     qk_norm: bool = False
     qk_norm_eps: float = 1e-5  # Chameleon fixes this at 1e-5 whatever rms_norm_eps is
     swin_norm: bool = False  # Chameleon-30B: normalise the sublayer output instead of its input
     pos_encoding: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10000.0
-    mlp: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    mlp: Literal["swiglu", "geglu", "gelu", "relu"] = "swiglu"  # geglu: Gemma's gelu(tanh)-gated MLP
+    embedding_multiplier: float = 1.0  # Gemma: sqrt(d_model), applied in the embedding's dtype
+    attn_head_dim: int | None = None  # None: d_model // n_heads (Gemma-7B: 256 with d_model 3072, 16 heads)
     bias: bool = False
     tie_embeddings: bool = False
     # --- token space (see docs/INTERFACES.md)
@@ -80,7 +86,7 @@ class ModelConfig:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None and _is_int(self.d_model):  # otherwise validate() names d_model
-            if self.mlp == "swiglu":
+            if self.mlp in ("swiglu", "geglu"):
                 hidden = int(2 * (4 * self.d_model) / 3)
                 self.d_ff = 256 * ((hidden + 255) // 256)
             else:
@@ -89,13 +95,13 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim if self.attn_head_dim is not None else self.d_model // self.n_heads
 
     def validate(self) -> None:
         problems = _bound_problems(self)
         if problems:  # a shape that cannot be allocated: stop before the arithmetic below uses it
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
-        if self.d_model % self.n_heads:
+        if self.attn_head_dim is None and self.d_model % self.n_heads:
             problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")

@@ -130,6 +130,68 @@ class DocumentCodec:
         self._token_to_code = cfg.token_to_code_tensor()
         boi = self.roles.get("boi", cfg.boi_id)
         self._sep = [self.role_id(r) for r in self.family.separator if self.roles.get(r, cfg.break_id) != boi]
+        self._image_layout: list[list[int] | str] | None = None
+
+    # --- the family's image layout (structural tokens around and inside the codes)
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of codes in one image."""
+        return families.grid_of(self.cfg.image_seq_len)
+
+    def _token_id(self, name: str) -> int:
+        """A role's id (boi / eoi fall back to the config's), or a token's id by its name."""
+        if name in ("boi", "eoi") and name not in self.roles:
+            return getattr(self.cfg, f"{name}_id")
+        if name in families.ROLE_PLACEHOLDERS:
+            return self.role_id(name)
+        i = self.tok.token_to_id(name)
+        if i is None:
+            raise ValueError(f"the {self.family.name} image layout names {name!r}, which the vocabulary lacks")
+        return i
+
+    def image_layout(self) -> list[list[int] | str]:
+        if self._image_layout is None:
+            plain = all(el not in ("rows", "grid", "size") for el in self.family.image)
+            h, w = (0, 0) if plain else self.grid
+            self._image_layout = families.image_elements(self.family, self._token_id, self.tok.encode, h, w)
+        return self._image_layout
+
+    def image_tokens(self, codes: torch.Tensor | Sequence[int]) -> list[int]:
+        """One image in the family's layout: boi, (size / grid), the codes (each row followed by its
+        end-of-line where the family has one), (end of frame), eoi."""
+        toks = self.codes_to_tokens(codes)
+        w = self.grid[1] if "rows" in self.family.image else 0
+        out: list[int] = []
+        row = 0
+        for el in self.image_layout():
+            if el == "codes":
+                out += toks
+            elif el == "row":
+                out += toks[row * w:(row + 1) * w]
+                row += 1
+            else:
+                out += el
+        return out
+
+    def image_structure(self) -> list[int] | None:
+        """The generated image's template after the prompt (which ends with the layout's head): -1
+        where the sampler samples a code, else the structural token it forces at that step. None for
+        the plain layout (boi, codes, eoi): image_seq_len free codes, as the sampler does by default."""
+        if self.family.image == ("boi", "codes", "eoi"):
+            return None
+        return families.image_structure(self.image_layout(), *self.grid)
+
+    def _wrapped_text(self, kind: str, text: TextPart) -> list[int]:
+        """The query's text inside the family's wrapper for this kind (e.g. Liquid's "{text} Generate
+        an image based on this description."); one string through the tokenizer where it is plain text."""
+        wrap = self.family.text_wrap.get(kind)
+        if not wrap:
+            return self.text_ids(text)
+        size = dict(width=self.resolution, height=self.resolution)
+        if isinstance(text, str):
+            return self.tok.encode(wrap.format(text=text, **size))
+        before, after = wrap.split("{text}")
+        return self.tok.encode(before.format(**size)) + self.text_ids(text) + self.tok.encode(after.format(**size))
 
     def _check_agreement(self) -> None:
         tok, cfg = self.tok, self.cfg
@@ -197,11 +259,10 @@ class DocumentCodec:
         if not len(codes):
             return []
         batch = torch.stack([torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in codes])
-        return to_pil(self.vq.decode(batch))
+        return to_pil(self.vq.decode(batch, self.grid))
 
     # --- sequences
     def _parts(self, parts: Sequence[Part], *, mask_text: bool = False, mask_images: bool = False) -> list[int]:
-        cfg = self.cfg
         images = [p for p in parts if not _is_text(p)]
         codes = iter(self._image_codes(images) if images and not mask_images else [])
         ids: list[int] = []
@@ -213,7 +274,7 @@ class DocumentCodec:
             elif mask_images:
                 ids.append(self._mask_id())
             else:
-                ids += [cfg.boi_id, *self.codes_to_tokens(next(codes)), cfg.eoi_id]
+                ids += self.image_tokens(next(codes))
         return ids
 
     def _mask_id(self) -> int:
@@ -260,7 +321,13 @@ class DocumentCodec:
                 for doc in context:
                     ids += self._parts(doc.parts) + self._slots(self.family.context_end)
             elif slot == "text":
-                ids += self.text_ids(text)
+                ids += self._wrapped_text(kind, text)
+            elif slot == "image_head":
+                ids += families.split_image(self.image_layout())[0]
+            elif slot == "negative":
+                ids += self.tok.encode(self.family.negative_prompt)
+            elif slot.startswith("lit:"):
+                ids += self.tok.encode(slot[len("lit:"):])
             elif slot == "text?":  # the text and its separator, or nothing for an empty text
                 ids += self.text_ids(text) + self._sep if text else []
             elif slot == "image":

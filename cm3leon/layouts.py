@@ -1,6 +1,8 @@
-"""Chameleon / Anole checkpoint layouts -> our decoder: configs, tensor names, weight streams.
+"""HF and Meta checkpoint layouts -> our decoder: configs, tensor names, weight streams.
 
-Two layouts are read (the native folder is in checkpoint.py):
+Chameleon / Anole / Lumina-mGPT (model_type "chameleon"), Liquid (GemmaForCausalLM) and Emu3
+(Emu3ForConditionalGeneration) in transformers' layout, and Meta's Chameleon release (the native
+folder is in checkpoint.py):
 
 HF (transformers' ChameleonForConditionalGeneration.save_pretrained, Anole's converted weights):
     config.json (model_type "chameleon", vocabulary_map, vq_config), model.safetensors or shards
@@ -11,6 +13,14 @@ Meta's original release:
     consolidated.NN.pth (model-parallel shards), ROOT/tokenizer/text_tokenizer.json,
     ROOT/tokenizer/vqgan.ckpt + vqgan.yaml. Names are ours already (transformer.py follows them);
     qk-norm parameters are one [head_dim] vector per model-parallel shard, shared by its heads.
+
+Gemma (Liquid): `model.embed_tokens.weight`, `model.layers.N.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,
+    down}_proj, input_layernorm, post_attention_layernorm}.weight`, `model.norm.weight`; no lm_head
+    (tied to the embedding); q/k rows in rotate-half order (our RoPE pairs are interleaved, so they
+    are permuted on import like Chameleon's).
+Emu3 as BAAI/Emu3-*-hf holds it (transformers' convert_emu3_weights_to_hf.py): `text_model.model.*`
+    (Llama names), `text_model.lm_head.weight`, `vqmodel.*` (Emu3VQVAE); transformers 5 renames
+    these to `model.text_model.*`, `lm_head.weight`, `model.vqmodel.*` in memory; both are read.
 
 Each reader returns a `WeightPlan`: what the tensors are (names in our decoder, dtype, shape: checked
 before anything is allocated) and how to stream them one at a time.
@@ -32,6 +42,9 @@ from .weights import (CheckpointError, CheckpointNotFoundError, SafetensorsHeade
 
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
 VQ_PREFIX = "model.vqmodel."
+VQ_PREFIXES = (VQ_PREFIX, "vqmodel.")  # Chameleon / Emu3 in memory; Emu3 on the hub
+# Emu3's text model under its hub and transformers-5 names -> the Llama names the table below maps
+_HF_RENAMES = (("text_model.model.", "model."), ("text_model.lm_head.", "lm_head."), ("model.text_model.", "model."))
 _TORCH_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
@@ -132,6 +145,59 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
     return chameleon_config(vocab, shape, source, int(vq_cfg.get("resolution", 512)), factor)
 
 
+def _llama_shape(hf: dict[str, Any], source: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The decoder fields every HF Llama-like config.json states (Gemma's, Emu3's text_config)."""
+    n_heads = _hf_int(hf, "num_attention_heads", defaults["num_attention_heads"])
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    return dict(
+        vocab_size=_hf_int(hf, "vocab_size", defaults["vocab_size"]), d_model=_hf_int(hf, "hidden_size", 4096),
+        n_layers=_hf_int(hf, "num_hidden_layers", 32), n_heads=n_heads,
+        n_kv_heads=_hf_int(hf, "num_key_value_heads", None) or n_heads,
+        d_ff=_hf_int(hf, "intermediate_size", 11008), max_seq_len=_hf_int(hf, "max_position_embeddings", 8192),
+        norm_eps=float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
+        rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta", defaults["rope_theta"])),
+        bias=bool(hf.get("attention_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", defaults["tie_word_embeddings"])))
+
+
+def _token_space(tok_fields: dict[str, Any], resolution: int, factor: int) -> dict[str, Any]:
+    """Image ids and specials from the tokenizer (TextTokenizer.model_config_fields), and the
+    number of codes of a square image at `resolution`."""
+    fields = {k: v for k, v in tok_fields.items() if k not in ("vocab_size", "source", "mask_id", "infill_id")}
+    return dict(fields, image_seq_len=(resolution // factor) ** 2)
+
+
+def gemma_config(hf: dict[str, Any], tok_fields: dict[str, Any], source: str, resolution: int,
+                 factor: int) -> ModelConfig:
+    """Liquid: transformers' GemmaConfig -> ours: (1 + w) RMSNorm, GeGLU (gelu, tanh approximation),
+    embeddings scaled by sqrt(hidden_size), head_dim from the config (256 in Gemma-7B), tied head."""
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu", "gelu_pytorch_tanh"):  # "gelu" is the legacy name of the tanh approximation
+        raise CheckpointError(f"{source}: hidden_act {act!r}; a Gemma decoder uses gelu_pytorch_tanh")
+    shape = _llama_shape(hf, source, dict(num_attention_heads=16, vocab_size=256000, rms_norm_eps=1e-6,
+                                          rope_theta=10000.0, tie_word_embeddings=True))
+    try:
+        return ModelConfig(norm="rmsnorm", norm_weight_offset=1.0, mlp="geglu", pos_encoding="rope",
+                           embedding_multiplier=float(shape["d_model"]) ** 0.5,
+                           attn_head_dim=_hf_int(hf, "head_dim", None), source="gemma-hf",
+                           **shape, **_token_space(tok_fields, resolution, factor))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def emu3_config(hf: dict[str, Any], tok_fields: dict[str, Any], source: str, resolution: int,
+                factor: int) -> ModelConfig:
+    """Emu3: the Llama-style `text_config` of transformers' Emu3Config -> ours (SwiGLU, RMSNorm)."""
+    text = hf.get("text_config") or {}
+    shape = _llama_shape(text, source, dict(num_attention_heads=32, vocab_size=184622, rms_norm_eps=1e-5,
+                                            rope_theta=1000000.0, tie_word_embeddings=False))
+    try:
+        return ModelConfig(norm="rmsnorm", mlp="swiglu", pos_encoding="rope", source="emu3-hf",
+                           **shape, **_token_space(tok_fields, resolution, factor))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
 # ----------------------------------------------------------------------------- HF names and permutation
 _HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
            "lm_head.weight": "output.weight"}
@@ -145,8 +211,12 @@ _HF_SUB = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk
 def hf_name(key: str) -> str | None:
     """transformers' decoder name -> ours; None for VQ tensors and rotary caches; unknown names kept
     (so the strict check names them)."""
-    if key.startswith(VQ_PREFIX) or key.endswith("rotary_emb.inv_freq"):
+    if key.startswith(VQ_PREFIXES) or key.endswith("rotary_emb.inv_freq"):
         return None
+    for old, new in _HF_RENAMES:
+        if key.startswith(old):
+            key = new + key[len(old):]
+            break
     if key in _HF_TOP:
         return _HF_TOP[key]
     parts = key.split(".")
@@ -184,6 +254,10 @@ def chameleon_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfi
     return out
 
 
+def _strip_vq(key: str) -> str:
+    return next(key[len(p):] for p in VQ_PREFIXES if key.startswith(p))
+
+
 def hf_weight_plan(folder: Path) -> WeightPlan:
     headers = shard_headers(folder, HF_WEIGHTS, HF_INDEX)
     found: dict[str, TensorInfo] = {}
@@ -193,8 +267,8 @@ def hf_weight_plan(folder: Path) -> WeightPlan:
         for key, info in header.tensors.items():
             ours = hf_name(key)
             if ours is None:
-                if key.startswith(VQ_PREFIX):
-                    vq_keys.append(key[len(VQ_PREFIX):])
+                if key.startswith(VQ_PREFIXES):
+                    vq_keys.append(_strip_vq(key))
                 continue
             found[ours] = info
             where[ours] = (header, key)
@@ -209,8 +283,8 @@ def hf_weight_plan(folder: Path) -> WeightPlan:
     def vq_tensors() -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for header in headers:
-            names = [k for k in header.tensors if k.startswith(VQ_PREFIX)]
-            out.update((k[len(VQ_PREFIX):], v) for k, v in iter_safetensors(header.path, names))
+            names = [k for k in header.tensors if k.startswith(VQ_PREFIXES)]
+            out.update((_strip_vq(k), v) for k, v in iter_safetensors(header.path, names))
         return out
 
     return WeightPlan([h.path for h in headers], found, stream, vq_keys, vq_tensors,

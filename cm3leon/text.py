@@ -8,6 +8,10 @@ Two layouts are recognised from the token names (see docs/INTERFACES.md):
   letters A-J spell the code's decimal digits (`IMGIMGBAZ` is code 10); bos `<s>`, eos `</s>`,
   pad `<pad>`, begin-image `<racm3:break>` (which also serves as the break), end-image
   `<eoss>`, mask `<reserved08706>`; there is no infill token.
+- Emu3 (transformers' conversion of BAAI/Emu3): image tokens `<|visual token NNNNNN|>`; bos
+  `<|extra_203|>`, eos `<|extra_204|>`, pad `<|endoftext|>`, `<|image start|>` / `<|image end|>`.
+- Liquid (a Gemma tokenizer): no image tokens by name; the checkpoint loader says how many codes
+  follow the text vocabulary (`appended_codes`: code c is id len(vocabulary) + c); `<boi>` / `<eoi>`.
 
 Specials are addressed by role ("bos", "eos", "pad", "boi", "eoi", "break", "mask", "infill").
 """
@@ -35,7 +39,11 @@ NATIVE_SPECIALS = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "boi": "<imag
                    "break": "<break>", "mask": "<mask>", "infill": "<infill>"}
 CHAMELEON_SPECIALS = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "boi": "<racm3:break>", "eoi": "<eoss>",
                       "break": "<racm3:break>", "mask": "<reserved08706>"}
+EMU3_SPECIALS = {"bos": "<|extra_203|>", "eos": "<|extra_204|>", "pad": "<|endoftext|>", "boi": "<|image start|>",
+                 "eoi": "<|image end|>", "break": "<|image start|>"}
+LIQUID_SPECIALS = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "boi": "<boi>", "eoi": "<eoi>", "break": "<boi>"}
 _NATIVE_IMAGE = re.compile(r"<img:(\d+)>")
+_EMU3_IMAGE = re.compile(r"<\|visual token (\d+)\|>")
 _CHAMELEON_PREFIX = "IMGIMG"
 _DIGIT_OF = {chr(ord("A") + d): str(d) for d in range(10)}
 
@@ -58,15 +66,23 @@ def chameleon_code(name: str) -> int | None:
 
 
 class TextTokenizer:
-    def __init__(self, tokenizer: Tokenizer, source: str = "tokenizer") -> None:
+    def __init__(self, tokenizer: Tokenizer, source: str = "tokenizer", *, appended_codes: int = 0) -> None:
+        """`appended_codes`: the number of VQ codes whose ids follow the vocabulary (Liquid)."""
         self._tok = tokenizer
         self.source = source
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         native = {int(m.group(1)): i for name, i in vocab.items() if (m := _NATIVE_IMAGE.fullmatch(name))}
+        emu3 = {int(m.group(1)): i for name, i in vocab.items() if (m := _EMU3_IMAGE.fullmatch(name))}
         cham_names = [name for name in vocab if name.startswith(_CHAMELEON_PREFIX)]
-        if native and cham_names:
-            raise TokenizerError(f"{source}: vocabulary mixes native <img:N> and Chameleon IMGIMG image tokens")
-        if native:
+        if sum(map(bool, (native, cham_names, emu3, appended_codes))) > 1:
+            raise TokenizerError(f"{source}: vocabulary mixes image-token layouts (native <img:N>, Chameleon IMGIMG, "
+                                 "Emu3 <|visual token N|>, codes appended after the vocabulary)")
+        if appended_codes:
+            first = max(vocab.values()) + 1
+            self.layout, code_to_id, names = "liquid", {c: first + c for c in range(appended_codes)}, LIQUID_SPECIALS
+        elif emu3:
+            self.layout, code_to_id, names = "emu3", emu3, EMU3_SPECIALS
+        elif native:
             self.layout, code_to_id, names = "native", native, NATIVE_SPECIALS
         elif cham_names:
             code_to_id = {}
@@ -87,7 +103,7 @@ class TextTokenizer:
             raise TokenizerError(f"{source}: image codes are not 0..{n - 1} (missing e.g. {missing})")
         self._image_ids = [code_to_id[c] for c in range(n)]
         self._special_ids = {role: vocab[name] for role, name in names.items() if name in vocab}
-        self._vocab_size = max(vocab.values()) + 1
+        self._vocab_size = max(max(vocab.values()), max(self._image_ids, default=0)) + 1
         # decode drops image codes, our specials and any other token the file marks special
         marked = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         self._skip = set(self._image_ids) | set(self._special_ids.values()) | marked
@@ -96,7 +112,7 @@ class TextTokenizer:
 
     # --- loading / saving
     @classmethod
-    def from_file(cls, path: str | Path) -> "TextTokenizer":
+    def from_file(cls, path: str | Path, *, appended_codes: int = 0) -> "TextTokenizer":
         path = Path(path)
         if not path.is_file():
             raise TokenizerNotFoundError(
@@ -107,7 +123,7 @@ class TextTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TokenizerError(f"{path}: not a valid tokenizers tokenizer.json ({first})") from None
-        return cls(tok, source=str(path))
+        return cls(tok, source=str(path), appended_codes=appended_codes)
 
     def save(self, path: str | Path) -> None:
         self._tok.save(str(path))
@@ -197,7 +213,7 @@ class TextTokenizer:
             out.update(image_token_offset=0, image_token_ids=list(ids))
         for role in ROLES:
             out[f"{role}_id"] = self._special_ids.get(role)
-        out["source"] = "native" if self.layout == "native" else "chameleon-hf"
+        out["source"] = "native" if self.layout == "native" else f"{self.layout}-hf"
         return out
 
     def __repr__(self) -> str:

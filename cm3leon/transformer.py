@@ -34,11 +34,12 @@ from .config import ModelConfig
 
 # ----------------------------------------------------------------------------- norms
 class Norm(nn.Module):
-    """LayerNorm (CM3leon: no learnable parameters) or RMSNorm (Chameleon: weight only)."""
+    """LayerNorm (CM3leon: no learnable parameters) or RMSNorm (Chameleon: weight only; Gemma:
+    `offset` 1, i.e. the stored weight w scales by 1 + w)."""
 
-    def __init__(self, dim: int, kind: str, eps: float, affine: bool):
+    def __init__(self, dim: int, kind: str, eps: float, affine: bool, offset: float = 0.0):
         super().__init__()
-        self.kind, self.eps, self.dim = kind, eps, dim
+        self.kind, self.eps, self.dim, self.offset = kind, eps, dim, offset
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
         self.bias = nn.Parameter(torch.zeros(dim)) if (affine and kind == "layernorm") else None
 
@@ -47,7 +48,10 @@ class Norm(nn.Module):
             return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
         # RMSNorm in float32 as Chameleon/LLaMA do, then back to the input dtype before the weight.
         xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        yf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset and self.weight is not None:  # Gemma scales in float32, then casts
+            return (yf * (self.offset + self.weight.float())).to(x.dtype)
+        y = yf.to(x.dtype)
         return y * self.weight if self.weight is not None else y
 
 
@@ -169,11 +173,13 @@ class FeedForward(nn.Module):
         self.kind = cfg.mlp
         self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.mlp in ("swiglu", "geglu") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.kind == "geglu":  # Gemma: gelu with the tanh approximation gates the up projection
+            return self.w2(F.gelu(self.w1(x), approximate="tanh") * self.w3(x))
         act = F.gelu if self.kind == "gelu" else F.relu
         return self.w2(act(self.w1(x)))
 
@@ -184,8 +190,8 @@ class Block(nn.Module):
         self.swin_norm = cfg.swin_norm
         self.attention = Attention(cfg)
         self.feed_forward = FeedForward(cfg)
-        self.attention_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_affine)
-        self.ffn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_affine)
+        self.attention_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_affine, cfg.norm_weight_offset)
+        self.ffn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_affine, cfg.norm_weight_offset)
 
     def forward(self, x, rope, mask, kv=None, slots=None, kv_len=None):
         if self.swin_norm:  # normalise the sublayer's output (Chameleon-30B's stabiliser)
@@ -203,7 +209,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_encoding == "learned" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_affine)
+        self.norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_affine, cfg.norm_weight_offset)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -229,6 +235,8 @@ class Transformer(nn.Module):
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
+        if self.config.embedding_multiplier != 1.0:  # Gemma: sqrt(d), rounded to the embedding's dtype
+            h = h * torch.tensor(self.config.embedding_multiplier, dtype=h.dtype, device=h.device)
         if self.pos_embeddings is not None:
             h = h + self.pos_embeddings(positions)
         return h
@@ -469,7 +477,7 @@ def estimate_flops_per_token(cfg: ModelConfig) -> float:
     """Rough forward FLOPs per token (2 × matmul parameters); used by benchmarks."""
     d, L = cfg.d_model, cfg.n_layers
     attn = d * cfg.head_dim * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
-    mlp = d * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
+    mlp = d * cfg.d_ff * (3 if cfg.mlp in ("swiglu", "geglu") else 2)
     return 2.0 * (L * (attn + mlp) + d * cfg.vocab_size)
 
 

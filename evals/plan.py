@@ -71,6 +71,7 @@ class RunRequest:
     inspect_model: bool = True  # False when a test injects the predictor (no checkpoint behind --model)
     save_candidates: bool = False  # every candidate as a PNG (the disk estimate counts them)
     force_disk: bool = False  # run even when the disk estimate is over the free space
+    family: str | None = None  # --family: a cm3leon.families name instead of config.json's detection
 
 
 @dataclass
@@ -249,12 +250,13 @@ def build_plan(req: RunRequest) -> Plan:
     if req.inspect_model:
         from cm3leon.checkpoint import inspect
 
-        info = inspect(model, vq=req.vq)
+        info = inspect(model, vq=req.vq, family=req.family)
     if req.tp > 1:
         check_tensor_parallel(req.tp, info)
     out = req.out or Path("runs") / (Path(model).name if model != "demo" else "demo")
     runs = []
     for point, ov, specs in resolved:
+        specs = [family_defaults(spec, info, ov) for spec in specs]
         plans = [plan_task(spec, req.data_root, info) for spec in specs]
         runs.append(RunPlan(point, sweep_dir(Path(out), point), plans, {k: typed_value(specs, k) for k in ov}))
     from evals.devices import resolve as resolve_device
@@ -267,6 +269,18 @@ def build_plan(req: RunRequest) -> Plan:
         raise PlanError(f"{disk.describe()}: not enough space; free some, write elsewhere (--out), lower "
                         "--limit, or pass --force-disk to run anyway")
     return Plan(model, runs, max_failures, info, disk, device)
+
+
+def family_defaults(spec: TaskSpec, info: Any, overrides: dict[str, Any]) -> TaskSpec:
+    """A text-to-image task samples with the checkpoint family's published defaults (Liquid: cfg 7,
+    top-k 4096 ...; cm3leon.families), except for the generation fields the command line sets."""
+    if info is None or spec.kind != "t2i":
+        return spec
+    from cm3leon import families
+
+    defaults = {f"generation.{k}": v for k, v in families.get(info.family).sampling.items()
+                if f"generation.{k}" not in overrides}
+    return apply_overrides(spec, defaults, f"task {spec.name} with the {info.family} family's sampling defaults")
 
 
 def plan_task(spec: TaskSpec, data_root: Path | None, info: Any) -> TaskPlan:
@@ -395,6 +409,9 @@ def check_family_templates(spec: TaskSpec, info: Any) -> None:
     from cm3leon import families
 
     family = families.get(info.family)
+    if spec.kind not in family.kinds:  # e.g. editing: the open one-stream models publish no layout for it
+        raise PlanError(f"{spec.name}: the {family.name} family has no {spec.kind} prompt layout "
+                        f"(it has {', '.join(family.kinds)})")
     for where in ("template", "shot_template"):
         template = getattr(spec.prompt, where)
         if template is None:

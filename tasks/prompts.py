@@ -182,13 +182,19 @@ def build(codec: DocumentCodec, kind: str, template: str, sample_text: str, *, s
         if image_cond is None:
             raise ValueError(f"the {codec.family.name} family has no image-conditioned editing stream")
     cfg = codec.cfg
-    budget = cfg.image_seq_len if modality == "image" else max_new_tokens
+    # the image's template: structural tokens (size, end of line / frame / image) forced at their
+    # steps, -1 where a code is sampled; None = image_seq_len free codes
+    structure = codec.image_structure() if modality == "image" else None
+    budget = (len(structure) if structure else cfg.image_seq_len) if modality == "image" else max_new_tokens
     longest = max(len(x) for x in (prompt, uncond or [], image_cond or []))
     if longest + budget > cfg.max_seq_len:
         raise ValueError(f"prompt of {longest} tokens + {budget} to generate exceeds the model's "
                          f"max_seq_len {cfg.max_seq_len}")
     req = GenerationRequest(prompt=prompt, modality=modality, seed=seed, max_new_tokens=max_new_tokens,
                             uncond_prompt=uncond, image_cond_prompt=image_cond)
+    # GenerationRequest.structure arrives with the sampler's structured images (shared-prefix work):
+    # the coordinator wires this line at the merge
+    # req.structure = structure
     return Prompt(req, str(text))
 
 

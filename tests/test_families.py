@@ -221,10 +221,12 @@ def test_check_template_names_roles_the_family_lacks(tok):
 
 def test_layout_table_covers_every_kind_and_stream():
     for fam in families.FAMILIES.values():
-        for kind in families.KINDS:
+        # the open one-stream models publish no editing layout; every family writes the other kinds
+        for kind in families.KINDS if fam in (families.NATIVE, families.CHAMELEON) else ("t2i", "caption", "vqa"):
             assert fam.layout(kind, "cond")[0] == "bos"
             if kind in ("t2i", "edit"):
-                assert fam.layout(kind, "cond")[-1] == "boi" and fam.layout(kind, "uncond") is not None
+                assert fam.layout(kind, "cond")[-1] in ("boi", "image_head")
+                assert fam.layout(kind, "uncond") is not None
     assert families.NATIVE.layout("edit", "image_cond") == ("bos", "mask", "sep", "image", "sep", "boi")
     with pytest.raises(ValueError, match="no layout for task kind"):
         families.CHAMELEON.layout("audio", "cond")
