@@ -191,10 +191,7 @@ def build(codec: DocumentCodec, kind: str, template: str, sample_text: str, *, s
         raise ValueError(f"prompt of {longest} tokens + {budget} to generate exceeds the model's "
                          f"max_seq_len {cfg.max_seq_len}")
     req = GenerationRequest(prompt=prompt, modality=modality, seed=seed, max_new_tokens=max_new_tokens,
-                            uncond_prompt=uncond, image_cond_prompt=image_cond)
-    # GenerationRequest.structure arrives with the sampler's structured images (shared-prefix work):
-    # the coordinator wires this line at the merge
-    # req.structure = structure
+                            uncond_prompt=uncond, image_cond_prompt=image_cond, structure=structure)
     return Prompt(req, str(text))
 
 
