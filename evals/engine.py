@@ -10,10 +10,9 @@ from (task seed, sample index), samples are sharded by index % dp_size over the 
 groups (evals/dist.py: with --tp N each group of N ranks holds one split copy of the model, runs
 the same batches in lockstep, and only its tp_rank 0 writes), and the config hash leaves out
 batch size, --out, process count and --tp. Re-running the same command resumes: finished
-samples (by id) are skipped. What a resume must not mix is refused, naming what changed: a
-different config, model files whose bytes changed, input images whose bytes changed. A finished
-sample whose output is damaged (a PNG whose bytes changed since it was written, a prediction
-that is not text) is regenerated.
+samples (by id) are skipped. A resume refuses what it must not mix, naming it: a different config,
+model files or input images whose bytes changed. A finished sample whose output is damaged (a PNG
+whose bytes changed since it was written, a prediction that is not text) is regenerated.
 """
 
 from __future__ import annotations
@@ -34,8 +33,7 @@ from PIL import Image
 from cm3leon.errors import Cm3evalError
 from evals import runs
 from evals.dist import Dist, init_distributed  # noqa: F401 (re-exported for the CLI)
-from evals.progress import progress as make_progress
-from evals.progress import resolve_mode
+from evals.progress import progress as make_progress, resolve_mode
 from evals.protocol import Batch, Item, Predictor, PredictorProtocolError, check_output, is_fatal
 from evals.records import failure_record, input_files, output_record
 from evals.provenance import (PACKAGE, config_hash, diff_keys, folder_digests, git_hash, package_version,

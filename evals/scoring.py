@@ -31,8 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from evals import runs
-from evals import image_scoring
+from evals import image_scoring, runs, task_scoring
 from evals import scoring_inputs as inputs
 from evals.metrics.captioning import METRIC_NAMES as _CAPTION_NAMES
 from evals.metrics.errors import MetricInputMissing, MetricUnavailable
@@ -202,39 +201,6 @@ def _dino(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
     return {res.name: res}
 
 
-def _visdial(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
-    """VisDial's ranking metrics from each round's 100 candidate scores (NDCG on the dense rounds)."""
-    from evals.metrics.visdial import visdial_metrics
-
-    recs = ctx.records
-    if any(not isinstance(r.get("scores"), list) or len(r["scores"]) != len(r["meta"]["options"]) for r in recs):
-        raise MetricUnavailable("visdial needs one score per candidate answer in every sample line (the predictor "
-                                "gave none)")
-    dense = [(i, r["meta"]["gt_relevance"]) for i, r in enumerate(recs) if r["meta"].get("gt_relevance") is not None]
-    res = visdial_metrics([r["scores"] for r in recs], [r["meta"]["gt_index"] for r in recs], dense, seed=ctx.seed)
-    if not dense:
-        log.warning("visdial: no densely annotated round among the scored ones; NDCG not computed "
-                    "(give dataset.files.dense: visdial_1.0_val_dense_annotations.json)")
-    return res
-
-
-def _ocr(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
-    """TextDiffuser's OCR word metrics of the generated images against the prompts' quoted words."""
-    from evals.metrics import ocr
-
-    words = [ocr.read_words(inputs.open_rgb(p)) for p in ctx.output_paths()]
-    return ocr.ocr_metrics(words, [r["references"] for r in ctx.records], seed=ctx.seed, engine=ocr.engine_version())
-
-
-def _edge_f1(ctx: Context, opts: dict[str, Any]) -> dict[str, MetricResult]:
-    """ControlNet++'s Canny controllability: edge F1 of each output against its source's edge map."""
-    from evals.metrics.edges import edge_f1
-
-    res = edge_f1([inputs.open_rgb(p) for p in ctx.output_paths()],
-                  [inputs.open_rgb(p) for p in ctx.data_images("image")], seed=ctx.seed)
-    return {res.name: res}
-
-
 # ----------------------------------------------------------------------------- the metric table
 @dataclass(frozen=True)
 class MetricDef:
@@ -284,10 +250,10 @@ METRICS: dict[str, MetricDef] = {
     "clip_img": MetricDef(_clip_img, ("edit",), {"encoder": None, "name": "CLIP-img"}, (("CLIP-img", True),),
                           needs_encoder=True),
     "dino": MetricDef(_dino, ("edit",), {"weights": None}, (("DINO", True),)),
-    "visdial": MetricDef(_visdial, ("dialog",), {}, (("NDCG", True), ("R@*", True), ("MRR", True),
+    "visdial": MetricDef(task_scoring.visdial, ("dialog",), {}, (("NDCG", True), ("R@*", True), ("MRR", True),
                                                       ("mean_rank", False))),
-    "ocr": MetricDef(_ocr, ("t2i",), {}, (("OCR_*", True),)),
-    "edge_f1": MetricDef(_edge_f1, ("control",), {}, (("edge_F1", True),)),
+    "ocr": MetricDef(task_scoring.ocr, ("t2i",), {}, (("OCR_*", True),)),
+    "edge_f1": MetricDef(task_scoring.edge_f1, ("control",), {}, (("edge_F1", True),)),
 }
 
 # Image-set metrics beside FID, from the saved images (evals/image_scoring.py). `when_available`: a
