@@ -107,6 +107,35 @@ def prdc(ctx: Any, opts: dict[str, Any]) -> dict[str, MetricResult]:
     return compute_prdc(feats[0], feats[1], k, space=space, seed=ctx.seed)
 
 
+def fid_per_category(ctx: Any, opts: dict[str, Any]) -> dict[str, MetricResult]:
+    """FID of each group of samples (`meta[group]`, MJHQ-30K's category) against that group's reference
+    images, as "FID/<group>"; features are extracted once for all images."""
+    from evals.metrics import fid as fid_lib
+
+    gen, ref = ctx.output_paths(), ctx.data_images("image")
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(ctx.records):
+        groups.setdefault(str((r.get("meta") or {}).get(opts["group"], "")), []).append(i)
+    try:
+        ext = fid_lib.inception_extractor(opts["weights"], ctx.device, opts["protocol"])
+    except FileNotFoundError as e:
+        raise MetricUnavailable(f"per-category FID needs the Inception weights: {e}") from None
+    kw = dict(protocol=opts["protocol"], batch_size=opts["batch_size"], resolution=opts["resolution"])
+    g, r = fid_lib.extract_features(gen, ext, **kw), fid_lib.extract_features(ref, ext, **kw)
+    meta = {"protocol": opts["protocol"], "extractor": ext.id}
+    out = {}
+    for name, idx in sorted(groups.items()):
+        if len(idx) < 2:
+            continue  # no covariance from one sample; the category is left out, the others stand
+        res = fid_lib.compute_fid(g[idx], fid_lib.FeatureStats.from_features(r[idx], meta=meta), protocol=opts["protocol"])
+        res.name = f"FID/{name}"
+        res.extra.update(group=opts["group"], extractor=ext.id)
+        out[res.name] = res
+    if not out:
+        raise MetricUnavailable(f"no {opts['group']} has 2 samples")
+    return out
+
+
 # ----------------------------------------------------------------------------- files, and metrics when available
 def weights_files(key: str, opts: dict[str, Any]) -> list[tuple[Any, Any]]:
     """(WeightsFile, explicit path) each of these metrics loads through the weights finder."""
@@ -114,6 +143,8 @@ def weights_files(key: str, opts: dict[str, Any]) -> list[tuple[Any, Any]]:
         return [(WEIGHTS[f"dinov2-{opts['arch']}"], opts["weights"])]
     if key == "prdc" and opts.get("feature_space") == "inception":
         return [(WEIGHTS["inception"], opts["weights"])]
+    if key == "fid_per_category":
+        return [(WEIGHTS["clean-fid-inception" if opts["protocol"] == "clean" else "inception"], opts["weights"])]
     return []
 
 

@@ -270,6 +270,11 @@ METRICS.update({
                                                      "weights": None, "resolution": 256, "batch_size": 32,
                                                      "when_available": False},
                       tuple((n, True) for n in ("precision", "recall", "density", "coverage"))),
+    # MJHQ-30K's per-category FID (clean-fid protocol, as the papers that report it)
+    "fid_per_category": MetricDef(image_scoring.fid_per_category, ("t2i",), {"group": "category", "protocol": "clean",
+                                                                             "weights": None, "resolution": None,
+                                                                             "batch_size": 50},
+                                  (("FID/*", False),)),
 })
 
 # The edit metric set `cm3eval score edit` computes, in its output order (the run's adapters).
@@ -296,6 +301,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("vqa_accuracy", "evaluation"): ("current", "legacy-2017"),
     ("fd_dinov2", "arch"): ("vitl14", "vitb14", "vits14"),
     ("prdc", "arch"): ("vitl14", "vitb14", "vits14"),
+    ("fid_per_category", "protocol"): ("pytorch-fid", "torch-fidelity", "clean"),
 }
 
 
@@ -556,7 +562,7 @@ def required_files(spec: Any) -> list[RequiredFile]:
             out += _encoder_files(opts["feature_space"], key, "feature_space")
         elif key == "dino":
             out.append(_weights_file(dino.WEIGHTS_FILE, opts["weights"], key))
-        elif key in ("fd_dinov2", "prdc"):
+        elif key in ("fd_dinov2", "prdc", "fid_per_category"):
             out += [_weights_file(wf, path, key) for wf, path in image_scoring.weights_files(key, opts)]
             for name, option in image_scoring.encoder_names(key, opts):
                 out += _encoder_files(name, key, option)

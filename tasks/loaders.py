@@ -358,6 +358,24 @@ def load_magicbrush(ctx: _Ctx) -> list[Sample]:
     return samples
 
 
+def load_mjhq(ctx: _Ctx) -> list[Sample]:
+    """MJHQ-30K (playgroundai/MJHQ-30K): `meta_data.json` maps each image id to {"category", "prompt"};
+    the images are <images>/<category>/<id>.jpg. One t2i sample per image (id = the image id, sorted),
+    its category in meta (per-category FID groups by it)."""
+    data = ctx.json("meta")
+    if not isinstance(data, dict) or not data:
+        raise _fail(ctx, "meta", "expected a non-empty object {image_id: {category, prompt}}")
+    samples = []
+    for image_id in sorted(data):
+        entry = data[image_id]
+        category = _need(entry, "category", str, ctx, "meta", image_id)
+        prompt = _need(entry, "prompt", str, ctx, "meta", image_id)
+        samples.append(Sample(image_id, "t2i", text=prompt.strip(),
+                              image=ctx.image_path(category, f"{image_id}.jpg", src=f"{image_id}.category"),
+                              meta={"category": category}))
+    return samples
+
+
 @dataclass(frozen=True)
 class Loader:
     fn: Callable[[_Ctx], list[Sample]]
@@ -386,6 +404,8 @@ LOADERS: dict[str, Loader] = {
                       "TextVQA_0.5.1_<split>.json ({data: [...]}) and <images>/<image_id>.jpg"),
     "magicbrush": Loader(load_magicbrush, ("edit",), ("sessions",), ("descriptions",),
                          "MagicBrush edit_sessions.json and <images>/<session>/<file>.png"),
+    "mjhq": Loader(load_mjhq, ("t2i",), ("meta",), (),
+                   "MJHQ-30K meta_data.json ({image_id: {category, prompt}}) and <images>/<category>/<image_id>.jpg"),
 }
 
 

@@ -70,3 +70,32 @@ def save_dinov2(path: Path, arch: str = "vit_small", seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(official_dinov2(arch, seed).state_dict(), path)
     return path
+
+
+MJHQ_CATEGORIES = ("animals", "art", "fashion", "food", "indoor", "landscape", "logo", "people", "plants", "vehicles")
+
+
+def write_mjhq(root: Path, per_category: int = 3, categories: tuple[str, ...] = ("animals", "people")) -> Path:
+    """The MJHQ-30K release layout under root/mjhq: meta_data.json ({image_id: {category, prompt}}) and
+    mjhq30k_imgs/<category>/<image_id>.jpg; ids are 40-hex like the release's, images real COCO photos."""
+    import hashlib
+    import json
+
+    from PIL import Image
+
+    from real_data import COCO_MINI_CAPTIONS, COCO_MINI_IMAGES
+
+    captions = {a["image_id"]: a["caption"] for a in json.loads(COCO_MINI_CAPTIONS.read_text())["annotations"]}
+    files = sorted(COCO_MINI_IMAGES.glob("*.jpg"))
+    meta, k = {}, 0
+    for category in categories:
+        for _ in range(per_category):
+            src = files[k]
+            k += 1
+            image_id = hashlib.sha1(src.name.encode()).hexdigest()
+            out = root / "mjhq" / "mjhq30k_imgs" / category / f"{image_id}.jpg"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(src).convert("RGB").save(out, quality=95)
+            meta[image_id] = {"category": category, "prompt": captions[int(src.stem)]}
+    (root / "mjhq" / "meta_data.json").write_text(json.dumps(meta, indent=1))
+    return root

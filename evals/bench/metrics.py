@@ -171,6 +171,7 @@ def command(
     dinov2_arch: Annotated[str, typer.Option("--dinov2-arch", help="vits14 (default on CPU), vitb14 or vitl14.")] = "vits14",
     clip_arch: Annotated[str, typer.Option("--clip-arch", help="open_clip architecture, e.g. ViT-L-14-336.")] = "ViT-B-32",
     device: Annotated[str, typer.Option(help="Device of the network benchmark.")] = "cpu",
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repeats per network (medians reported).")] = 3,
 ) -> None:
     """Metric speed: vectorised VQA accuracy vs the official per-question loop (and FID when available)."""
     vqa = run_vqa_bench(n_questions, seed, evaluation="legacy-2017" if legacy else "current")
@@ -179,7 +180,8 @@ def command(
     if networks:
         from evals.bench.networks import run_network_bench
 
-        out["networks"] = run_network_bench(n_images, dinov2_arch=dinov2_arch, clip_arch=clip_arch, device=device)
+        out["networks"] = run_network_bench(n_images, repeats=repeats, dinov2_arch=dinov2_arch, clip_arch=clip_arch,
+                                            device=device)
     else:
         out["networks"] = {"skipped": "--no-networks"}
     if json_out:
