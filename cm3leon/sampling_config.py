@@ -20,6 +20,10 @@ def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+DECODINGS = ("ar", "jacobi")
+JACOBI_WINDOW_MAX = 128
+
+
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0
@@ -32,6 +36,11 @@ class SamplingConfig:
     cdk_k: int = 1
     mix_cdk_fraction: float = 0.0  # share of a request's candidates decoded with CD-K
     n_candidates: int = 1
+    # image tokens: "ar" (one token per forward, the published protocol) or "jacobi" (speculative
+    # Jacobi decoding, arXiv 2410.01699: a window of drafted tokens verified per forward, the same
+    # distribution). Text requests always decode with "ar".
+    decoding: str = "ar"
+    jacobi_window: int = 16  # tokens fed per forward (the last accepted + drafts); SJD's default 16
 
     def validate(self) -> None:
         """THE validation of sampling settings (the plan phase calls it before a model loads).
@@ -61,6 +70,12 @@ class SamplingConfig:
             raise ValueError("mix_cdk_fraction: needs cdk_alpha (the CD-K candidates' plausibility cut)")
         if not (_is_count(self.n_candidates) and self.n_candidates >= 1):
             raise ValueError(f"n_candidates: must be an integer >= 1, got {self.n_candidates!r}")
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding: must be one of {', '.join(DECODINGS)}, got {self.decoding!r}")
+        if not (_is_count(self.jacobi_window) and 2 <= self.jacobi_window <= JACOBI_WINDOW_MAX):
+            raise ValueError(f"jacobi_window: must be an integer in [2, {JACOBI_WINDOW_MAX}], got {self.jacobi_window!r}")
+        if self.decoding == "jacobi" and self.cdk_alpha is not None:
+            raise ValueError("decoding: jacobi does not verify CD-K's contrast scores; use decoding=ar with cdk_alpha")
 
     @property
     def needs_uncond(self) -> bool:

@@ -171,6 +171,7 @@ class TaskSpec:
             values["image_cfg_scale"] = None
         if self.output_modality != "image":
             values["n_candidates"] = 1
+            values["decoding"] = "ar"  # speculative Jacobi decoding is for image tokens only
         return SamplingConfig(**values)
 
 
@@ -215,6 +216,8 @@ SAMPLING_WORDS: dict[str, str] = {
     "cdk_k": "an integer >= 1",
     "mix_cdk_fraction": "a number in [0, 1] (and cdk_alpha set)",
     "n_candidates": "an integer >= 1",
+    "decoding": "ar or jacobi (jacobi: image tasks, no CD-K)",
+    "jacobi_window": "an integer in [2, 128]",
 }
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingConfig))
 _FIELD_RE = re.compile(r"\b(" + "|".join(sorted(SAMPLING_FIELDS, key=len, reverse=True)) + r")\b")
