@@ -125,6 +125,11 @@ def _draft(win: _Window, p: torch.Tensor | None, first: torch.Tensor, u_draft, u
     win.codes = sample_codes(win.q, u)
 
 
+def accepts(u: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """SJD's test: accept a draft with probability min(1, p(d) / q(d)) (u < p/q without dividing)."""
+    return u * q < p
+
+
 def _verify(win: _Window, p: torch.Tensor, u: dict, forced: torch.Tensor, columns: torch.Tensor):
     """The speculative test of the drafts against p [b, W, V]: (a [b] drafts accepted, the token
     id committed after them: resampled from norm(max(0, p - q)) at the first rejection, from p
@@ -133,7 +138,7 @@ def _verify(win: _Window, p: torch.Tensor, u: dict, forced: torch.Tensor, column
     pos = win.n[:, None] + torch.arange(Wm1, device=p.device)
     pd = p[:, :Wm1].gather(-1, win.codes[..., None])[..., 0]
     qd = win.q.gather(-1, win.codes[..., None])[..., 0]
-    ok = (u[ACCEPT].gather(1, pos).float() * qd < pd) | (forced.gather(1, pos) >= 0)
+    ok = accepts(u[ACCEPT].gather(1, pos).float(), pd, qd) | (forced.gather(1, pos) >= 0)
     a = ok.long().cumprod(1).sum(1)
     pa = p.gather(1, a[:, None, None].expand(b, 1, V))[:, 0]
     qa = win.q.gather(1, a.clamp_max(Wm1 - 1)[:, None, None].expand(b, 1, V))[:, 0] * (a < Wm1)[:, None]
