@@ -35,6 +35,7 @@ from evals import runs
 from evals.dist import Dist, init_distributed  # noqa: F401 (re-exported for the CLI)
 from evals.progress import progress as make_progress
 from evals.progress import resolve_mode
+from evals.decoding import decoding_entry
 from evals.protocol import Batch, Item, Predictor, PredictorProtocolError, check_output, is_fatal
 from evals.records import failure_record, output_record
 from evals.provenance import (PACKAGE, config_hash, diff_keys, file_digest, folder_digests,
@@ -507,6 +508,9 @@ class Engine:
                  "n_scored": len(selected) - len(failed), "n_failed": len(failed), "task_version": spec.version,
                  "data_fingerprint": plan.data_fingerprint,
                  "model_fingerprint": str(getattr(self.predictor, "fingerprint", "")), "limit": spec.limit}
+        decoding = decoding_entry(spec, selected)
+        if decoding is not None:  # generation.decoding other than the protocol's plain loop
+            entry["decoding"] = decoding
         if missing:
             entry["missing_metrics"] = missing
         if scored.notes:
