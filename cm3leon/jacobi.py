@@ -156,9 +156,10 @@ def _draft_ids(win: _Window, forced: torch.Tensor, columns: torch.Tensor) -> tor
     return torch.where(f >= 0, f, columns[win.codes])
 
 
-def run_jacobi_batch(sampler, requests, batch, sampling) -> list[tuple[list[int], bool, int, int]]:
+def run_jacobi_batch(sampler, requests, batch, sampling, non_finite: type[Exception]) -> list[tuple[list[int], bool, int, int]]:
     """One image batch by SJD: (codes of the free positions, True, the batch's forwards, the
-    forwards this sample needed) per sample, like Sampler.collect plus the two counters."""
+    forwards this sample needed) per sample, like Sampler.collect plus the two counters.
+    `non_finite`: the error raised on NaN/inf logits (the sampler's NonFiniteLogitsError)."""
     W = sampling.jacobi_window
     state, plan = sampler.prefill(requests, batch, sampling, "image", extra_slots=W)
     model, cache, dev, cols = sampler.model, state.cache, sampler.device, plan.columns
@@ -188,8 +189,7 @@ def run_jacobi_batch(sampler, requests, batch, sampling) -> list[tuple[list[int]
         tokens = torch.cat([last[:, None], _draft_ids(win, forced, cols)], 1)
         logits = forward_window(model, tokens.repeat(ns, 1), cache, base, (win.n - 1).repeat(ns), plan.head_weight)
         if not bool(torch.isfinite(logits.sum(-1)).all()):
-            from .sampling import NonFiniteLogitsError
-            raise NonFiniteLogitsError(f"non-finite logits (NaN/inf) in a jacobi forward for request(s) "
+            raise non_finite(f"non-finite logits (NaN/inf) in a jacobi forward for request(s) "
                                        f"{sorted({s.request for s in batch})[:5]}: the model or its weights are broken")
         p = target_probs(logits, ns, sampling)
         a, x = _verify(win, p, u, forced, cols)

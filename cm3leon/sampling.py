@@ -281,7 +281,7 @@ class Sampler:
                    exact: bool = False) -> list[tuple]:
         if sampling.decoding == "jacobi" and modality == "image":
             from .jacobi import run_jacobi_batch  # speculative Jacobi decoding (image tokens)
-            return run_jacobi_batch(self, requests, batch, sampling)
+            return run_jacobi_batch(self, requests, batch, sampling, NonFiniteLogitsError)
         state, plan = self.prefill(requests, batch, sampling, modality, exact=exact)
         try:
             self.decode(state, plan, batch)
