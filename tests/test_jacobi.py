@@ -104,3 +104,23 @@ def test_settings_are_checked():
         SamplingConfig(decoding="jacobi", jacobi_window=1).validate()
     with pytest.raises(ValueError, match="CD-K"):
         SamplingConfig(decoding="jacobi", cdk_alpha=0.5, cfg_scale=2.0).validate()
+
+
+def test_records_and_bench_counters():
+    from types import SimpleNamespace
+
+    from evals.bench.sampler_jacobi import run_jacobi_bench
+    from evals.decoding import decoding_entry
+
+    spec = SimpleNamespace(generation=SamplingConfig(decoding="jacobi", jacobi_window=8), output_modality="image")
+    records = [{"extra": {"forwards": 10, "own_forwards": 8, "tokens": 32}}, {"extra": {"forwards": 10, "own_forwards": 4,
+                                                                                        "tokens": 32}}]
+    entry = decoding_entry(spec, records)
+    assert entry["forwards_per_image"] == 10 and entry["accepted_tokens_per_forward"] == 64 / 12
+    assert "published: 'ar'" in entry["deviation"]
+    assert decoding_entry(SimpleNamespace(generation=SamplingConfig(), output_modality="image"), records) is None
+    res = run_jacobi_bench(None, 4, image_seq_len=8)
+    for key in ("forwards_per_image", "accepted_tokens_per_forward", "modelled_fid30k_gpu_hours"):
+        assert set(res[key]) == {"ar", "jacobi"}
+    assert res["forwards_per_image"]["ar"] == 7 and 1 <= res["forwards_per_image"]["jacobi"] <= 7
+    assert res["accepted_tokens_per_forward"]["jacobi"] >= 1
