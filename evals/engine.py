@@ -235,6 +235,10 @@ class Engine:
         # limit only picks a prefix of the same samples; metrics only change the scoring
         for k in COSMETIC_FIELDS + ("limit", "metrics"):
             task.pop(k, None)
+        gen = task.get("generation") or {}
+        if gen.get("decoding", "ar") == "ar":  # the jacobi fields change nothing under plain decoding:
+            gen.pop("decoding", None)  # plain runs keep the hash they resume under
+            gen.pop("jacobi_window", None)
         extra = {}
         if hasattr(self.predictor, "task_fingerprint"):
             # the data root: a bank named data:REL lives under it
