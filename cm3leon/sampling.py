@@ -63,6 +63,10 @@ class Generation:
     scores: list[float] | None = None
     best: int = 0
     finished: list[bool] = field(default_factory=list)  # text: stopped on a stop token (not the budget)
+    # decode forwards each candidate's batch ran (its sequential cost), and the forwards the candidate
+    # itself needed (jacobi: fewer than its tokens); empty when not counted
+    forwards: list[int] = field(default_factory=list)
+    own_forwards: list[int] = field(default_factory=list)
 
     @property
     def output(self) -> list[int]:
@@ -255,7 +259,7 @@ class Sampler:
         sampling.validate()
         if prompts_per_step < 1:
             raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
-        outputs: dict[tuple[int, int], tuple[list[int], bool]] = {}
+        outputs: dict[tuple[int, int], tuple] = {}
         # group by modality so a batch has one kind of step
         for modality in ("image", "text"):
             group = [r for r, req in enumerate(requests) if req.modality == modality]
@@ -267,12 +271,17 @@ class Sampler:
         results = []
         for r in range(len(requests)):
             outs = [outputs[(r, c)] for c in range(sampling.n_candidates)]
-            results.append(Generation([o[0] for o in outs], finished=[o[1] for o in outs]))
+            results.append(Generation([o[0] for o in outs], finished=[o[1] for o in outs],
+                                      forwards=[o[2] for o in outs if len(o) > 2],
+                                      own_forwards=[o[3] for o in outs if len(o) > 3]))
         return results
 
     # -- one batch: prefill -> decode -> collect
     def _run_batch(self, requests, batch: list[_Sample], sampling: SamplingConfig, modality: str,
-                   exact: bool = False) -> list[tuple[list[int], bool]]:
+                   exact: bool = False) -> list[tuple]:
+        if sampling.decoding == "jacobi" and modality == "image":
+            from .jacobi import run_jacobi_batch  # speculative Jacobi decoding (image tokens)
+            return run_jacobi_batch(self, requests, batch, sampling, NonFiniteLogitsError)
         state, plan = self.prefill(requests, batch, sampling, modality, exact=exact)
         try:
             self.decode(state, plan, batch)
@@ -313,7 +322,7 @@ class Sampler:
         return out
 
     def prefill(self, requests, batch: list[_Sample], sampling: SamplingConfig, modality: str, *,
-                exact: bool = False) -> tuple[DecodeState, StepPlan]:
+                exact: bool = False, extra_slots: int = 0) -> tuple[DecodeState, StepPlan]:
         """Prefill each prompt's prefix of each stream kind once (right-padded per kind), share its
         first-step logits with its candidate rows and set up the step state; all host->device copies
         of the batch happen here."""
@@ -330,7 +339,7 @@ class Sampler:
         plan = self.plan(sampling, modality, n_streams, any(s.cdk for s in batch), exact,
                          forcing=any(t >= 0 for tpl in templates for t in tpl))
         width = self.cfg.vocab_size if plan.head_weight is None else plan.head_weight.shape[0]
-        state = self._fresh_state(P, C, lens, budget, width)
+        state = self._fresh_state(P, C, lens, budget, width, extra_slots)
         blocks = []
         for kind, n in enumerate(lens):
             tokens = torch.full((P, n), self.cfg.pad_id, dtype=torch.long)
@@ -351,12 +360,13 @@ class Sampler:
             state.logits = logits
         return state, plan
 
-    def _fresh_state(self, P: int, C: int, prefix_lens: list[int], budget: int, width: int) -> DecodeState:
+    def _fresh_state(self, P: int, C: int, prefix_lens: list[int], budget: int, width: int,
+                     extra_slots: int = 0) -> DecodeState:
         """The step state of a batch. Compiled, the last batch's tensors are reset and reused when
         the shapes match (prefix lengths rounded up to a KV bucket so they usually do): CUDA graphs
         then replay on the same addresses instead of being captured again for every batch."""
         dev, b, n_rows = self.device, P * C, len(prefix_lens) * P * C
-        key = (P, C, tuple(prefix_lens), budget, width)
+        key = (P, C, tuple(prefix_lens), budget, width, extra_slots)
         state = self._reusable.get(key)
         if state is not None:
             state.cache.reset()
@@ -366,7 +376,8 @@ class Sampler:
             return state
         self._reusable.clear()  # one batch's worth of buffers at a time: a KV cache can be most of a GPU
         # the last step samples without a forward: budget - 1 suffix slots
-        cache = self.model.new_prefix_cache(prefix_lens, P, C, max(1, budget - 1), device=dev)
+        # (`extra_slots`: jacobi's window beyond that)
+        cache = self.model.new_prefix_cache(prefix_lens, P, C, max(1, budget - 1) + extra_slots, device=dev)
         state = DecodeState(
             logits=torch.zeros(n_rows, width, device=dev), cache=cache,
             out=torch.full((b, budget), -1, dtype=torch.long, device=dev),

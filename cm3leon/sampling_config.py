@@ -20,9 +20,11 @@ def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+DECODINGS = ("ar", "jacobi")
+JACOBI_WINDOW_MAX = 128
 # THE bounds of the sampler's settings: field -> (accepts the value, what it accepts in words);
 # None is accepted where a field is optional (unset). tasks/spec.py words its messages from here.
-# The two rules across fields (temperature > 0 unless greedy; mix_cdk_fraction needs cdk_alpha)
+# The rules across fields (temperature > 0 unless greedy; mix_cdk_fraction needs cdk_alpha; jacobi without CD-K)
 # are checked after the table, in validate().
 BOUNDS: dict[str, tuple] = {
     "greedy": (lambda v: isinstance(v, bool), "true or false"),
@@ -35,6 +37,8 @@ BOUNDS: dict[str, tuple] = {
     "cdk_k": (lambda v: _is_count(v) and v >= 1, "an integer >= 1"),
     "mix_cdk_fraction": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1] (and cdk_alpha set)"),
     "n_candidates": (lambda v: _is_count(v) and v >= 1, "an integer >= 1"),
+    "decoding": (lambda v: v in DECODINGS, "ar or jacobi (jacobi: image tasks, no CD-K)"),
+    "jacobi_window": (lambda v: _is_count(v) and 2 <= v <= JACOBI_WINDOW_MAX, "an integer in [2, 128]"),
 }
 
 
@@ -50,6 +54,11 @@ class SamplingConfig:
     cdk_k: int = 1
     mix_cdk_fraction: float = 0.0  # share of a request's candidates decoded with CD-K
     n_candidates: int = 1
+    # image tokens: "ar" (one token per forward, the published protocol) or "jacobi" (speculative
+    # Jacobi decoding, arXiv 2410.01699: a window of drafted tokens verified per forward, the same
+    # distribution). Text requests always decode with "ar".
+    decoding: str = "ar"
+    jacobi_window: int = 16  # tokens fed per forward (the last accepted + drafts); SJD's default 16
 
     def validate(self) -> None:
         """THE validation of sampling settings (the plan phase calls it before a model loads): every
@@ -64,6 +73,8 @@ class SamplingConfig:
             raise ValueError(f"temperature: must be > 0 (use greedy=true for argmax), got {self.temperature}")
         if self.mix_cdk_fraction > 0 and self.cdk_alpha is None:
             raise ValueError("mix_cdk_fraction: needs cdk_alpha (the CD-K candidates' plausibility cut)")
+        if self.decoding == "jacobi" and self.cdk_alpha is not None:
+            raise ValueError("decoding: jacobi does not verify CD-K's contrast scores; use decoding=ar with cdk_alpha")
 
     @property
     def needs_uncond(self) -> bool:

@@ -34,6 +34,7 @@ from cm3leon.errors import Cm3evalError
 from evals import runs
 from evals.dist import Dist, init_distributed  # noqa: F401 (re-exported for the CLI)
 from evals.progress import progress as make_progress, resolve_mode
+from evals.decoding import decoding_entry
 from evals.protocol import Batch, Item, Predictor, PredictorProtocolError, check_output, is_fatal
 from evals.records import failure_record, input_files, output_record
 from evals.provenance import (PACKAGE, config_hash, diff_keys, folder_digests, git_hash, package_version,
@@ -219,6 +220,10 @@ class Engine:
         # limit only picks a prefix of the same samples; metrics only change the scoring
         for k in COSMETIC_FIELDS + ("limit", "metrics"):
             task.pop(k, None)
+        gen = task.get("generation") or {}
+        if gen.get("decoding", "ar") == "ar":  # the jacobi fields change nothing under plain decoding:
+            gen.pop("decoding", None)  # plain runs keep the hash they resume under
+            gen.pop("jacobi_window", None)
         extra = {}
         if hasattr(self.predictor, "task_fingerprint"):
             # the data root: a bank named data:REL lives under it
@@ -500,6 +505,9 @@ class Engine:
                  "n_scored": len(selected) - len(failed), "n_failed": len(failed), "task_version": spec.version,
                  "data_fingerprint": plan.data_fingerprint,
                  "model_fingerprint": str(getattr(self.predictor, "fingerprint", "")), "limit": spec.limit}
+        decoding = decoding_entry(spec, selected)
+        if decoding is not None:  # generation.decoding other than the protocol's plain loop
+            entry["decoding"] = decoding
         if missing:
             entry["missing_metrics"] = missing
         if scored.notes:

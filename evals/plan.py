@@ -460,7 +460,12 @@ def resolve_protocol(spec: TaskSpec, root: Path) -> tuple[TaskSpec, dict[str, An
                         f"not {pin} (other data, weights or settings); `cm3eval protocol write` shows it")
     spec = replace(spec, protocol=replace(spec.protocol, manifest_hash=manifest.hash))
     n = len(manifest.prompts) if spec.limit is None else min(spec.limit, len(manifest.prompts))
-    return spec, summary(manifest, n)
+    out = summary(manifest, n)
+    if spec.generation.decoding != "ar":  # the published protocols decode one token per forward
+        out["deviations"].append(f"generation.decoding {spec.generation.decoding!r} "
+                                 f"(window {spec.generation.jacobi_window}; published: 'ar')")
+        out["matches_published"] = False
+    return spec, out
 
 
 def count_samples(spec: TaskSpec, root: Path, data_root: Path | None, protocol: dict[str, Any] | None) -> int | None:

@@ -336,6 +336,9 @@ class ModelPredictor:
         for i, ((_, text, rec), gen) in enumerate(zip(built, gens)):
             out: dict[str, Any] = {"prompt": text, "images": {"output": chosen[i]}, "retrieved": rec,
                                    "best": gen.best, "extra": {"codes": [list(map(int, c)) for c in gen.candidates]}}
+            if gen.forwards:  # speculative decoding's counters (evals/decoding.py sums them)
+                out["extra"].update(forwards=gen.forwards[gen.best], own_forwards=gen.own_forwards[gen.best],
+                                    tokens=len(gen.output))
             if len(gen.candidates) > 1:
                 out["scores"] = gen.scores
                 if self.save_candidates:

@@ -173,6 +173,7 @@ class TaskSpec:
             values["image_cfg_scale"] = None
         if self.output_modality != "image":
             values["n_candidates"] = 1
+            values["decoding"] = "ar"  # speculative Jacobi decoding is for image tokens only
         return SamplingConfig(**values)
 
 

@@ -231,8 +231,19 @@ def command(
     threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     geometry: str = typer.Option("", help="instead: counters of both engines at a prompt geometry (coco-fid)"),
+    decoding: str = typer.Option("ar", help="with --geometry: jacobi = speculative Jacobi beside plain decoding"),
+    model: str = typer.Option("", help="with --decoding jacobi: demo = the trained demo model's weights"),
+    window: int = typer.Option(16, help="with --decoding jacobi: the Jacobi window"),
 ) -> None:
     """Decode speed beside transformers' generate and a minimal loop, host reads, ops, and the roofline."""
+    if geometry and decoding == "jacobi":
+        from evals.bench.sampler_jacobi import run_jacobi_bench
+
+        if model not in ("", "demo") or not 2 <= window <= 128:
+            raise typer.BadParameter("--model must be demo or unset, --window in [2, 128]")
+        res = run_jacobi_bench(model or None, window)
+        print(json.dumps(res) if as_json else json.dumps(res, indent=1))
+        return
     if geometry:
         from evals.bench.sampler_geometry import GEOMETRIES, print_geometry, run_geometry
 
