@@ -27,3 +27,12 @@ def decoding_entry(spec: Any, records: list[dict]) -> dict[str, Any] | None:
         entry["accepted_tokens_per_forward"] = sum(e["tokens"] for e in counted) / sum(e["own_forwards"] for e in counted)
         entry["n_counted"] = len(counted)
     return entry
+
+
+def plain_decoding_hash(task: dict[str, Any]) -> None:
+    """Leave the decoding fields out of a plain-decoding task's hashed config: they change nothing
+    there, so plain runs keep the hash they resume under."""
+    gen = task.get("generation") or {}
+    if gen.get("decoding", "ar") == "ar":
+        gen.pop("decoding", None)
+        gen.pop("jacobi_window", None)

@@ -34,9 +34,9 @@ from cm3leon.errors import Cm3evalError
 from evals import runs
 from evals.dist import Dist, init_distributed  # noqa: F401 (re-exported for the CLI)
 from evals.progress import progress as make_progress, resolve_mode
-from evals.decoding import decoding_entry
+from evals.decoding import decoding_entry, plain_decoding_hash
 from evals.protocol import Batch, Item, Predictor, PredictorProtocolError, check_output, is_fatal
-from evals.records import failure_record, input_files, output_record
+from evals.records import failure_record, input_files, metric_json, missing_metrics, output_record
 from evals.provenance import (PACKAGE, config_hash, diff_keys, folder_digests, git_hash, package_version,
                               versions)
 from tasks.images import open_image
@@ -220,10 +220,7 @@ class Engine:
         # limit only picks a prefix of the same samples; metrics only change the scoring
         for k in COSMETIC_FIELDS + ("limit", "metrics"):
             task.pop(k, None)
-        gen = task.get("generation") or {}
-        if gen.get("decoding", "ar") == "ar":  # the jacobi fields change nothing under plain decoding:
-            gen.pop("decoding", None)  # plain runs keep the hash they resume under
-            gen.pop("jacobi_window", None)
+        plain_decoding_hash(task)
         extra = {}
         if hasattr(self.predictor, "task_fingerprint"):
             # the data root: a bank named data:REL lives under it
@@ -498,15 +495,14 @@ class Engine:
 
     def _result(self, plan: TaskPlan, scored: Any, selected: list[dict], failed: list[dict]) -> TaskResult:
         spec = plan.spec
-        metrics = {name: _metric_json(m) for name, m in scored.metrics.items()}
+        metrics = {name: metric_json(m) for name, m in scored.metrics.items()}
         failures = [{"id": r["id"], "error": r["failure"]} for r in failed] + list(scored.failures)
-        missing = _missing_metrics(spec, scored, metrics)
+        missing = missing_metrics(spec, scored, metrics)
         entry = {"metrics": metrics, "failures": failures, "config_hash": plan.hash, "n_samples": len(selected),
                  "n_scored": len(selected) - len(failed), "n_failed": len(failed), "task_version": spec.version,
                  "data_fingerprint": plan.data_fingerprint,
                  "model_fingerprint": str(getattr(self.predictor, "fingerprint", "")), "limit": spec.limit}
-        decoding = decoding_entry(spec, selected)
-        if decoding is not None:  # generation.decoding other than the protocol's plain loop
+        if (decoding := decoding_entry(spec, selected)) is not None:  # not the protocol's plain loop
             entry["decoding"] = decoding
         if missing:
             entry["missing_metrics"] = missing
@@ -515,25 +511,6 @@ class Engine:
         first = {"id": failed[0]["id"], "error": failed[0]["failure"]} if failed else None
         return TaskResult(spec.name, metrics, failures, plan.hash, len(selected), plan.task_dir, entry,
                           n_failed=len(failed), first_failure=first, missing_metrics=missing)
-
-
-def _metric_json(m: Any) -> dict[str, Any]:
-    """A MetricResult as metrics.json stores it, with its direction from the metric definition."""
-    out = m.to_json()
-    out.setdefault("higher_is_better", getattr(m, "higher_is_better", None))
-    return out
-
-
-def _missing_metrics(spec: TaskSpec, scored: Any, metrics: dict[str, dict]) -> dict[str, str]:
-    """Requested metric keys (spec.metrics) that produced no number, with the reason."""
-    unavailable = dict(scored.unavailable)
-    if not metrics and not unavailable:  # nothing scored at all (e.g. every sample failed)
-        why = scored.notes[0] if scored.notes else "no metric value was produced"
-        unavailable = {key: why for key in spec.metrics}
-    for name, m in metrics.items():
-        if m.get("value") is None:
-            unavailable.setdefault(name, "the value is not a finite number")
-    return unavailable
 
 
 # ----------------------------------------------------------------------------- a whole run

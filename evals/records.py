@@ -93,3 +93,22 @@ def output_record(spec: TaskSpec, task_dir: Path, item: Item, inputs: dict[str, 
     if out.get("extra"):
         rec["extra"] = out["extra"]
     return rec
+
+
+def metric_json(m: Any) -> dict[str, Any]:
+    """A MetricResult as metrics.json stores it, with its direction from the metric definition."""
+    out = m.to_json()
+    out.setdefault("higher_is_better", getattr(m, "higher_is_better", None))
+    return out
+
+
+def missing_metrics(spec: TaskSpec, scored: Any, metrics: dict[str, dict]) -> dict[str, str]:
+    """Requested metric keys (spec.metrics) that produced no number, with the reason."""
+    unavailable = dict(scored.unavailable)
+    if not metrics and not unavailable:  # nothing scored at all (e.g. every sample failed)
+        why = scored.notes[0] if scored.notes else "no metric value was produced"
+        unavailable = {key: why for key in spec.metrics}
+    for name, m in metrics.items():
+        if m.get("value") is None:
+            unavailable.setdefault(name, "the value is not a finite number")
+    return unavailable
