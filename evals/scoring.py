@@ -386,7 +386,8 @@ def score_metrics(metrics: dict[str, dict[str, Any]], ctx: Context, *, label: st
         for name, res in results.items():
             out[name] = res
             ps = res.per_sample
-            if res.set_inputs is not None and len(res.set_inputs["features"]) == len(ids):
+            # a run's task folder keeps them for compare's paired CI (a folder-to-folder score has none)
+            if res.set_inputs is not None and getattr(ctx, "task_dir", None) and len(res.set_inputs["features"]) == len(ids):
                 runs.write_features(ctx.task_dir, name, ids, **res.set_inputs)
             if ps is not None and len(ps) == len(ids):
                 for i, v in zip(ids, np.asarray(ps, dtype=np.float64).tolist()):

@@ -202,7 +202,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, roo
         assert second.returncode == 2, second.stderr
         # one error line; the plan's `disk:` estimate is the only other line allowed before it
         lines = second.stderr.strip().splitlines()
-        assert lines[-1].startswith("error: ") and all(line.startswith("disk: ") for line in lines[:-1]), lines
+        assert lines[-1].startswith("error: ") and all(line.startswith(("device: ", "disk: ")) for line in lines[:-1]), lines
         err = lines[-1]
         assert f"in use by pid {first.pid} on host {socket.gethostname()}" in err
         assert not (tmp_path / "second.log").exists()  # it computed nothing

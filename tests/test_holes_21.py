@@ -52,7 +52,8 @@ def test_negative_cfg_scale_is_refused_by_the_plan_in_one_line(tmp_path, capsys)
 
 # one value outside each documented bound (the spec's words, the sampler's check)
 OUTSIDE = {"greedy": "'yes'", "temperature": "nan", "top_k": "0", "top_p": "1.5", "cfg_scale": "-0.5",
-           "image_cfg_scale": "-2", "cdk_alpha": "0", "cdk_k": "0", "mix_cdk_fraction": "1.5", "n_candidates": "0"}
+           "image_cfg_scale": "-2", "cdk_alpha": "0", "cdk_k": "0", "mix_cdk_fraction": "1.5", "n_candidates": "0",
+           "decoding": "'beam'", "jacobi_window": "1"}
 
 
 @pytest.mark.parametrize("field", sorted(BOUNDS))
@@ -64,7 +65,7 @@ def test_every_sampling_bound_is_checked_by_spec_and_sampler(field):
                         if field == "mix_cdk_fraction" else {f"generation.{field}": OUTSIDE[field]})
     msg = str(e.value)
     assert f"generation.{field}" in msg and f"expected {BOUNDS[field][1]}" in msg and "\n" not in msg
-    value = {"'yes'": "yes", "nan": math.nan}.get(OUTSIDE[field], None)
+    value = {"'yes'": "yes", "'beam'": "beam", "nan": math.nan}.get(OUTSIDE[field], None)
     if value is None:
         value = float(OUTSIDE[field]) if "." in OUTSIDE[field] or field.endswith(("scale", "alpha")) \
             else int(OUTSIDE[field])

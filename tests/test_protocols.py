@@ -189,7 +189,8 @@ def test_metrics_json_records_the_protocol_and_a_resume_checks_it(root, tmp_path
             *[a for kv in MODEL_ENCODER for a in ("--set", kv)]]
     assert main(args, predictor_factory=fixtures.make_echo) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
-    assert err.startswith("disk: about ") and " free" in err.splitlines()[0]
+    disk_line = next(line for line in err.splitlines() if line.startswith("disk: "))
+    assert err.startswith("device: ") and disk_line.startswith("disk: about ") and " free" in disk_line
     entry = json.loads((out / "metrics.json").read_text())["tasks"]["coco-fid"]
     proto = entry["protocol"]
     assert proto["name"] == "coco-fid-30k" and proto["n"] == 4 and proto["candidates"] == 2

@@ -216,7 +216,7 @@ def test_an_error_of_a_tp_peer_stops_its_group_after_the_batch(root, tmp_path):
             self.group_checks += 1
             return err or (("rank 1: the peer's disk is full", 2) if self.group_checks == 2 else None)
 
-    with pytest.raises(engine.RunError, match="^rank 1: the peer's disk is full$") as e:
+    with pytest.raises(engine.RunError, match="^(vqav2: )?rank 1: the peer's disk is full$") as e:
         _sim_run(["vqav2"], root, tmp_path / "run", PeerFailed(0, 2, tp=2))
     assert e.value.exit_code == 2
     assert len(_selected("vqav2", root)) > 2  # there was more than one batch to run
@@ -248,6 +248,6 @@ def test_a_fatal_error_on_a_peer_stops_this_rank_too(root, tmp_path):
     class Fatal(PeerFailsFirstPredict):
         fatal = True
 
-    with pytest.raises(engine.RunError, match="^rank 1: RuntimeError: decoding failed$"):
+    with pytest.raises(engine.RunError, match="^(vqav2: )?rank 1: RuntimeError: decoding failed$"):
         _sim_run(["vqav2"], root, tmp_path / "run", Fatal(0, 2, tp=2))
     assert not (tmp_path / "run" / "vqav2" / "samples" / "rank-00000.jsonl").read_text()  # nothing written
