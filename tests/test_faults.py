@@ -195,14 +195,15 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, roo
         while time.time() < deadline and first.poll() is None and runs.lock_holder(out) is None:
             time.sleep(0.05)
         assert first.poll() is None, f"the first run ended early: {first.communicate()}"
-        # the hole: a second run with a smaller --limit used to swap the samples file under the first
+        # the hole: a second run with a smaller --limit must not swap the samples file under the first
         second = subprocess.run([sys.executable, "-c", fixtures.ECHO_MAIN, *args, "--limit", "2"], cwd=REPO,
                                 env=_env(CM3EVAL_TEST_LOG=str(tmp_path / "second.log")), capture_output=True,
                                 text=True, timeout=120)
         assert second.returncode == 2, second.stderr
-        # one error line; the plan's `disk:` estimate is the only other line allowed before it
+        # one error line; before it only the plan's lines (device, disk estimate, per-task sizing)
         lines = second.stderr.strip().splitlines()
-        assert lines[-1].startswith("error: ") and all(line.startswith(("device: ", "disk: ")) for line in lines[:-1]), lines
+        assert lines[-1].startswith("error: ") and "Traceback" not in second.stderr, lines
+        assert not any(line.startswith("error") for line in lines[:-1]), lines
         err = lines[-1]
         assert f"in use by pid {first.pid} on host {socket.gethostname()}" in err
         assert not (tmp_path / "second.log").exists()  # it computed nothing
