@@ -161,6 +161,11 @@ def missing_line(key: str, opts: dict[str, Any]) -> str | None:
     """Why metric `key` cannot run here (its first absent file, one line), or None."""
     from evals.encoders import EncoderUnavailable, required_encoder_files
 
+    if key == "ocr":  # an engine, not a weights file
+        from evals.metrics.ocr import INSTALL_HINT, engine_problem
+
+        problem = engine_problem()
+        return None if problem is None else f"Tesseract {problem}; {INSTALL_HINT}"
     for wf, explicit in weights_files(key, opts):
         if wf.find_or_none(explicit) is None:
             return wf.missing(explicit)

@@ -252,7 +252,7 @@ METRICS: dict[str, MetricDef] = {
     "dino": MetricDef(_dino, ("edit",), {"weights": None}, (("DINO", True),)),
     "visdial": MetricDef(task_scoring.visdial, ("dialog",), {}, (("NDCG", True), ("R@*", True), ("MRR", True),
                                                       ("mean_rank", False))),
-    "ocr": MetricDef(task_scoring.ocr, ("t2i",), {}, (("OCR_*", True),)),
+    "ocr": MetricDef(task_scoring.ocr, ("t2i",), {"when_available": False}, (("OCR_*", True),)),
     "edge_f1": MetricDef(task_scoring.edge_f1, ("control",), {}, (("edge_F1", True),)),
 }
 

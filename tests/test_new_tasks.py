@@ -161,3 +161,17 @@ def test_dialog_and_control_streams_in_the_chameleon_layout(tmp_path):
     assert control.request.prompt == [BOS] + image + tok.encode("a red dog") + [EOT, BOI]
     assert control.request.uncond_prompt == [BOS] + image + [BOI]
     assert prompts.stream_count("control", SamplingConfig(cfg_scale=3.0)) == 2
+
+
+def test_the_demo_skips_ocr_with_a_plan_line_where_tesseract_is_missing(tmp_path, capfd, monkeypatch):
+    """`cm3eval run demo` must run on a fresh machine: its text-render task lists OCR as
+    `when_available`, so a missing engine is a plan line and the run goes on (exit 0)."""
+    from evals.metrics import ocr
+
+    which = shutil.which
+    monkeypatch.setattr(ocr.shutil, "which", lambda name, *a, **k: None if name == "tesseract" else which(name))
+    capfd.readouterr()
+    rc = main(["run", "shapes-text-render", "--model", "demo", "--limit", "2", "--out", str(tmp_path / "r")])
+    err = capfd.readouterr().err
+    assert rc == 0, err
+    assert "plan: shapes-text-render: metric ocr skipped: Tesseract no `tesseract` is on PATH" in err
