@@ -17,7 +17,7 @@ from cm3leon.counter_rng import sample_uniforms
 from cm3leon.processors import (apply_guidance, cdk_scores, sample_from_logits, sample_top_p_prefiltered,
                                 top_k_filter)
 from cm3leon.sampling import (SYNC_EVERY, TOP_P_PREFILTER, Generation, GenerationRequest, NonFiniteLogitsError,
-                              SamplingConfig)
+                              SamplingConfig, _Sample, _stream_prompts)  # the streams rule is the sampler's
 from cm3leon.transformer import KVCache, Transformer
 
 CUDA_KV_SHARE = 0.4  # this engine's batch rule: samples whose rows fit this share of the free GPU memory
@@ -28,28 +28,6 @@ def previous_batch_rule(kv_bytes_per_row: int, free_bytes: float, streams: int) 
     """Samples per batch by this engine's rule (the KV cache of `streams` rows per sample within
     CUDA_KV_SHARE of the free memory, capped at MAX_AUTO_BATCH)."""
     return max(1, min(MAX_AUTO_BATCH, int(CUDA_KV_SHARE * free_bytes // (kv_bytes_per_row * streams))))
-
-
-@dataclass
-class _Sample:
-    request: int
-    candidate: int
-    seed: int
-    cdk: bool
-
-
-def _stream_prompts(req: GenerationRequest, sampling: SamplingConfig) -> list[list[int]]:
-    needs_uncond = sampling.needs_uncond
-    if needs_uncond and req.uncond_prompt is None:
-        raise ValueError("guidance or CD-K needs an unconditional prompt (GenerationRequest.uncond_prompt)")
-    if sampling.image_cfg_scale is not None and req.image_cond_prompt is None:
-        raise ValueError("image_cfg_scale needs an image-only prompt (GenerationRequest.image_cond_prompt)")
-    streams = [req.prompt]
-    if needs_uncond:
-        streams.append(req.uncond_prompt)
-    if sampling.image_cfg_scale is not None:
-        streams.append(req.image_cond_prompt)
-    return streams
 
 
 @dataclass(frozen=True)
