@@ -46,9 +46,22 @@ class PredictorSettings:
     family: str | None = None  # --family: overrides the family detected from config.json
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, never to a stream that an earlier
+    caller (a test's capture, an embedding program) has since closed."""
+
+    @property
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     if not log.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _CurrentStderr()
         h.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         log.addHandler(h)
         log.setLevel(logging.INFO)
