@@ -17,7 +17,8 @@ from cm3leon.counter_rng import sample_uniforms
 from cm3leon.processors import (apply_guidance, cdk_scores, sample_from_logits, sample_top_p_prefiltered,
                                 top_k_filter)
 from cm3leon.sampling import (SYNC_EVERY, TOP_P_PREFILTER, Generation, GenerationRequest, NonFiniteLogitsError,
-                              SamplingConfig, _Sample, _stream_prompts)  # the streams rule is the sampler's
+                              Sampler, SamplingConfig, _Inexact, _raise_non_finite, _Sample,
+                              _stream_prompts)  # the sampler's stream rule, flags and errors
 from cm3leon.transformer import KVCache, Transformer
 
 CUDA_KV_SHARE = 0.4  # this engine's batch rule: samples whose rows fit this share of the free GPU memory
@@ -261,13 +262,7 @@ class PreviousSampler:
                 if blocked:
                     model.check_step(cache)  # raises: a sample still runs past max_seq_len
 
-    @staticmethod
-    def _read_flags(state: DecodeState, batch: list[_Sample]) -> tuple[bool, bool]:
-        """One device read: (all samples done, some step inexact); raises on non-finite logits."""
-        flags = torch.stack([state.done.all(), state.inexact[0], (state.bad_step >= 0).any()]).tolist()
-        if flags[2]:
-            _raise_non_finite(state.bad_step.tolist(), batch)
-        return bool(flags[0]), bool(flags[1])
+    _read_flags = staticmethod(Sampler._read_flags)  # the same device flags, the same one read
 
     def collect(self, state: DecodeState, plan: StepPlan, batch: list[_Sample]) -> list[tuple[list[int], bool]]:
         """Bring a finished batch to the host (one read of every tensor) and cut each sample's tokens."""
@@ -288,15 +283,3 @@ class PreviousSampler:
                     seq = seq[:-1]
                 results.append((seq, bool(stop)))
         return results
-
-
-class _Inexact(Exception):
-    """Internal: a batch's prefiltered top-p could not prove a token; the batch is redone exactly."""
-
-
-def _raise_non_finite(bad_step: list[int], batch: list[_Sample]) -> None:
-    b = len(batch)
-    first = min(s for s in bad_step if s >= 0)
-    bad = sorted({batch[i % b].request for i, s in enumerate(bad_step) if s >= 0})
-    raise NonFiniteLogitsError(
-        f"non-finite logits (NaN/inf) at step {first} for request(s) {bad[:5]}: the model or its weights are broken")
