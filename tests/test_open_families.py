@@ -301,7 +301,6 @@ def test_a_kind_the_family_lacks_is_refused_by_the_plan():
     check_family_templates(tasks.get("vqav2"), SimpleNamespace(family="emu3"))
 
 
-@pytest.mark.slow  # three model loads and four tasks; test_*_streams cover the prompts fast
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_readme_caption_and_vqa_commands_run_on_each_family(name, tmp_path_factory, tmp_path):
     """README's coco-caption + vqav2 command, no family flag: exit 0, finite metrics for 2 samples."""
@@ -345,3 +344,83 @@ def test_detection_rules():
     assert families.from_config({"model_type": "chameleon", "architectures": ["ChameleonForConditionalGeneration"]}).name \
         == "chameleon"
     assert families.from_config({"model_type": "emu3"}).name == "emu3"
+
+
+# ----------------------------------------------------------------------------- README's coco-fid command
+def _expected_structure(name: str, bundle) -> list[int | None]:
+    """What each generated position of a sampled image must be, from the reference algorithms above
+    (not from our codec): a forced id, or None where a code is sampled. Liquid forces nothing."""
+    vocab = bundle.tokenizer.vocab()
+    h, w = families.grid_of(bundle.config.image_seq_len)
+    if name == "lumina-mgpt":  # every code 0, so each sampled position holds code 0's token
+        image = _lumina_image(vocab, torch.zeros(h * w, dtype=torch.long), h, w)[3:]  # after boi + grid (prompt)
+        return [None if t == image[0] else t for t in image]
+    if name == "emu3":
+        return [_emu3_allowed(k, h, w, vocab) for k in range(1, (w + 1) * h + 3)]
+    return [None] * bundle.config.image_seq_len
+
+
+@pytest.fixture(scope="module")
+def fid_setup(tmp_path_factory):
+    """COCO in the official layouts, random open_clip / Inception weights (tests/real_fixtures.py) and
+    a retrieval bank built from COCO train2014 by `cm3eval bank build`: the files README's coco-fid
+    command names."""
+    from evals.cli import main
+    from real_fixtures import CLIP_ARCH, CLIP_FILE, INCEPTION_FILE, save_inception, save_open_clip, write_data_root
+
+    root = tmp_path_factory.mktemp("open-families-fid")
+    weights = root / "weights"
+    weights.mkdir()
+    data = write_data_root(root / "data")
+    clip = f"open_clip:{CLIP_ARCH}:{save_open_clip(weights / CLIP_FILE)}"
+    bank = root / "bank"
+    assert main(["bank", "build", "--out", str(bank), "--encoder", clip, "--coco-root", str(data)]) == 0
+    return {"data": data, "clip": clip, "bank": bank, "inception": save_inception(weights / INCEPTION_FILE)}
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_readme_coco_fid_command_runs_on_each_family(name, fid_setup, tmp_path_factory, tmp_path, monkeypatch):
+    """README's coco-fid command (the registry's defaults, only file paths given, no family flag) on
+    each fixture with --limit 2: exit 0, a finite FID and CLIPScore, and every sampled image stream
+    (all candidates, both guidance streams share it) carries each structural token at its place."""
+    import math
+
+    from cm3leon.sampling import Sampler
+    from evals.cli import main
+
+    streams: list[list[int]] = []
+    collect = Sampler.collect
+
+    def recording_collect(self, state, plan, batch):
+        if plan.modality == "image":
+            streams.extend(row[:int(limit)] for row, limit in zip(state.out.tolist(), state.limits.tolist()))
+        return collect(self, state, plan, batch)
+
+    monkeypatch.setattr(Sampler, "collect", recording_collect)
+    folder = open_family_folder(tmp_path_factory, name)
+    # Lumina-mGPT and Liquid decode with Meta's VQGAN, named by --vq as README's commands do
+    vq = None if name == "emu3" else open_family_folder(tmp_path_factory, "lumina-mgpt").parent / "tokenizer" / "vqgan.ckpt"
+    out = tmp_path / "run"
+    rc = main(["run", "coco-fid", "--model", str(folder), *(["--vq", str(vq)] if vq else []),
+               "--data-root", str(fid_setup["data"]),
+               "--set", f"retrieval.bank={fid_setup['bank']}", "--set", f"retrieval.encoder={fid_setup['clip']}",
+               "--set", f"generation.scorer={fid_setup['clip']}", "--set", f"metrics.fid.weights={fid_setup['inception']}",
+               "--limit", "2", "--out", str(out)])
+    assert rc == 0
+    entry = json.loads((out / "metrics.json").read_text())["tasks"]["coco-fid"]
+    assert "FID" in entry["metrics"], entry
+    for m in entry["metrics"].values():
+        assert math.isfinite(m["value"]) and m["n"] == 2, entry["metrics"]
+
+    bundle = checkpoint.load(folder, vq=vq)  # the image grid is the VQ's
+    image_ids = set(bundle.config.image_token_id_tensor().tolist())
+    expected = _expected_structure(name, bundle)
+    n_candidates = 8  # coco-fid's registry default: every candidate of both prompts was sampled
+    assert len(streams) == 2 * n_candidates, len(streams)
+    for row in streams:
+        assert len(row) == len(expected)
+        for k, (token, forced) in enumerate(zip(row, expected)):
+            assert (token in image_ids) if forced is None else (token == forced), (name, k, token, forced)
+    # the family's published defaults were the run's sampling settings (no flag given)
+    generation = json.loads((out / "coco-fid" / "config.json").read_text())["task"]["generation"]
+    assert {k: generation[k] for k in families.get(name).sampling} == dict(families.get(name).sampling)
