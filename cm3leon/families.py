@@ -216,7 +216,9 @@ LUMINA_MGPT = Family(
     text_wrap={"t2i": "Generate an image of {width}x{height} according to the following prompt:\n{text}",
                "caption": " {text}", "vqa": " {text}"},
     architectures=("ChameleonXLLMXForConditionalGeneration",), loader="chameleon",
-    sampling={"cfg_scale": 4.0, "top_k": 2000, "temperature": 1.0},
+    # FlexARInferenceSolver.generate: GenerationConfig(temperature, top_k=None, do_sample) and no top_p
+    # (transformers' 1.0); image_top_k 2000 through InterleavedTopKLogitsWarper
+    sampling={"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0},
     notes="Lumina-mGPT: Chameleon fine-tuned; grid tokens and end-of-line tokens inside each image.",
     sources="Alpha-VLLM/Lumina-mGPT lumina_mgpt/data/item_processor.py @ 250b9cf6, inference_solver.py @ 250b9cf6, "
             "generate_examples/generate.py @ 250b9cf6, data/convertsation.py @ d897672a, README.md @ 009a877f "
@@ -250,6 +252,7 @@ LIQUID = Family(
     detected_by=("liquid",),
 )
 
+EMU3_POSITIVE = " masterpiece, film grained, best quality."
 EMU3_NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
                  "worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry.")
 EMU3 = Family(
@@ -266,10 +269,12 @@ EMU3 = Family(
     },
     banned_text=("bos", "pad", "boi", "eoi", "img", "eol", "eof"),
     image=("boi", "size", "img", "rows", "eof", "eoi"),
-    text_wrap={"caption": "{text}. ASSISTANT:", "vqa": "{text}. ASSISTANT:"},
+    # image_generation.py appends POSITIVE_PROMPT to the user's prompt (the negative prompt is alone)
+    text_wrap={"t2i": "{text}" + EMU3_POSITIVE, "caption": "{text}. ASSISTANT:", "vqa": "{text}. ASSISTANT:"},
     negative_prompt=EMU3_NEGATIVE,
     architectures=("Emu3ForConditionalGeneration",), model_types=("emu3",), loader="emu3",
-    sampling={"cfg_scale": 3.0, "top_k": 2048, "temperature": 1.0},
+    # GenerationConfig(do_sample=True, top_k=2048): temperature and top_p at transformers' 1.0
+    sampling={"cfg_scale": 3.0, "top_k": 2048, "top_p": 1.0, "temperature": 1.0},
     notes="Emu3: Llama-style decoder, 32,768 visual codes, size string and end-of-line tokens in each image.",
     sources="baaivision/Emu3 emu3/mllm/processing_emu3.py @ b8f8b3cf, image_generation.py @ 005719f6, "
             "emu3/mllm/tokenization_emu3.py @ 005719f6, emu3/mllm/utils_emu3.py @ 1b5d8213",

@@ -39,7 +39,10 @@ from chameleon_fixture import _save_shards, build_chameleon, chameleon_vocab
 
 WORDS = ("a dog cat on the bench red blue sky What color is are there how many two . , : ? * 8 16 32 "
          "Generate an image of according to following prompt based this description user model You helpful "
-         "assistant USER ASSISTANT 32x32 512x512 A photo Question Answer").split()
+         "assistant USER ASSISTANT 32x32 512x512 A photo Question Answer "
+         # Emu3's positive and negative prompts (image_generation.py)
+         "masterpiece film grained best quality lowres bad anatomy hands text error missing fingers extra digit "
+         "fewer digits cropped worst low normal jpeg artifacts signature watermark username blurry").split()
 
 # --- Liquid (Gemma)
 GEMMA_TEXT = 256000

@@ -16,7 +16,7 @@ out as the real tokenizers do):
   <start_of_turn>model\\n", the image replaced by its codes + len(tokenizer)).
 - Emu3: baaivision/Emu3 emu3/mllm/processing_emu3.py @ b8f8b3cf (mode G: bos + prompt + boi +
   "{H}*{W}" + img token; mode U: bos + chat template with the image rows joined by eol, + eol eof
-  eoi), image_generation.py @ 005719f6 (the negative prompt), utils_emu3.py @ 1b5d8213
+  eoi), image_generation.py @ 005719f6 (the positive prompt appended, the negative prompt alone), utils_emu3.py @ 1b5d8213
   (Emu3PrefixConstrainedLogitsHelper: which token each generated position may be).
 """
 
@@ -208,7 +208,8 @@ def test_emu3_streams_and_structure(bundles):
     assert (h, w) == (EMU3_RESOLUTION // 4, EMU3_RESOLUTION // 4)
     head = f"<|image start|>{h}*{w}<|image token|>"
     caption = "a red dog on the bench"
-    assert codec.stream("t2i", "cond", text=caption) == _enc(raw, "<|extra_203|>" + caption + head)
+    positive = " masterpiece, film grained, best quality."  # image_generation.py's POSITIVE_PROMPT
+    assert codec.stream("t2i", "cond", text=caption) == _enc(raw, "<|extra_203|>" + caption + positive + head)
     assert codec.stream("t2i", "uncond", text=caption) == _enc(raw, "<|extra_203|>" + families.EMU3_NEGATIVE + head)
     structure = codec.image_structure()
     assert len(structure) == (w + 1) * h + 2
