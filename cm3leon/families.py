@@ -114,6 +114,9 @@ class Family:
     marker_token: str = ""  # with model_types: a token the tokenizer must hold (Liquid's <boi> in a Gemma)
     loader: str = "chameleon"  # which config/weights reader (cm3leon/layouts.py LOADERS)
     sampling: Mapping[str, object] = field(default_factory=dict)  # published defaults (SamplingConfig fields)
+    # trained on documents with retrieved documents before them (CM3leon's recipe). False: text-to-image
+    # tasks run without retrieval unless the command line sets retrieval.k / retrieval.enabled
+    reads_retrieved_documents: bool = True
     sources: str = ""  # where the layouts and defaults were read (file @ commit)
 
     def layout(self, kind: str, stream: str) -> Layout | str | None:
@@ -220,6 +223,7 @@ LUMINA_MGPT = Family(
     # (transformers' 1.0); image_top_k 2000 through InterleavedTopKLogitsWarper
     sampling={"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0},
     notes="Lumina-mGPT: Chameleon fine-tuned; grid tokens and end-of-line tokens inside each image.",
+    reads_retrieved_documents=False,  # its published protocol prompts with the caption alone
     sources="Alpha-VLLM/Lumina-mGPT lumina_mgpt/data/item_processor.py @ 250b9cf6, inference_solver.py @ 250b9cf6, "
             "generate_examples/generate.py @ 250b9cf6, data/convertsation.py @ d897672a, README.md @ 009a877f "
             "(cfg 4.0, image_top_k 2000, temperature 1.0)",
@@ -247,6 +251,7 @@ LIQUID = Family(
     architectures=(), model_types=("gemma",), marker_token="<boi>", loader="gemma",
     sampling={"cfg_scale": 7.0, "top_k": 4096, "top_p": 0.96, "temperature": 0.99},
     notes="Liquid: Gemma-7B with the Chameleon VQGAN codes appended after the text vocabulary.",
+    reads_retrieved_documents=False,  # its published protocol prompts with the caption alone
     sources="FoundationVision/Liquid evaluation/inference_t2i.py, evaluation/inference_i2t.py, "
             "evaluation/VQA_Eval/conversation.py, TRAIN.md @ 4609c476",
     detected_by=("liquid",),
@@ -276,6 +281,7 @@ EMU3 = Family(
     # GenerationConfig(do_sample=True, top_k=2048): temperature and top_p at transformers' 1.0
     sampling={"cfg_scale": 3.0, "top_k": 2048, "top_p": 1.0, "temperature": 1.0},
     notes="Emu3: Llama-style decoder, 32,768 visual codes, size string and end-of-line tokens in each image.",
+    reads_retrieved_documents=False,  # its published protocol prompts with the caption alone
     sources="baaivision/Emu3 emu3/mllm/processing_emu3.py @ b8f8b3cf, image_generation.py @ 005719f6, "
             "emu3/mllm/tokenization_emu3.py @ 005719f6, emu3/mllm/utils_emu3.py @ 1b5d8213",
     detected_by=("emu3",),

@@ -278,13 +278,38 @@ def family_defaults(spec: TaskSpec, info: Any, overrides: dict[str, Any]) -> Tas
         return spec
     from cm3leon import families
 
-    defaults = {f"generation.{k}": v for k, v in families.get(info.family).sampling.items()
-                if f"generation.{k}" not in overrides}
-    return apply_overrides(spec, defaults, f"task {spec.name} with the {info.family} family's sampling defaults")
+    family = families.get(info.family)
+    defaults = {f"generation.{k}": v for k, v in family.sampling.items() if f"generation.{k}" not in overrides}
+    if not family.reads_retrieved_documents and not {"retrieval.k", "retrieval.enabled"} & set(overrides):
+        defaults["retrieval.enabled"] = False  # a model never trained on retrieved documents is prompted without
+    return apply_overrides(spec, defaults, f"task {spec.name} with the {info.family} family's defaults")
+
+
+def check_context_fits(spec: TaskSpec, info: Any) -> None:
+    """Refuse, before the model loads, a task whose every prompt is too long for the checkpoint:
+    the context documents' and the query's images alone (text counted as nothing) plus what is
+    generated must fit max_seq_len (Emu3's 720 px images are 8,190 tokens of a 9,216 window)."""
+    from cm3leon import families
+    from evals.sizing import prefix_len
+
+    cfg = info.config
+    family = families.get(info.family)
+    least = prefix_len(cfg, spec, family, "cond", text_tokens=0)
+    generated = cfg.image_seq_len if spec.output_modality == "image" else 1
+    if least + generated <= cfg.max_seq_len:
+        return
+    docs = spec.prompt.k_shot + (spec.retrieval.k if _uses_retrieval(spec) else 0)
+    fix = " (--retrieval-k 0 turns retrieval off)" if _uses_retrieval(spec) else ""
+    raise PlanError(f"{spec.name}: every prompt needs at least {least:,} tokens ({docs} context document"
+                    f"{'s' if docs != 1 else ''} with an image of {cfg.image_seq_len:,} codes each) + {generated:,} "
+                    f"to generate, beyond {info.path.name}'s max_seq_len {cfg.max_seq_len:,}{fix}")
 
 
 def plan_task(spec: TaskSpec, data_root: Path | None, info: Any) -> TaskPlan:
     sampling = sampling_of(spec)
+    if info is not None:  # what the checkpoint can read at all, before any file of the task is looked for
+        check_family_templates(spec, info)
+        check_context_fits(spec, info)
     root = resolve_data_root(spec, data_root, build=False)
     if not (spec.dataset.builtin and data_root is None):  # the demo world is rendered, not provided
         check_data_root(spec, root)
@@ -296,7 +321,6 @@ def plan_task(spec: TaskSpec, data_root: Path | None, info: Any) -> TaskPlan:
     files = local_files(spec, root)
     if info is not None:
         check_capabilities(spec, info)
-        check_family_templates(spec, info)
     protocol = None
     if spec.protocol is not None:
         spec, protocol = resolve_protocol(spec, root)

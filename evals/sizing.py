@@ -30,11 +30,11 @@ def stream_kinds(spec: Any) -> list[str]:
     return kinds
 
 
-def prefix_len(cfg: Any, spec: Any, family: Family, stream: str) -> int:
+def prefix_len(cfg: Any, spec: Any, family: Family, stream: str, text_tokens: int = TEXT_PART_TOKENS) -> int:
     """Tokens of one stream's prompt, from the family's layout: bos, each context document
-    (retrieved + shots: a text part and an image), the query's text and image."""
+    (retrieved + shots: a text part of `text_tokens` and an image), the query's text and image."""
     layout = family.layout(spec.kind, stream)
-    text = TEXT_PART_TOKENS
+    text = text_tokens
     if layout == FILTER:  # the conditional stream without its text
         layout, text = family.layout(spec.kind, "cond"), 0
     sep = len(family.separator)

@@ -363,20 +363,16 @@ def _expected_structure(name: str, bundle) -> list[int | None]:
 
 @pytest.fixture(scope="module")
 def fid_setup(tmp_path_factory):
-    """COCO in the official layouts, random open_clip / Inception weights (tests/real_fixtures.py) and
-    a retrieval bank built from COCO train2014 by `cm3eval bank build`: the files README's coco-fid
-    command names."""
-    from evals.cli import main
+    """COCO in the official layouts and random open_clip / Inception weights (tests/real_fixtures.py):
+    the files README's coco-fid command names. No bank: these families are prompted without retrieval."""
     from real_fixtures import CLIP_ARCH, CLIP_FILE, INCEPTION_FILE, save_inception, save_open_clip, write_data_root
 
     root = tmp_path_factory.mktemp("open-families-fid")
     weights = root / "weights"
     weights.mkdir()
-    data = write_data_root(root / "data")
-    clip = f"open_clip:{CLIP_ARCH}:{save_open_clip(weights / CLIP_FILE)}"
-    bank = root / "bank"
-    assert main(["bank", "build", "--out", str(bank), "--encoder", clip, "--coco-root", str(data)]) == 0
-    return {"data": data, "clip": clip, "bank": bank, "inception": save_inception(weights / INCEPTION_FILE)}
+    return {"data": write_data_root(root / "data"),
+            "clip": f"open_clip:{CLIP_ARCH}:{save_open_clip(weights / CLIP_FILE)}",
+            "inception": save_inception(weights / INCEPTION_FILE)}
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -404,7 +400,6 @@ def test_readme_coco_fid_command_runs_on_each_family(name, fid_setup, tmp_path_f
     out = tmp_path / "run"
     rc = main(["run", "coco-fid", "--model", str(folder), *(["--vq", str(vq)] if vq else []),
                "--data-root", str(fid_setup["data"]),
-               "--set", f"retrieval.bank={fid_setup['bank']}", "--set", f"retrieval.encoder={fid_setup['clip']}",
                "--set", f"generation.scorer={fid_setup['clip']}", "--set", f"metrics.fid.weights={fid_setup['inception']}",
                "--limit", "2", "--out", str(out)])
     assert rc == 0
@@ -423,5 +418,43 @@ def test_readme_coco_fid_command_runs_on_each_family(name, fid_setup, tmp_path_f
         for k, (token, forced) in enumerate(zip(row, expected)):
             assert (token in image_ids) if forced is None else (token == forced), (name, k, token, forced)
     # the family's published defaults were the run's sampling settings (no flag given)
-    generation = json.loads((out / "coco-fid" / "config.json").read_text())["task"]["generation"]
-    assert {k: generation[k] for k in families.get(name).sampling} == dict(families.get(name).sampling)
+    task = json.loads((out / "coco-fid" / "config.json").read_text())["task"]
+    assert {k: task["generation"][k] for k in families.get(name).sampling} == dict(families.get(name).sampling)
+    assert task["retrieval"]["enabled"] is False  # never trained on retrieved documents: its own protocol
+
+
+def test_a_prompt_too_long_for_the_model_is_refused_by_the_plan(tmp_path_factory, tmp_path, capfd, monkeypatch):
+    """Emu3 at its 720 px default is 8,190 tokens per image in a 9,216 window: two retrieved documents
+    cannot fit. The plan says so in one line, exit 2, before the model loads; without retrieval (the
+    family's default) the same checkpoint passes the plan."""
+    import shutil
+
+    from evals.cli import main
+    import tasks
+    from evals.plan import PlanError, check_context_fits, family_defaults
+    from tasks.spec import apply_overrides
+
+    folder = tmp_path / "emu3-short"
+    shutil.copytree(open_family_folder(tmp_path_factory, "emu3"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    image_tokens = (EMU3_RESOLUTION // 4) ** 2
+    config["text_config"]["max_position_embeddings"] = 2 * image_tokens + 8  # one image and its prompt fit, 3 do not
+    (folder / "config.json").write_text(json.dumps(config))
+    info = checkpoint.inspect(folder)
+    assert info.config.max_seq_len == 2 * image_tokens + 8
+    own = family_defaults(tasks.get("coco-fid"), info, {})
+    check_context_fits(own, info)  # no retrieval: fits
+    on = {"retrieval.k": 2, "retrieval.enabled": True}
+    with pytest.raises(PlanError, match=r"coco-fid: every prompt needs at least .*--retrieval-k 0 turns retrieval off"):
+        check_context_fits(family_defaults(apply_overrides(tasks.get("coco-fid"), on), info, on), info)
+
+    def sentinel(*a, **k):
+        raise AssertionError("the model was loaded before the plan refused the run")
+
+    monkeypatch.setattr(checkpoint, "load", sentinel)
+    capfd.readouterr()
+    rc = main(["run", "coco-fid", "--model", str(folder), "--retrieval-k", "2", "--limit", "2",
+               "--out", str(tmp_path / "run")])
+    err = capfd.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "max_seq_len" in errors[0] and "Traceback" not in "\n".join(err), err
