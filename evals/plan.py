@@ -288,7 +288,7 @@ def family_defaults(spec: TaskSpec, info: Any, overrides: dict[str, Any]) -> Tas
 def check_context_fits(spec: TaskSpec, info: Any) -> None:
     """Refuse, before the model loads, a task whose every prompt is too long for the checkpoint:
     the context documents' and the query's images alone (text counted as nothing) plus what is
-    generated must fit max_seq_len (Emu3's 720 px images are 8,190 tokens of a 9,216 window)."""
+    generated must fit max_seq_len (an Emu3 720 px image is about 8,200 tokens of a 9,216 window)."""
     from cm3leon import families
     from evals.sizing import prefix_len
 
