@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import partial
 import warnings
 from dataclasses import dataclass, field
@@ -307,9 +308,46 @@ def _open_family_plan(path: Path, hf: dict[str, Any], family: families.Family, v
     return _Plan(path, "hf", cfg, tok, tok_file, weights, resolution, has_vq_decoder=has_decoder, emu3_vq=emu3_vq)
 
 
-def _plan(path: Path, family: str | None = None, vq: str | Path | None = None) -> _Plan:
+def _plan(path: Path, family: str | None = None, vq: str | Path | None = None, image_size: int | None = None) -> _Plan:
     """`family`: a cm3leon.families name overriding detection from config.json (--family);
-    `vq`: the --vq file (Liquid's image grid is its VQGAN's)."""
+    `vq`: the --vq file (Liquid's image grid is its VQGAN's); `image_size`: --image-size."""
+    plan = _read_plan(path, family, vq)
+    _set_image_size(plan, families.get(plan.family or ("chameleon" if plan.tokenizer.layout == "chameleon"
+                                                       else "cm3leon")), image_size)
+    return plan
+
+
+def _set_image_size(plan: _Plan, family: families.Family, requested: int | None) -> None:
+    """The side of the square images the model reads and writes: --image-size, else (Lumina-mGPT) the
+    size its checkpoint's name carries (config.json has none: Alpha-VLLM/Lumina-mGPT-7B-768 is run at
+    FlexARInferenceSolver(target_size=768)), else the checkpoint's own. A family trained at one size
+    takes no other; the grid scales with the side at the VQ's downsampling factor."""
+    native = plan.image_resolution
+    side = requested
+    if side is None and family.image_size_in_name:
+        found = [m for part in reversed(plan.path.resolve().parts)
+                 if (m := re.search(family.image_size_in_name, part, re.IGNORECASE))]
+        if not found:
+            raise CheckpointError(
+                f"{plan.path}: a {family.name} checkpoint's image size is in its name ({family.image_size_example}), "
+                f"not in config.json, and no folder of this path carries it; pass --image-size N "
+                f"(the N of the checkpoint's hub name)")
+        side = int(found[0].group(1))
+    if side is None or side == native:
+        return
+    if not family.flexible_image_size:
+        raise CheckpointError(f"--image-size {side}: the {family.name} family generates {native} px images only")
+    codes = int(round(plan.config.image_seq_len ** 0.5))
+    factor = native // codes
+    unit = factor * (family.grid_codes if "grid" in family.image else 1)
+    if side <= 0 or side % unit:
+        raise CheckpointError(f"--image-size {side}: a {family.name} image side is a multiple of {unit} px "
+                              f"(the checkpoint's own is {native} px)")
+    plan.image_resolution = side
+    plan.config.image_seq_len = (side // factor) ** 2
+
+
+def _read_plan(path: Path, family: str | None, vq: str | Path | None) -> _Plan:
     if not (path / "config.json").is_file():
         release = find_meta_release(path)
         if release is not None:
@@ -372,9 +410,10 @@ def _info(plan: _Plan, vq: str | Path | None) -> CheckpointInfo:
         vq_source=vq_source, tokenizer_file=plan.tokenizer_file)
 
 
-def inspect(path_or_alias: str | Path, *, vq: str | Path | None = None, family: str | None = None) -> CheckpointInfo:
+def inspect(path_or_alias: str | Path, *, vq: str | Path | None = None, family: str | None = None,
+            image_size: int | None = None) -> CheckpointInfo:
     """What a checkpoint is and can do, from its small files only (no tensor data is read)."""
-    return _info(_plan(resolve(path_or_alias), family, vq), vq)
+    return _info(_plan(resolve(path_or_alias), family, vq, image_size), vq)
 
 
 # ----------------------------------------------------------------------------- the decoder, streamed
@@ -434,12 +473,14 @@ def _load_vq(plan: _Plan, vq: str | Path | None, device: str | torch.device) -> 
 
 def load(path_or_alias: str | Path = "demo", *, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32, with_encoder: bool = True, vq: str | Path | None = None,
-         family: str | None = None) -> ModelBundle:
+         family: str | None = None, image_size: int | None = None) -> ModelBundle:
     """Load a native folder, an HF-layout folder (Chameleon / Anole / Lumina-mGPT / Liquid / Emu3,
     detected from config.json, or `family`) or Meta's release.
-    `vq`: Meta's vqgan.ckpt (+ vqgan.yaml) or a vq.safetensors to decode images with."""
+    `vq`: Meta's vqgan.ckpt (+ vqgan.yaml) or a vq.safetensors to decode images with;
+    `image_size`: the side of the images generated and read (Lumina-mGPT, Emu3 take any multiple of
+    their patch)."""
     path = resolve(path_or_alias)
-    plan = _plan(path, family, vq)
+    plan = _plan(path, family, vq, image_size)
     info = _info(plan, vq)
     model = build_decoder(plan.config, plan.weights, str(plan.path), device=device, dtype=dtype)
     vq_model = _load_vq(plan, vq, device)

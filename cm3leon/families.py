@@ -117,6 +117,12 @@ class Family:
     # trained on documents with retrieved documents before them (CM3leon's recipe). False: text-to-image
     # tasks run without retrieval unless the command line sets retrieval.k / retrieval.enabled
     reads_retrieved_documents: bool = True
+    # image size: a family trained at several sizes takes --image-size (any multiple of its patch);
+    # `image_size_in_name`: a regex whose group 1 is the size, searched in the checkpoint path's folder
+    # names when config.json holds none (Lumina-mGPT's hub names end in their size)
+    flexible_image_size: bool = False
+    image_size_in_name: str = ""
+    image_size_example: str = ""
     sources: str = ""  # where the layouts and defaults were read (file @ commit)
 
     def layout(self, kind: str, stream: str) -> Layout | str | None:
@@ -223,6 +229,8 @@ LUMINA_MGPT = Family(
     # (transformers' 1.0); image_top_k 2000 through InterleavedTopKLogitsWarper
     sampling={"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0},
     notes="Lumina-mGPT: Chameleon fine-tuned; grid tokens and end-of-line tokens inside each image.",
+    flexible_image_size=True,  # FlexARItemProcessor(target_size): 512, 768 and 1024 checkpoints
+    image_size_in_name=r"Lumina-mGPT-[0-9.]+B-([0-9]+)", image_size_example="Alpha-VLLM/Lumina-mGPT-7B-768",
     reads_retrieved_documents=False,  # its published protocol prompts with the caption alone
     sources="Alpha-VLLM/Lumina-mGPT lumina_mgpt/data/item_processor.py @ 250b9cf6, inference_solver.py @ 250b9cf6, "
             "generate_examples/generate.py @ 250b9cf6, data/convertsation.py @ d897672a, README.md @ 009a877f "
@@ -281,6 +289,7 @@ EMU3 = Family(
     # GenerationConfig(do_sample=True, top_k=2048): temperature and top_p at transformers' 1.0
     sampling={"cfg_scale": 3.0, "top_k": 2048, "top_p": 1.0, "temperature": 1.0},
     notes="Emu3: Llama-style decoder, 32,768 visual codes, size string and end-of-line tokens in each image.",
+    flexible_image_size=True,  # Emu3Processor(image_area=...): config.json's image_area is the default
     reads_retrieved_documents=False,  # its published protocol prompts with the caption alone
     sources="baaivision/Emu3 emu3/mllm/processing_emu3.py @ b8f8b3cf, image_generation.py @ 005719f6, "
             "emu3/mllm/tokenization_emu3.py @ 005719f6, emu3/mllm/utils_emu3.py @ 1b5d8213",

@@ -72,6 +72,7 @@ class RunRequest:
     save_candidates: bool = False  # every candidate as a PNG (the disk estimate counts them)
     force_disk: bool = False  # run even when the disk estimate is over the free space
     family: str | None = None  # --family: a cm3leon.families name instead of config.json's detection
+    image_size: int | None = None  # --image-size: the side of generated and read images (flexible families)
 
 
 @dataclass
@@ -250,7 +251,7 @@ def build_plan(req: RunRequest) -> Plan:
     if req.inspect_model:
         from cm3leon.checkpoint import inspect
 
-        info = inspect(model, vq=req.vq, family=req.family)
+        info = inspect(model, vq=req.vq, family=req.family, image_size=req.image_size)
     if req.tp > 1:
         check_tensor_parallel(req.tp, info)
     out = req.out or Path("runs") / (Path(model).name if model != "demo" else "demo")

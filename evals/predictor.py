@@ -112,7 +112,7 @@ class ModelPredictor:
     def task_fingerprint(self, spec: TaskSpec, data_root: Path | None = None) -> dict[str, str]:
         """`data_root`: the task's, for a bank named relative to it (data:REL); without it the
         default data root ($CM3EVAL_DATA_ROOT) is used."""
-        out: dict[str, str] = {"family": self.family.name}
+        out: dict[str, str] = {"family": self.family.name, "image_size": str(self.codec.resolution)}
         r = spec.retrieval
         if r.enabled and r.k > 0:
             out["bank"] = self._bank_fingerprint(r.bank, self._default_root(spec) if data_root is None else data_root)

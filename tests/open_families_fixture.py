@@ -39,7 +39,7 @@ from chameleon_fixture import _save_shards, build_chameleon, chameleon_vocab
 
 WORDS = ("a dog cat on the bench red blue sky What color is are there how many two . , : ? * 8 16 32 "
          "Generate an image of according to following prompt based this description user model You helpful "
-         "assistant USER ASSISTANT 32x32 512x512 A photo Question Answer "
+         "assistant USER ASSISTANT 32x32 64x64 512x512 A photo Question Answer "
          # Emu3's positive and negative prompts (image_generation.py)
          "masterpiece film grained best quality lowres bad anatomy hands text error missing fingers extra digit "
          "fewer digits cropped worst low normal jpeg artifacts signature watermark username blurry").split()
@@ -60,6 +60,7 @@ EMU3_CODES = 32768
 EMU3_VQ = dict(codebook_size=EMU3_CODES, embed_dim=4, latent_channels=4, base_channels=32,
                channel_multiplier=[1, 1, 2], num_res_blocks=1, attn_resolutions=[], temporal_downsample_factor=4,
                hidden_size=64, num_attention_heads=1)  # the middle block's width: 32 x 2
+LUMINA_SIZE = 32  # the fixture VQ's resolution (tests/chameleon_fixture.py VQ_CONFIG)
 EMU3_RESOLUTION = 32  # image_area 32*32: an 8 x 8 grid at the VQ's factor 4
 EMU3_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5)
@@ -125,7 +126,10 @@ class OpenFamilyFiles:
 
 
 def build_lumina(root: Path, seed: int = 1) -> Path:
-    folder = build_chameleon(root / "lumina-build", seed=seed).hf
+    """The folder is named as the hub names Lumina-mGPT (Alpha-VLLM/Lumina-mGPT-7B-768): its image size
+    is in its name, not in config.json; the fixture's VQ makes 32 px images."""
+    built = build_chameleon(root / "lumina-build", seed=seed).hf
+    folder = built.rename(built.parent / f"Lumina-mGPT-7B-{LUMINA_SIZE}")
     cfg = json.loads((folder / "config.json").read_text())
     vocab = lumina_vocab()
     cfg.update(architectures=["ChameleonXLLMXForConditionalGeneration"], z_loss_weight=0.0, vocabulary_map=vocab)

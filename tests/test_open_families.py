@@ -458,3 +458,52 @@ def test_a_prompt_too_long_for_the_model_is_refused_by_the_plan(tmp_path_factory
     err = capfd.readouterr().err.strip().splitlines()
     errors = [line for line in err if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and "max_seq_len" in errors[0] and "Traceback" not in "\n".join(err), err
+
+
+# ----------------------------------------------------------------------------- image size
+def test_lumina_image_size_comes_from_its_name_or_the_flag(tmp_path_factory, tmp_path):
+    """Lumina-mGPT's config.json holds no image size (the 512/768/1024 checkpoints differ only in their
+    hub names; FlexARInferenceSolver is given target_size): it is read from the path, or --image-size;
+    a path without it is one error naming the flag, never a silent 512."""
+    import shutil
+
+    from open_families_fixture import LUMINA_SIZE
+
+    folder = open_family_folder(tmp_path_factory, "lumina-mgpt")
+    info = checkpoint.inspect(folder)
+    assert (info.image_resolution, info.config.image_seq_len) == (LUMINA_SIZE, (LUMINA_SIZE // 4) ** 2)
+    renamed = tmp_path / "lumina-finetune" / "step-100"
+    shutil.copytree(folder, renamed)
+    with pytest.raises(CheckpointError, match=r"image size is in its name .*--image-size"):
+        checkpoint.inspect(renamed)
+    # an HF cache path: models--Alpha-VLLM--Lumina-mGPT-7B-64/snapshots/<sha>
+    cached = tmp_path / "models--Alpha-VLLM--Lumina-mGPT-7B-64" / "snapshots" / "9624463a"
+    shutil.copytree(folder, cached)
+    big = checkpoint.inspect(cached)
+    assert (big.image_resolution, big.config.image_seq_len) == (64, 16 * 16)
+    assert checkpoint.inspect(renamed, image_size=64).config.image_seq_len == 256
+    with pytest.raises(CheckpointError, match=r"--image-size 36: .* multiple of 8 px"):
+        checkpoint.inspect(renamed, image_size=36)  # 2 codes of 4 px per grid unit
+
+
+def test_a_larger_lumina_image_is_written_and_decoded_at_its_size(tmp_path_factory, tmp_path):
+    """At --image-size 64 the stream carries Lumina's grid tokens for 16 x 16 codes (8800 + 64 / 8),
+    a row of 16 codes before each end of line, and the VQ decodes a 64 px image."""
+    folder = open_family_folder(tmp_path_factory, "lumina-mgpt")
+    bundle = checkpoint.load(folder, image_size=64, vq=folder.parent / "tokenizer" / "vqgan.ckpt")
+    codec, vocab = _codec(bundle), bundle.tokenizer.vocab()
+    assert codec.grid == (16, 16)
+    head = codec.stream("t2i", "cond", text="a red dog")[-3:]
+    assert head == [vocab["<racm3:break>"], vocab["<reserved08808>"], vocab["<reserved08808>"]]
+    structure = codec.image_structure()
+    assert len(structure) == 16 * 17 + 1 and structure[16] == vocab["<reserved08799>"] == structure[33]
+    assert "Generate an image of 64x64 according" in bundle.tokenizer.decode(codec.stream("t2i", "cond", text="a"))
+    image = codec.decode_images([_codes(bundle, 6).tolist()])[0]
+    assert image.size == (64, 64)
+
+
+def test_image_size_is_refused_by_a_family_trained_at_one_size(tmp_path_factory):
+    with pytest.raises(CheckpointError, match=r"--image-size 64: the liquid family generates .* only"):
+        checkpoint.inspect(open_family_folder(tmp_path_factory, "liquid"), image_size=64)
+    emu3 = checkpoint.inspect(open_family_folder(tmp_path_factory, "emu3"), image_size=48)  # image_area's side
+    assert (emu3.image_resolution, emu3.config.image_seq_len) == (48, 12 * 12)

@@ -55,13 +55,14 @@ def evaluate(tasks: str | Sequence[str], model: str | None = None, out: str | Pa
              limit: int | None = None, data_root: str | Path | None = None, settings: dict[str, Any] | None = None,
              sweep: dict[str, Sequence[Any]] | None = None, device: str = "auto", dtype: str = "auto",
              batch_size: int | None = None, max_failures: str = "1%", overwrite: bool = False,
-             save_candidates: bool = False, vq: str | Path | None = None, check: bool = True,
+             save_candidates: bool = False, vq: str | Path | None = None, family: str | None = None,
+             image_size: int | None = None, check: bool = True,
              predictor_factory: Callable[..., Any] | None = None) -> Evaluation:
     """Evaluate `model` ("demo" or a checkpoint folder) on task or suite names into `out` (default
     runs/<model>); re-running the same call resumes. `settings` are the --set overrides
     ({"generation.cfg_scale": 3}), `sweep` the --sweep axes ({"generation.cfg_scale": [1, 3]}: one run
-    folder per point under `out`, each in `.sweep`). `predictor_factory` stands in for the checkpoint
-    (tests). Raises Cm3evalError subclasses, never SystemExit."""
+    folder per point under `out`, each in `.sweep`). `family`, `image_size`: --family, --image-size.
+    `predictor_factory` stands in for the checkpoint (tests). Raises Cm3evalError subclasses, never SystemExit."""
     from evals.cli.run import PredictorSettings, check_flags, run_plans
     from evals.engine import exit_status
     from evals.plan import RunRequest, build_plan
@@ -72,14 +73,16 @@ def evaluate(tasks: str | Sequence[str], model: str | None = None, out: str | Pa
     request = RunRequest(names, _assignments(settings), sweeps, {"limit": limit}, model,
                          Path(data_root) if data_root else None, Path(out) if out else None, Path(vq) if vq else None,
                          max_failures, device=device, dtype=dtype, batch_size=batch_size,
-                         inspect_model=predictor_factory is None, save_candidates=save_candidates)
+                         inspect_model=predictor_factory is None, save_candidates=save_candidates, family=family,
+                         image_size=image_size)
     plan = build_plan(request)
     # the call as the command line it stands for, recorded in metrics.json ("commands that built the run")
     argv = ["evals.evaluate", *names] + (["--model", model] if model else []) + (["--out", str(out)] if out else [])
     argv += (["--limit", str(limit)] if limit else []) + [x for a in request.sets for x in ("--set", a)]
     argv += [x for a in sweeps for x in ("--sweep", a)]
+    argv += (["--family", family] if family else []) + (["--image-size", str(image_size)] if image_size else [])
     run = PredictorSettings(plan.model, plan.device.device, plan.device.dtype, batch_size, Path(vq) if vq else None,
-                            save_candidates=save_candidates)
+                            save_candidates=save_candidates, family=family, image_size=image_size)
     all_results = run_plans(plan, run, predictor_factory, overwrite=overwrite,
                             data_root=Path(data_root) if data_root else None, argv=argv)
     points = {}

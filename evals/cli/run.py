@@ -44,6 +44,7 @@ class PredictorSettings:
     tp: int = 1
     save_candidates: bool = False
     family: str | None = None  # --family: overrides the family detected from config.json
+    image_size: int | None = None  # --image-size: Lumina-mGPT / Emu3 image side
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -93,6 +94,8 @@ def model_predictor(s: PredictorSettings) -> Any:
     load_kw: dict[str, Any] = {"vq": s.vq} if s.vq is not None else {}
     if s.family is not None:
         load_kw["family"] = s.family
+    if s.image_size is not None:
+        load_kw["image_size"] = s.image_size
     bundle = checkpoint.load(s.model, device=s.device, dtype={"float32": torch.float32,
                                                               "bfloat16": torch.bfloat16}[s.dtype], **load_kw)
     sampler: dict[str, Any] = {}  # Sampler kwargs (cm3leon/sampling.py)
@@ -213,6 +216,9 @@ def run(
                                       "tokenizer/vqgan.ckpt, vqgan.yaml beside it)."),
     family: Optional[str] = typer.Option(None, "--family", help="Model family (chameleon, lumina-mgpt, liquid, "
                                          "emu3, ...); default: detected from the checkpoint's config.json."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="Side in px of the images the model "
+                                             "writes and reads, for families trained at several (Lumina-mGPT: "
+                                             "default from its name, e.g. -768; Emu3: config.json's image_area)."),
     max_failures: str = typer.Option("1%", "--max-failures", help="Failed samples allowed per task before exit 1 "
                                      "(a percentage, 1%, or a fraction, 0.01)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Prompts per sampler step (does "
@@ -244,11 +250,11 @@ def run(
     plan = build_plan(RunRequest(tuple(names), tuple(set_), tuple(sweep), shorthands, model, data_root, out, vq,
                                  max_failures, tp=tp, device=device, dtype=dtype, batch_size=batch_size,
                                  inspect_model=factory is None, save_candidates=save_candidates,
-                                 force_disk=force_disk, family=family))
+                                 force_disk=force_disk, family=family, image_size=image_size))
     if os.environ.get("RANK", "0") == "0":  # once per torchrun job, not per rank
         print_plan(plan)
     settings = PredictorSettings(plan.model, plan.device.device, plan.device.dtype, batch_size, vq, compile_, tp,
-                                 save_candidates, family)
+                                 save_candidates, family, image_size)
     code = execute(plan, settings, factory, overwrite=overwrite, data_root=data_root, as_json=json_, argv=obj.get("argv"))
     if code:
         raise typer.Exit(code)
