@@ -91,19 +91,6 @@ def layout(tp: int = 1, device: str = "cpu") -> ParallelLayout:
     return lay
 
 
-def agree_min(value: int, tp_mesh) -> int:
-    """The smallest `value` over the ranks of a model copy. Every rank of a group must run the
-    same batches (their all-reduces pair up), but a batch size sized from free GPU memory can
-    differ between GPUs; all take the smallest. A collective: every rank of the group calls it."""
-    import torch.distributed as dist
-
-    if tp_mesh is None or tp_mesh.size() == 1:
-        return value
-    values: list[int] = [0] * tp_mesh.size()
-    dist.all_gather_object(values, int(value), group=tp_mesh.get_group())
-    return min(values)
-
-
 def _shard_head_norm(norm: HeadNorm | None, tp: int, rank: int) -> None:
     if norm is None:
         return

@@ -77,6 +77,18 @@ class Dist:
         td.all_gather_object(errs, err, group=self.tp_group)
         return next((e for e in errs if e), None)
 
+    def group_min(self, value: int) -> int:
+        """The smallest `value` over the ranks of this model copy, on each of them. The ranks of a
+        group must run the same batches (their all-reduces pair up); a batch size each rank's plan
+        sized from its own GPU's memory differs on GPUs of different sizes, so all take the smallest."""
+        if self.tp == 1:
+            return value
+        import torch.distributed as td
+
+        values: list[int] = [0] * self.tp
+        td.all_gather_object(values, int(value), group=self.tp_group)
+        return min(values)
+
     def broadcast(self, obj: Any) -> Any:
         """rank 0's object on every rank."""
         if not self.enabled:

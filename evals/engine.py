@@ -361,7 +361,7 @@ class Engine:
         tally = _Tally()
         writer = runs.SampleWriter(plan.task_dir, dist.dp_rank) if dist.writes_outputs else None
         try:
-            step = max(1, self.opts.batch_size)
+            step = dist.group_min(max(1, self.opts.batch_size))
             for start in range(0, len(todo), step):
                 err = None
                 try:

@@ -59,12 +59,14 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=TP)
     try:
-        from cm3leon.tensor_parallel import agree_min, layout, parallelize
+        from cm3leon.tensor_parallel import layout, parallelize
+        from evals.dist import Dist
 
         lay = layout(TP)
         assert (lay.dp_size, lay.dp_rank, lay.tp_rank) == (1, 0, rank)
         assert layout(TP) is lay  # the engine's Dist and the predictor share one mesh (built once)
-        assert agree_min(8 - rank, lay.mesh["tp"]) == 7  # a batch size both ranks of the copy run
+        group = Dist(rank, TP, tp=TP, tp_group=lay.mesh["tp"].get_group())
+        assert group.group_min(8 - rank) == 7  # the batch size both ranks of the copy run (engine._predict_all)
         m = parallelize(build(), lay.mesh["tp"])
         assert m.local_kv_heads == 1 and m.layers[0].attention.q_normalization.weight.shape == (2, 16)
         Path(out, f"rank{rank}.json").write_text(json.dumps(run_model(m)))
