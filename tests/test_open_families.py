@@ -507,3 +507,17 @@ def test_image_size_is_refused_by_a_family_trained_at_one_size(tmp_path_factory)
         checkpoint.inspect(open_family_folder(tmp_path_factory, "liquid"), image_size=64)
     emu3 = checkpoint.inspect(open_family_folder(tmp_path_factory, "emu3"), image_size=48)  # image_area's side
     assert (emu3.image_resolution, emu3.config.image_seq_len) == (48, 12 * 12)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_convert_refuses_a_family_a_native_folder_cannot_keep(name, tmp_path_factory, tmp_path, capfd):
+    """A native folder carries no family (its tokenizer would be read as Chameleon's, and Lumina-mGPT's
+    grid and end-of-line tokens would silently vanish from its prompts): convert says so, exit 2."""
+    from evals.cli import main
+
+    folder = open_family_folder(tmp_path_factory, name)
+    capfd.readouterr()
+    rc = main(["convert", str(folder), "--out", str(tmp_path / "native")])
+    err = capfd.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and f"a {name} checkpoint is evaluated from its own folder" in err
+    assert not (tmp_path / "native").exists()

@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+NATIVE_FAMILIES = ("cm3leon", "chameleon")  # the families a native folder's tokenizer is detected as
 
 
 def convert(
@@ -34,6 +35,10 @@ def convert(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise checkpoint.CheckpointError(f"--out {out}: exists and is not an empty folder; choose a new one")
     info = checkpoint.inspect(src, vq=vq)
+    if info.family not in NATIVE_FAMILIES:  # a native folder keeps no family: it would be read as Chameleon
+        raise checkpoint.CheckpointError(f"{src}: a {info.family} checkpoint is evaluated from its own folder "
+                                         f"(cm3eval run TASK --model {src}); convert writes "
+                                         f"{' and '.join(NATIVE_FAMILIES)} checkpoints only")
     target = SAFETENSORS_DTYPES.get(info.dtype, torch.float32) if dtype == "auto" else getattr(torch, dtype)
     bundle = checkpoint.load(src, vq=vq, dtype=target, with_encoder=True)
     checkpoint.save(bundle, out)

@@ -216,9 +216,8 @@ def run(
                                       "tokenizer/vqgan.ckpt, vqgan.yaml beside it)."),
     family: Optional[str] = typer.Option(None, "--family", help="Model family (chameleon, lumina-mgpt, liquid, "
                                          "emu3, ...); default: detected from the checkpoint's config.json."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="Side in px of the images the model "
-                                             "writes and reads, for families trained at several (Lumina-mGPT: "
-                                             "default from its name, e.g. -768; Emu3: config.json's image_area)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="Image side in px (Lumina-mGPT: "
+                                             "default from its name, e.g. -768; Emu3: from image_area)."),
     max_failures: str = typer.Option("1%", "--max-failures", help="Failed samples allowed per task before exit 1 "
                                      "(a percentage, 1%, or a fraction, 0.01)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Prompts per sampler step (does "
