@@ -79,6 +79,12 @@ class CheckpointInfo:
     vq_source: Path | None = None  # where the VQ weights come from (the folder's own, or --vq)
     tokenizer_file: Path | None = None
 
+    def describe(self) -> str:
+        """One line: what was found at the path (the plan prints it before anything loads)."""
+        side = int(round(self.config.image_seq_len ** 0.5))
+        return (f"model: {self.path} ({self.family}, {self.layout} layout, {self.n_params / 1e6:,.1f}M parameters "
+                f"in {self.dtype}; images {self.image_resolution} px, {side}x{side} codes)")
+
     def require_vq_decoder(self, what: str = "this task decodes images") -> None:
         """Raise the one-line error a plan shows before loading when images must be decoded."""
         if not self.has_vq_decoder:

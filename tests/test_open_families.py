@@ -481,6 +481,7 @@ def test_lumina_image_size_comes_from_its_name_or_the_flag(tmp_path_factory, tmp
     shutil.copytree(folder, cached)
     big = checkpoint.inspect(cached)
     assert (big.image_resolution, big.config.image_seq_len) == (64, 16 * 16)
+    assert "(lumina-mgpt, hf layout" in big.describe() and "images 64 px, 16x16 codes" in big.describe()  # the plan's line
     assert checkpoint.inspect(renamed, image_size=64).config.image_seq_len == 256
     with pytest.raises(CheckpointError, match=r"--image-size 36: .* multiple of 8 px"):
         checkpoint.inspect(renamed, image_size=36)  # 2 codes of 4 px per grid unit

@@ -318,8 +318,10 @@ def batch_groups(task_plans: list[Any]) -> list[tuple[int, list[Any]]]:
 
 
 def print_plan(plan: Any) -> None:
-    """Before anything loads (the run may take hours): the device, the disk need, and one line per
-    task with its prompts per step, KV per prompt and modelled GPU time."""
+    """Before anything loads (the run may take hours): the checkpoint found, the device, the disk need,
+    and one line per task with its prompts per step, KV per prompt and modelled GPU time."""
+    if plan.checkpoint is not None:
+        typer.echo(plan.checkpoint.describe(), err=True)
     typer.echo(plan.device.describe(), err=True)
     if plan.disk is not None:
         typer.echo(plan.disk.describe(), err=True)
