@@ -14,8 +14,7 @@ import torch
 
 from cm3leon.config import ModelConfig
 from cm3leon.counter_rng import sample_uniforms
-from cm3leon.processors import (apply_guidance, cdk_scores, sample_from_logits, sample_top_p_prefiltered,
-                                top_k_filter)
+from cm3leon import sampling as library
 from cm3leon.sampling import (SYNC_EVERY, TOP_P_PREFILTER, Generation, GenerationRequest, NonFiniteLogitsError,
                               Sampler, SamplingConfig, _Inexact, _raise_non_finite, _Sample,
                               _stream_prompts)  # the sampler's stream rule, flags and errors
@@ -44,6 +43,7 @@ class StepPlan:
     any_cdk: bool
     prefilter: int | None  # text top-p: candidates kept before the nucleus, None = full sort
     pad_id: int
+    forcing: bool = False  # this engine forces no structural tokens (the library step reads the flag)
 
 
 @dataclass
@@ -64,57 +64,12 @@ class DecodeState:
     budget: int
 
 
-def _record_non_finite(state: DecodeState) -> None:
-    """Note each row's first non-finite step on the device (raised after the batch).
-
-    One sum per row: NaN or ±inf anywhere makes it non-finite (as would finite logits summing past
-    float32's range, ~1e34 each, which are broken too). The broken rows are not cleaned up: every
-    sampling path keeps its indices in range whatever the values, and their tokens are discarded."""
-    bad = ~torch.isfinite(state.logits.sum(-1))
-    state.bad_step.copy_(torch.where(bad & (state.bad_step < 0), state.step, state.bad_step))
-
-
 def _choose(logits: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.Tensor:
-    """Processors + sampling for one step: guided, masked, CD-K'd logits -> one token per sample."""
-    s = plan.sampling
-    if plan.columns is not None:  # image mode: only the image codes can be chosen, so only they are processed
+    """This engine projected onto the whole vocabulary: image mode selects the image columns first,
+    then the library's processors and sampling choose (the same guidance, CD-K, top-k and top-p)."""
+    if plan.columns is not None:
         logits = logits.index_select(1, plan.columns)
-    per_stream = logits.view(plan.n_streams, -1, logits.shape[-1])
-    cond = per_stream[0]
-    uncond = per_stream[1] if plan.n_streams > 1 else None
-    image_cond = per_stream[2] if plan.n_streams > 2 else None
-    guided = apply_guidance(cond, uncond, s.cfg_scale, image_cond, s.image_cfg_scale)
-    if plan.barred is not None:
-        guided = guided.masked_fill(plan.barred, float("-inf"))
-    if plan.any_cdk:
-        # CD-K: the expert is the (guided) conditional stream, the amateur the unconditional one
-        amateur = uncond if plan.barred is None else uncond.masked_fill(plan.barred, float("-inf"))
-        contrast = cdk_scores(guided, amateur, s.cdk_alpha, s.cdk_k)
-        guided = torch.where(state.cdk_rows[:, None], contrast, guided)
-    if s.greedy:
-        nxt = guided.argmax(-1)
-    else:
-        scaled = top_k_filter(guided / s.temperature, s.top_k)
-        u = state.uniforms.index_select(1, state.step).squeeze(1)
-        if plan.prefilter is not None:
-            nxt, exact = sample_top_p_prefiltered(scaled, u, s.top_p, plan.prefilter)
-            state.inexact.logical_or_((~exact & ~state.done).any().view(1))
-        else:
-            nxt = sample_from_logits(scaled, u, s.top_p)
-    return plan.columns[nxt] if plan.columns is not None else nxt
-
-
-def _record(nxt: torch.Tensor, state: DecodeState, plan: StepPlan) -> torch.Tensor:
-    """Write this step's tokens; update done / stopped; return the tokens to feed (pad when done)."""
-    # a done row's column stays -1 (each column is written once, at its step)
-    state.out[:, state.step] = torch.where(state.done, -1, nxt)[:, None]
-    fed = torch.where(state.done, plan.pad_id, nxt)
-    if plan.modality == "text":
-        hit_stop = plan.is_stop[nxt] & ~state.done
-        state.stopped.logical_or_(hit_stop)
-        state.done.logical_or_(hit_stop)
-    state.done.logical_or_((state.step + 1) >= state.limits)
-    return fed
+    return library._choose(logits, state, plan)
 
 
 def decode_step(model: Transformer, state: DecodeState, plan: StepPlan, kv_len: int | None) -> None:
@@ -122,8 +77,8 @@ def decode_step(model: Transformer, state: DecodeState, plan: StepPlan, kv_len: 
 
     `kv_len=None` only records (the last step needs no forward). Static shapes throughout, no host
     reads: this is the function torch.compile captures."""
-    _record_non_finite(state)
-    nxt = _record(_choose(state.logits, state, plan), state, plan)
+    library._record_non_finite(state)
+    nxt = library._record(_choose(state.logits, state, plan), state, plan)
     if kv_len is not None:
         logits = model.step_tensors(nxt.repeat(plan.n_streams), state.cache, kv_len).float()
         state.logits = logits
