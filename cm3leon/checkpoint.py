@@ -318,8 +318,9 @@ def _plan(path: Path, family: str | None = None, vq: str | Path | None = None, i
     """`family`: a cm3leon.families name overriding detection from config.json (--family);
     `vq`: the --vq file (Liquid's image grid is its VQGAN's); `image_size`: --image-size."""
     plan = _read_plan(path, family, vq)
-    _set_image_size(plan, families.get(plan.family or ("chameleon" if plan.tokenizer.layout == "chameleon"
-                                                       else "cm3leon")), image_size)
+    # a native folder or Meta's release: the family its tokenizer is written in
+    plan.family = plan.family or families.detect(plan.tokenizer).name
+    _set_image_size(plan, families.get(plan.family), image_size)
     return plan
 
 
@@ -407,7 +408,7 @@ def _info(plan: _Plan, vq: str | Path | None) -> CheckpointInfo:
     native = plan.layout == "native"
     return CheckpointInfo(
         path=plan.path, layout=plan.layout,
-        family=plan.family or ("chameleon" if plan.tokenizer.layout == "chameleon" else "cm3leon"),
+        family=plan.family,
         config=plan.config, image_resolution=plan.image_resolution, n_params=plan.weights.n_params,
         dtype=plan.weights.dtype, files=list(plan.weights.files), largest_file_bytes=plan.weights.largest_file_bytes,
         has_vq_encoder=has_vq_encoder, has_vq_decoder=has_decoder,
