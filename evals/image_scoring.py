@@ -127,7 +127,9 @@ def fid_per_category(ctx: Any, opts: dict[str, Any]) -> dict[str, MetricResult]:
     for name, idx in sorted(groups.items()):
         if len(idx) < 2:
             continue  # no covariance from one sample; the category is left out, the others stand
-        res = fid_lib.compute_fid(g[idx], fid_lib.FeatureStats.from_features(r[idx], meta=meta), protocol=opts["protocol"])
+        res = fid_lib.compute_fid(g[idx], fid_lib.FeatureStats.from_features(r[idx], meta=meta), protocol=opts["protocol"],
+                                  keep_features=True)
+        res.set_inputs["ids"] = [str(ctx.records[i]["id"]) for i in idx]  # the category's rows
         res.name = f"FID/{name}"
         res.extra.update(group=opts["group"], extractor=ext.id)
         out[res.name] = res

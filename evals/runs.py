@@ -388,31 +388,39 @@ def features_path(task_dir: Path, metric: str) -> Path:
     return Path(task_dir) / FEATURES / f"{safe}.npz"
 
 
-def write_features(task_dir: Path, metric: str, ids: list[str], features: np.ndarray, ref_mu: np.ndarray,
-                   ref_sigma: np.ndarray) -> Path:
+REFERENCE_KEYS = (("ref_mu", "ref_sigma"), ("ref_features",))  # a Fréchet distance's moments, or a whole set
+
+
+def write_features(task_dir: Path, metric: str, ids: list[str], features: np.ndarray, **reference: np.ndarray) -> Path:
     """The per-sample feature rows behind a set metric (row i belongs to sample ids[i]) and the
-    reference moments it was measured against, as one .npz (float32 features: what the encoders emit,
-    so the rows are stored exactly)."""
+    reference it was measured against (REFERENCE_KEYS: FID's moments `ref_mu` `ref_sigma`, or the
+    reference rows `ref_features` for CMMD and PRDC), as one .npz (float32 rows: what the encoders
+    emit, so they are stored exactly; moments in float64)."""
+    if tuple(sorted(reference)) not in {tuple(sorted(k)) for k in REFERENCE_KEYS}:
+        raise ValueError(f"write_features: a reference is one of {REFERENCE_KEYS}, got {sorted(reference)}")
     path = features_path(task_dir, metric)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _disk_error(e, path.parent) from None
+    ref = {k: np.asarray(v, np.float32 if k == "ref_features" else np.float64) for k, v in reference.items()}
     buf = io.BytesIO()
-    np.savez(buf, ids=np.asarray([str(i) for i in ids]), features=np.asarray(features, np.float32),
-             ref_mu=np.asarray(ref_mu, np.float64), ref_sigma=np.asarray(ref_sigma, np.float64))
+    np.savez(buf, ids=np.asarray([str(i) for i in ids]), features=np.asarray(features, np.float32), **ref)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
 def read_features(task_dir: Path, metric: str) -> dict[str, np.ndarray] | None:
-    """What write_features saved ({"ids", "features", "ref_mu", "ref_sigma"}), or None when absent."""
+    """What write_features saved ({"ids", "features"} and the reference's keys), or None when absent."""
     path = features_path(task_dir, metric)
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in ("ids", "features", "ref_mu", "ref_sigma")}
+            keys = next((k for k in REFERENCE_KEYS if all(x in z.files for x in k)), None)
+            if keys is None:
+                raise KeyError(f"no reference ({' or '.join('+'.join(k) for k in REFERENCE_KEYS)})")
+            out = {k: z[k] for k in ("ids", "features", *keys)}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise RunFolderError(f"{path}: unreadable feature file ({e})") from None
     if out["features"].ndim != 2 or len(out["ids"]) != len(out["features"]):

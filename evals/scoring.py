@@ -383,12 +383,17 @@ def score_metrics(metrics: dict[str, dict[str, Any]], ctx: Context, *, label: st
             unavailable[key] = why
             log.warning("%s: %s", label or "scoring", notes[-1])
             continue
+        written: set[str] = set()
         for name, res in results.items():
             out[name] = res
             ps = res.per_sample
             # a run's task folder keeps them for compare's paired CI (a folder-to-folder score has none)
-            if res.set_inputs is not None and getattr(ctx, "task_dir", None) and len(res.set_inputs["features"]) == len(ids):
-                runs.write_features(ctx.task_dir, name, ids, **res.set_inputs)
+            if res.set_inputs is not None and getattr(ctx, "task_dir", None):
+                inputs = dict(res.set_inputs)
+                rows, file = [str(i) for i in inputs.pop("ids", ids)], res.extra.get("features_file", name)
+                if len(inputs["features"]) == len(rows) and file not in written:
+                    runs.write_features(ctx.task_dir, file, rows, **inputs)
+                    written.add(file)
             if ps is not None and len(ps) == len(ids):
                 for i, v in zip(ids, np.asarray(ps, dtype=np.float64).tolist()):
                     per_sample[i][name] = v

@@ -75,6 +75,7 @@ class SetMetric:
 
 SET_METRICS: list[tuple[str, SetMetric]] = [
     ("FID", SetMetric(fd_reference, fd_influence)),
+    ("FID/*", SetMetric(fd_reference, fd_influence)),  # one category's FID (mjhq-fid)
     ("FD-*", SetMetric(fd_reference, fd_influence)),
 ]
 

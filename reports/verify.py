@@ -8,8 +8,9 @@ in the run can confirm it. How a metric is checked, in order:
 - a mean of per-sample scores (accuracy, CIDEr, CLIPScore, L1, R@k, ...): the value equals
   scale x mean of the finished samples' scores (scale 1, or 100 for a percentage; 2-decimal
   rounding allowed on the x100 scale) over `n` of them;
-- a set metric (FID, FD-<encoder>): recomputed from the per-sample features the run saved
-  (TASK/features/METRIC.npz), to 1e-6 relative;
+- a set metric (FID, FID/<category>, FD-<encoder>, CMMD, PRDC's recall and coverage): recomputed
+  from the feature rows the run saved (TASK/features/METRIC.npz, PRDC.npz for both PRDC values), to
+  1e-6 relative;
 - a corpus captioning metric (BLEU-n, METEOR): recomputed from the samples' predictions and
   references with the task's captioning options (pycocoevalcap, as the run computed them).
 Anything else is refused: a number nothing in the run folder supports is not shown as a result.
@@ -45,16 +46,31 @@ def _check_mean(run_dir: Path, task: str, metric: str, entry: dict[str, Any], pe
     return True
 
 
-def _check_set(run_dir: Path, task: str, metric: str, value: float) -> bool:
-    from reports.paired import set_value
+def _recomputed(metric: str, saved: dict[str, Any], extra: dict[str, Any]) -> float | None:
+    """The set metric from its saved rows, by the metric's own code (None: no rule for it)."""
+    if "ref_mu" in saved:  # a Fréchet distance against the reference moments
+        from reports.paired import set_value
 
+        return set_value(metric, saved)
+    if metric == "CMMD":
+        from evals.metrics.cmmd import cmmd_from_embeddings
+
+        return cmmd_from_embeddings(saved["features"], saved["ref_features"]).value
+    if metric in ("recall", "coverage") and isinstance(extra.get("nearest_k"), int):
+        from evals.metrics.prdc import prdc_per_sample
+
+        return float(prdc_per_sample(saved["ref_features"], saved["features"], extra["nearest_k"])[metric].mean())
+    return None
+
+
+def _check_set(run_dir: Path, task: str, metric: str, value: float, extra: dict[str, Any]) -> bool:
     try:
-        saved = runs.read_features(Path(run_dir) / task, metric)
+        saved = runs.read_features(Path(run_dir) / task, str(extra.get("features_file") or metric))
     except runs.RunFolderError as e:
         raise InconsistentRun(str(e)) from None
     if saved is None:
         return False
-    got = set_value(metric, saved)
+    got = _recomputed(metric, saved, extra)
     if got is None:
         return False
     if not math.isclose(got, value, rel_tol=SET_TOLERANCE, abs_tol=1e-12):
@@ -98,7 +114,7 @@ def verify_task(run_dir: Path | str, task: str, entry: dict[str, Any], samples: 
         corpus = bool((m.get("extra") or {}).get("corpus_level"))
         if not corpus and _check_mean(run_dir, task, metric, m, per_sample(samples, metric)):
             how[metric] = "mean"
-        elif _check_set(run_dir, task, metric, value):
+        elif _check_set(run_dir, task, metric, value, m.get("extra") or {}):
             how[metric] = "features"
         elif metric in CAPTION_CORPUS:
             if captions is None:

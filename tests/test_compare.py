@@ -51,7 +51,7 @@ def make_run(root: Path, name: str, vqa: np.ndarray, *, fid: np.ndarray | None =
     feats = fid_features() if fid is None else fid
     ids = fid_ids or [f"p{i}" for i in range(len(feats))]
     saved = {"ids": np.asarray(ids), "features": feats, "ref_mu": REF.mean(0), "ref_sigma": np.cov(REF, rowvar=False)}
-    runs.write_features(run / "coco-fid", "FID", ids, feats, saved["ref_mu"], saved["ref_sigma"])
+    runs.write_features(run / "coco-fid", "FID", ids, feats, ref_mu=saved["ref_mu"], ref_sigma=saved["ref_sigma"])
     tasks["coco-fid"] = {"metrics": {"FID": {"value": set_value("FID", saved), "ci": None, "n": len(feats),
                                              "higher_is_better": False}},
                          "failures": [], "n_samples": len(feats)}

@@ -78,7 +78,7 @@ def test_pairing_needs_shared_ids_and_one_reference():
 def _run(root: Path, name: str, features: np.ndarray, *, value: float | None = None) -> Path:
     run = root / name
     ids = [f"p{i}" for i in range(len(features))]
-    runs.write_features(run / "t2i", "FD-demo", ids, features.astype(np.float32), REF_MU, REF_SIGMA)
+    runs.write_features(run / "t2i", "FD-demo", ids, features.astype(np.float32), ref_mu=REF_MU, ref_sigma=REF_SIGMA)
     v = set_value("FD-demo", _saved(features.astype(np.float32))) if value is None else value
     lines = [{"id": i, "index": k, "kind": "t2i", "failure": None, "per_sample": {}} for k, i in enumerate(ids)]
     (run / "t2i" / "samples").mkdir(parents=True)

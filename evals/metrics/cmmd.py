@@ -126,4 +126,5 @@ def compute_cmmd(generated, reference, net: FeatureNet, *, batch_size: int = 32,
            for x in (generated, reference)]
     res = cmmd_from_embeddings(emb[0], emb[1], bootstrap=bootstrap, seed=seed)
     res.extra.update(encoder=net.id, preprocess=net.preprocess, resolution=resolution)
+    res.set_inputs = {"features": emb[0], "ref_features": emb[1]}  # the run keeps both sets (verification)
     return res

@@ -86,4 +86,7 @@ def compute_prdc(real, fake, nearest_k: int = 5, *, space: str = "", seed: int =
                                  {"nearest_k": nearest_k, "space": space, "n_real": n_real, "n_fake": n_fake,
                                   "ci_over": "generated samples" if fake_side else "reference samples"},
                                  higher_is_better=True)
+        if not fake_side:  # recall and coverage are functions of both whole sets: the run keeps them, once
+            out[name].set_inputs = {"features": _as_features(fake, "fake"), "ref_features": _as_features(real, "real")}
+            out[name].extra["features_file"] = "PRDC"
     return out

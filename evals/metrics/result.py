@@ -20,10 +20,12 @@ class MetricResult:
     # True: larger is better (accuracy, CIDEr, CLIPScore); False: smaller is (FID, L1, mean rank).
     # None only until scoring.score_task sets it from the metric table.
     higher_is_better: bool | None = None
-    # A set metric (FD) has no per-sample scores; these are its per-sample inputs instead:
-    # {"features": [n, d] generated rows in sample order, "ref_mu", "ref_sigma"}; the run saves them
-    # so compare can pair two runs on them and check the value.
-    set_inputs: dict[str, np.ndarray] | None = None
+    # A set metric (FD, CMMD, PRDC's recall and coverage) has no per-sample scores; these are its
+    # inputs instead: {"features": [n, d] generated rows in sample order, and the reference: "ref_mu" +
+    # "ref_sigma" (Fréchet) or "ref_features" (rows); "ids" when the rows are a subset of the task's
+    # samples (a category)}. The run saves them (evals.runs.write_features, as
+    # extra["features_file"] or the metric's name) so compare and verify recompute the value.
+    set_inputs: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe: NaN (a metric that could not be computed, e.g. SPICE without its models) becomes null."""
