@@ -333,18 +333,10 @@ class Transformer(nn.Module):
 
         `kv_len` (default: the filled slots, this one included) lets a compiled caller attend over a
         fixed bucket of slots so the step's shapes stay static; unfilled slots are masked out."""
-        self.check_step(cache, kv_len)
+        self.check_extend(cache, 1, kv_len)
         logits = self.step_tensors(tokens, cache, kv_len or cache.length + 1)
         self.advance(cache)
         return logits
-
-    def check_step(self, cache: KVCache, kv_len: int | None = None) -> None:
-        """The host-side checks of one step (no device reads)."""
-        if cache.length >= cache.max_len:
-            raise ValueError(f"KV cache is full ({cache.max_len} slots)")
-        self._check_position(cache.max_next_pos)
-        if kv_len is not None and not cache.length < kv_len <= cache.max_len:
-            raise ValueError(f"kv_len={kv_len} must cover slot {cache.length} and fit the cache of {cache.max_len}")
 
     @staticmethod
     def advance(cache: KVCache | PrefixSuffixCache, n_new: int = 1) -> None:
@@ -439,10 +431,10 @@ class Transformer(nn.Module):
         self.advance(cache, T)
         return logits
 
-    def check_extend(self, cache: PrefixSuffixCache, n_new: int = 1, kv_len: int | None = None) -> None:
-        """The host-side checks of an `extend` of `n_new` tokens per row (no device reads)."""
+    def check_extend(self, cache: KVCache | PrefixSuffixCache, n_new: int = 1, kv_len: int | None = None) -> None:
+        """The host-side checks of appending `n_new` tokens per row (`step`: 1; no device reads)."""
         if cache.length + n_new > cache.max_len:
-            raise ValueError(f"suffix cache is full ({cache.max_len} slots, {cache.length} filled, {n_new} new)")
+            raise ValueError(f"KV cache is full ({cache.max_len} slots, {cache.length} filled, {n_new} new)")
         self._check_position(cache.max_next_pos + n_new - 1)
         if kv_len is not None and not cache.length + n_new <= kv_len <= cache.max_len:
             raise ValueError(f"kv_len={kv_len} must cover slot {cache.length + n_new - 1} and fit {cache.max_len} slots")

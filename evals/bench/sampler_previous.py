@@ -15,7 +15,7 @@ import torch
 from cm3leon.config import ModelConfig
 from cm3leon.counter_rng import sample_uniforms
 from cm3leon import sampling as library
-from cm3leon.sampling import (SYNC_EVERY, TOP_P_PREFILTER, Generation, GenerationRequest, NonFiniteLogitsError,
+from cm3leon.sampling import (TOP_P_PREFILTER, Generation, GenerationRequest, NonFiniteLogitsError,
                               Sampler, SamplingConfig, _Inexact, _raise_non_finite, _Sample,
                               _stream_prompts)  # the sampler's stream rule, flags and errors
 from cm3leon.transformer import KVCache, Transformer
@@ -191,32 +191,11 @@ class PreviousSampler:
             bad_step=torch.full((n_rows,), -1, dtype=torch.long, device=dev),
             inexact=torch.zeros(1, dtype=torch.bool, device=dev), budget=budget)
 
-    def decode(self, state: DecodeState, plan: StepPlan, batch: list[_Sample]) -> None:
-        """Run the steps; raises _Inexact when a prefiltered top-p step was (the caller redoes the batch).
-
-        The only host reads: text's flags every SYNC_EVERY steps, and one before a forward that the
-        host knows would pass max_seq_len (it is an error only if some sample still runs)."""
-        model, cache = self.model, state.cache
-        for step in range(state.budget):
-            last = step == state.budget - 1
-            blocked = not last and cache.max_next_pos >= model.config.max_seq_len
-            kv_len = None if (last or blocked) else cache.length + 1
-            if kv_len is not None:
-                model.check_step(cache, kv_len)
-            self._step_fn(model, state, plan, kv_len)
-            if kv_len is not None:
-                model.advance(cache)
-            if last:
-                break
-            if blocked or (plan.modality == "text" and step % SYNC_EVERY == SYNC_EVERY - 1):
-                all_done, inexact = self._read_flags(state, batch)
-                if inexact:
-                    raise _Inexact()
-                if all_done:
-                    break
-                if blocked:
-                    model.check_step(cache)  # raises: a sample still runs past max_seq_len
-
+    # the library's decode loop over this engine's whole-row cache: eager, so each step attends over
+    # the filled slots (Sampler._kv_len), the same flag reads and max_seq_len checks
+    compiled = False
+    _kv_len = Sampler._kv_len
+    decode = Sampler.decode
     _read_flags = staticmethod(Sampler._read_flags)  # the same device flags, the same one read
 
     def collect(self, state: DecodeState, plan: StepPlan, batch: list[_Sample]) -> list[tuple[list[int], bool]]:
