@@ -17,3 +17,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's network forwards: the CPU is shared by other processes, and two
+    spinning OpenMP threads run the Inception / DINOv2 / CLIP convolutions several times slower than one.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,12 +16,7 @@ from real_data import COCO_MINI_IMAGES as COCO
 REFERENCE = Path(__file__).resolve().parent / "reference"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared: spinning threads slow the forward down
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -22,14 +22,7 @@ from evals.metrics.inception import (WEIGHTS_ENV, WEIGHTS_FILENAME, WEIGHTS_URL,
 from real_data import COCO_MINI_IMAGES as COCO
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The CPU is shared by many processes: two spinning OpenMP threads run the Inception
-    # convolutions several times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def inception_like(n: int, dim: int, seed: int, shift: float = 0.0) -> np.ndarray:

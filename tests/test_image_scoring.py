@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from metric_fixtures import save_dinov2
@@ -16,12 +15,7 @@ from real_data import COCO_MINI_IMAGES as COCO
 NEW = {"CMMD": False, "FD-DINOv2": False, "precision": True, "recall": True, "density": True, "coverage": True}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
